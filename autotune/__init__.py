@@ -1,0 +1,1 @@
+"""Autotuning: config search spaces, the tuner and the per-GPU config store."""

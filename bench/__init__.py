@@ -1,0 +1,1 @@
+"""Latency and bandwidth benchmarks and roofline reports."""

@@ -1,0 +1,381 @@
+"""Op specs: the one declaration of every operator's arguments, outputs and cost.
+
+Each :class:`OpSpec` lists the operator's arguments in schema order (tensors with
+a symbolic shape and a dtype class, scalars with a value class) and its outputs.
+Everything else is derived from it:
+
+* the ``torch.library`` schema of ``torch.ops.mhc.<name>`` (:meth:`OpSpec.schema`),
+* input validation and the flattening of leading dims (``mhc_kernels.validation``),
+* the fake (meta) implementations, which only evaluate the output shapes,
+* the minimum bytes moved (:meth:`OpSpec.bytes`: every input read once, every
+  output written once) and the FLOPs (:meth:`OpSpec.flops`), used by the
+  benchmarks, the roofline report and the tuner.
+
+Shape symbols (DESIGN.md section 2): ``*`` the leading (token) dims, ``n`` the
+number of streams, ``C`` the hidden width, ``m = n*(n+2)`` the number of mixes,
+``K = n*C`` the flattened residual width; integers are literal sizes.
+
+Dtype classes: ``act`` is the residual's dtype (bf16, fp16, fp32; fp64 on the
+reference backend) and every tensor of class ``act`` in one call shares it;
+``mix`` is float32, or float64 when the call's residual is float64 (the
+all-float64 mode that ``torch.autograd.gradcheck`` needs).
+
+FLOP convention: a multiply-add counts 2, and every other arithmetic operation
+(including ``exp``, ``rsqrt`` and divisions) counts 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+Sym = Union[str, int]
+
+ACT = "act"
+MIX = "mix"
+
+# Scalar value classes.
+EPS = "eps"        # finite float >= 0
+REAL = "real"      # finite float
+ITERS = "iters"    # int >= 1
+COUNT = "count"    # int >= 1 that binds the stream count n (expand)
+
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+REFERENCE_ONLY_DTYPES = (torch.float64,)
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    name: str
+    shape: tuple[Sym, ...]
+    kind: str
+    optional: bool = False
+    # Outputs only: an auxiliary output (saved per-token statistics such as the
+    # raw mixes and rstd) that the public function drops and autograd treats as
+    # non-differentiable.
+    aux: bool = False
+
+
+@dataclass(frozen=True)
+class ScalarArg:
+    name: str
+    kind: str
+
+
+Arg = Union[TensorArg, ScalarArg]
+
+
+def mix_count(n):
+    """m = n*(n+2): n pre-mix + n post-mix + n*n residual-mix logits."""
+    return n * (n + 2)
+
+
+def dim_value(sym: Sym, n, C):
+    """Size of one non-leading shape symbol (works on SymInts as well as ints)."""
+    if isinstance(sym, int):
+        return sym
+    if sym == "n":
+        return n
+    if sym == "C":
+        return C
+    if sym == "m":
+        return mix_count(n)
+    if sym == "K":
+        return n * C
+    raise KeyError(f"unknown shape symbol {sym!r}")
+
+
+def format_template(shape: tuple[Sym, ...]) -> str:
+    return "(" + ", ".join("..." if s == "*" else str(s) for s in shape) + ")"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    args: tuple[Arg, ...]
+    outputs: tuple[TensorArg, ...]
+    primary: str
+    flops_fn: Callable[..., float]
+    summary: str
+
+    # -- derived views ---------------------------------------------------------
+    @property
+    def tensor_args(self) -> tuple[TensorArg, ...]:
+        return tuple(a for a in self.args if isinstance(a, TensorArg))
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+    def arg(self, name: str) -> Arg:
+        for a in self.args:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    @property
+    def has_act(self) -> bool:
+        return any(a.kind == ACT for a in self.tensor_args)
+
+    def schema(self) -> str:
+        """The torch.library schema string, e.g. ``(Tensor residual, ...) -> (Tensor, Tensor)``."""
+        parts = []
+        for a in self.args:
+            if isinstance(a, TensorArg):
+                parts.append(f"Tensor{'?' if a.optional else ''} {a.name}")
+            elif a.kind in (ITERS, COUNT):
+                parts.append(f"int {a.name}")
+            else:
+                parts.append(f"float {a.name}")
+        outs = ", ".join("Tensor" for _ in self.outputs)
+        ret = outs if len(self.outputs) == 1 else f"({outs})"
+        return f"({', '.join(parts)}) -> {ret}"
+
+    # -- cost model ------------------------------------------------------------
+    def tensor_numel(self, t: TensorArg, T: int, n: int, C: int) -> int:
+        numel = 1
+        for s in t.shape:
+            numel *= T if s == "*" else dim_value(s, n, C)
+        return numel
+
+    def bytes(self, T: int, n: int, C: int, dtype: torch.dtype, present: tuple[str, ...] = ()) -> int:
+        """Minimum bytes moved: every input read once and every output written once.
+
+        ``dtype`` is the residual (``act``) dtype; ``mix`` tensors are float32, or
+        float64 alongside a float64 residual. Optional inputs count only when
+        named in ``present``.
+        """
+        act = torch.empty((), dtype=dtype).element_size()
+        mix = 8 if dtype == torch.float64 else 4
+        if not self.has_act:
+            mix = act  # ops without a residual (split_mixes, sinkhorn): dtype is the mix dtype
+        total = 0
+        for t in self.tensor_args + self.outputs:
+            if t.optional and t.name not in present:
+                continue
+            total += self.tensor_numel(t, T, n, C) * (act if t.kind == ACT else mix)
+        return total
+
+    def flops(self, T: int, n: int, C: int, iters: int = 20) -> float:
+        return float(self.flops_fn(T, n, C, iters))
+
+
+# -- building blocks -----------------------------------------------------------
+def _t(name, shape, kind=MIX, optional=False, aux=False):
+    return TensorArg(name, tuple(shape), kind, optional, aux)
+
+
+def _residual(name="residual"):
+    return _t(name, ("*", "n", "C"), ACT)
+
+
+def _hidden(name):
+    return _t(name, ("*", "C"), ACT)
+
+
+_NORM_EPS = ScalarArg("norm_eps", EPS)
+_PRE_EPS = ScalarArg("pre_eps", EPS)
+_POST_MULT = ScalarArg("post_mult", REAL)
+_ITERS = ScalarArg("sinkhorn_iters", ITERS)
+_SK_EPS = ScalarArg("sinkhorn_eps", EPS)
+_SPLIT_CONSTS = (_PRE_EPS, _POST_MULT, _ITERS, _SK_EPS)
+
+
+# -- FLOP models (per DESIGN section 2; see the module docstring's convention) --
+def _f_norm(T, n, C, rows):
+    K = n * C
+    return 2 * T * K * rows + 2 * T * K + 2 * T * rows + 3 * T
+
+
+def _f_norm_bwd(T, n, C, rows):
+    K = n * C
+    return 4 * T * K * rows + 4 * T * K + 4 * T * rows
+
+
+def _f_sinkhorn(T, n, iters):
+    # softmax (exp, sum, divide) + eps, then per round a sum and a divide over n*n
+    return T * n * n * (4 + 4 * iters - 2)
+
+
+def _f_split(T, n, iters):
+    return T * (2 * mix_count(n) + 8 * n) + _f_sinkhorn(T, n, iters)
+
+
+def _f_split_bwd(T, n, iters):
+    return T * (4 * mix_count(n) + 8 * n) + 3 * _f_sinkhorn(T, n, iters)
+
+
+def _f_apply(T, n, C):
+    return 2 * T * n * C
+
+
+def _f_post(T, n, C):
+    return T * n * C * (2 * n + 1)
+
+
+SPECS: dict[str, OpSpec] = {}
+
+
+def _register(spec: OpSpec) -> OpSpec:
+    SPECS[spec.name] = spec
+    return spec
+
+
+_register(OpSpec(
+    "norm_fn",
+    (_residual(), _t("fn", ("m", "K")), _t("norm_weight", ("K",), optional=True), _NORM_EPS),
+    (_t("mixes", ("*", "m")), _t("rstd", ("*",), aux=True)),
+    "residual",
+    lambda T, n, C, I: _f_norm(T, n, C, mix_count(n)),
+    "reordered RMSNorm projection: mixes = (x_flat @ fn^T) * rsqrt(mean(x_flat^2) + eps)",
+))
+_register(OpSpec(
+    "norm_fn_bwd",
+    (_t("grad_mixes", ("*", "m")), _residual(), _t("fn", ("m", "K")), _t("norm_weight", ("K",), optional=True),
+     _t("mixes", ("*", "m")), _t("rstd", ("*",))),
+    (_residual("d_residual"), _t("d_fn", ("m", "K"))),
+    "residual",
+    lambda T, n, C, I: _f_norm_bwd(T, n, C, mix_count(n)),
+    "norm_fn backward; d_fn is the gradient of the folded projection fn * norm_weight",
+))
+_register(OpSpec(
+    "split_mixes",
+    (_t("mixes", ("*", "m")), _t("scale", (3,)), _t("base", ("m",))) + _SPLIT_CONSTS,
+    (_t("pre_mix", ("*", "n")), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n"))),
+    "mixes",
+    lambda T, n, C, I: _f_split(T, n, I),
+    "scale/bias the mixes, sigmoid the pre/post mixes, Sinkhorn-project the residual mix",
+))
+_register(OpSpec(
+    "split_mixes_bwd",
+    (_t("grad_pre_mix", ("*", "n")), _t("grad_post_mix", ("*", "n")), _t("grad_comb_mix", ("*", "n", "n")),
+     _t("mixes", ("*", "m")), _t("scale", (3,)), _t("base", ("m",)), _POST_MULT, _ITERS, _SK_EPS),
+    (_t("d_mixes", ("*", "m")), _t("d_scale", (3,)), _t("d_base", ("m",))),
+    "mixes",
+    lambda T, n, C, I: _f_split_bwd(T, n, I),
+    "split_mixes backward (Sinkhorn recomputed and run in reverse)",
+))
+_register(OpSpec(
+    "sinkhorn",
+    (_t("logits", ("*", "n", "n")), ScalarArg("iters", ITERS), ScalarArg("eps", EPS)),
+    (_t("comb_mix", ("*", "n", "n")),),
+    "logits",
+    lambda T, n, C, I: _f_sinkhorn(T, n, I),
+    "Sinkhorn-Knopp projection of exp(logits) with eps guards, I row/column rounds",
+))
+_register(OpSpec(
+    "sinkhorn_bwd",
+    (_t("grad", ("*", "n", "n")), _t("logits", ("*", "n", "n")), ScalarArg("iters", ITERS), ScalarArg("eps", EPS)),
+    (_t("d_logits", ("*", "n", "n")),),
+    "logits",
+    lambda T, n, C, I: 3 * _f_sinkhorn(T, n, I),
+    "exact gradient of the unrolled Sinkhorn iterations",
+))
+_register(OpSpec(
+    "pre_apply_mix",
+    (_residual(), _t("pre_mix", ("*", "n"))),
+    (_hidden("layer_input"),),
+    "residual",
+    lambda T, n, C, I: _f_apply(T, n, C),
+    "collapse the streams: layer_input = sum_i pre_mix_i * x_i",
+))
+_register(OpSpec(
+    "pre_apply_mix_bwd",
+    (_hidden("grad_layer_input"), _residual(), _t("pre_mix", ("*", "n"))),
+    (_residual("d_residual"), _t("d_pre_mix", ("*", "n"))),
+    "residual",
+    lambda T, n, C, I: 3 * T * n * C,
+    "pre_apply_mix backward",
+))
+_register(OpSpec(
+    "post",
+    (_hidden("layer_output"), _residual(), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n"))),
+    (_residual("new_residual"),),
+    "residual",
+    lambda T, n, C, I: _f_post(T, n, C),
+    "merge: out_i = post_mix_i * y + sum_j comb_mix[j, i] * x_j",
+))
+_register(OpSpec(
+    "post_bwd",
+    (_residual("grad_new_residual"), _hidden("layer_output"), _residual(), _t("post_mix", ("*", "n")),
+     _t("comb_mix", ("*", "n", "n"))),
+    (_hidden("d_layer_output"), _residual("d_residual"), _t("d_post_mix", ("*", "n")),
+     _t("d_comb_mix", ("*", "n", "n"))),
+    "residual",
+    lambda T, n, C, I: T * C * (4 * n * n + 4 * n),
+    "post backward",
+))
+_MHC_PRE_OUTPUTS = (_hidden("layer_input"), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")),
+                    _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True))
+_register(OpSpec(
+    "mhc_pre",
+    (_residual(), _t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)),
+     _t("norm_weight", ("K",), optional=True), _NORM_EPS) + _SPLIT_CONSTS,
+    _MHC_PRE_OUTPUTS,
+    "residual",
+    lambda T, n, C, I: _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I) + _f_apply(T, n, C),
+    "norm_fn -> split_mixes -> pre_apply_mix; also returns the raw mixes and rstd saved for backward",
+))
+_register(OpSpec(
+    "mhc_pre_bwd",
+    (_hidden("grad_layer_input"), _t("grad_post_mix", ("*", "n")), _t("grad_comb_mix", ("*", "n", "n")),
+     _residual(), _t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)),
+     _t("norm_weight", ("K",), optional=True), _t("mixes", ("*", "m")), _t("rstd", ("*",)),
+     _t("grad_residual", ("*", "n", "C"), ACT, optional=True)) + _SPLIT_CONSTS,
+    (_residual("d_residual"), _t("d_fn", ("m", "K")), _t("d_scale", (3,)), _t("d_base", ("m",))),
+    "residual",
+    lambda T, n, C, I: (_f_norm_bwd(T, n, C, mix_count(n)) + _f_split_bwd(T, n, I) + 3 * T * n * C),
+    "mhc_pre backward; grad_residual (optional) is a gradient already flowing into the residual, added in",
+))
+_register(OpSpec(
+    "expand",
+    (_hidden("hidden"), ScalarArg("n", COUNT)),
+    (_residual("residual"),),
+    "hidden",
+    lambda T, n, C, I: 0,
+    "copy the embedding into n identical streams",
+))
+_register(OpSpec(
+    "expand_bwd",
+    (_residual("grad_residual"),),
+    (_hidden("d_hidden"),),
+    "grad_residual",
+    lambda T, n, C, I: T * n * C,
+    "expand backward: sum over the streams",
+))
+_HEAD_ARGS = (_residual(), _t("fn", ("n", "K")), _t("scale", (1,)), _t("base", ("n",)),
+              _t("norm_weight", ("K",), optional=True))
+_register(OpSpec(
+    "mhc_head",
+    _HEAD_ARGS + (_NORM_EPS, _PRE_EPS),
+    (_hidden("out"), _t("mixes", ("*", "n"), aux=True), _t("rstd", ("*",), aux=True)),
+    "residual",
+    lambda T, n, C, I: _f_norm(T, n, C, n) + 8 * T * n + _f_apply(T, n, C),
+    "final collapse before the LM head: out = sum_i (sigmoid(norm_fn(x) * scale + base) + pre_eps)_i * x_i",
+))
+_register(OpSpec(
+    "mhc_head_bwd",
+    (_hidden("grad_out"),) + _HEAD_ARGS + (_t("mixes", ("*", "n")), _t("rstd", ("*",)), _PRE_EPS),
+    (_residual("d_residual"), _t("d_fn", ("n", "K")), _t("d_scale", (1,)), _t("d_base", ("n",))),
+    "residual",
+    lambda T, n, C, I: _f_norm_bwd(T, n, C, n) + 12 * T * n + 3 * T * n * C,
+    "mhc_head backward; d_fn is the gradient of the folded projection fn * norm_weight",
+))
+_register(OpSpec(
+    "post_pre",
+    (_hidden("layer_output"), _residual(), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")),
+     _t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)), _t("norm_weight", ("K",), optional=True),
+     _NORM_EPS) + _SPLIT_CONSTS,
+    (_residual("new_residual"),) + _MHC_PRE_OUTPUTS,
+    "residual",
+    lambda T, n, C, I: (_f_post(T, n, C) + _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I)
+                        + _f_apply(T, n, C)),
+    "post of sublayer l fused with mhc_pre of sublayer l+1 (the new residual is written once)",
+))
+
+# Forward ops exposed with registered autograd, and their backward ops.
+FORWARD_OPS = ("norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "post", "mhc_pre", "expand",
+               "mhc_head", "post_pre")
+BACKWARD_OPS = tuple(name for name in SPECS if name.endswith("_bwd"))

@@ -1,0 +1,400 @@
+"""Correctness cases: inputs for every public operator, its oracle answers, and the tolerances.
+
+One place defines, per operator, how to build inputs of a given shape and dtype,
+how to call the public function, what the NumPy float64 oracle says the outputs
+are, and what autograd through the float64 transcription says the gradients are.
+The test suite, ``mhc-kernels check`` and the tuner's correctness gate all use it,
+so every backend is judged by the same rules.
+
+Tolerances (:data:`TOLERANCES`) are per *output* dtype. An element passes when
+
+    |actual - expected| <= atol * scale + rtol * |expected| + SLACK * naive_err
+
+with ``scale`` the largest ``|expected|`` of that tensor (for gradients: the largest
+magnitude over the exact gradient and two copies computed with the upstream gradient's
+sign flipped at random per token, which estimates sqrt(sum_t a_t^2) for a sum over
+tokens of terms a_t -- the size of float32 rounding noise in that sum even when the
+terms cancel). ``rtol`` covers the final
+rounding of a stored result (bf16 allows a little over one ulp, because Triton's
+interpreter truncates instead of rounding); ``atol * scale`` covers float32
+accumulation error in sums. ``naive_err`` is the largest error, on the same tensor,
+of the plain transcription evaluated at the contract's working precision (residual
+dtype storage, float32 math): where the contract itself is ill-conditioned (the
+RMSNorm derivative at K = 1, a gradient that passes through a bf16 intermediate,
+a bf16 rounding that flips before a projection) no implementation can beat that,
+and a backend may be at most ``SLACK`` times worse than it. Bugs show up as errors
+of order one, far outside both terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import oracle, transcription
+
+TOLERANCES = {
+    torch.bfloat16: (1e-2, 1e-4),
+    torch.float16: (2e-3, 1e-4),
+    torch.float32: (2e-5, 2e-5),
+    torch.float64: (1e-9, 1e-9),
+}
+
+DEFAULT_CONSTS = dict(norm_eps=1e-6, pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6)
+# Non-default constants large enough that a misplaced eps or multiplier is visible in float32.
+LOUD_CONSTS = dict(norm_eps=0.5, pre_eps=0.03, post_mult=1.5, sinkhorn_iters=3, sinkhorn_eps=0.02)
+
+
+SLACK = 4.0
+
+
+@dataclass
+class Mismatch:
+    name: str
+    max_abs_err: float
+    worst_ratio: float  # max of |err| / allowed; <= 1 passes
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_ratio <= 1.0
+
+
+def compare(name: str, actual: torch.Tensor, expected, dtype: Optional[torch.dtype] = None,
+            naive=None, scale: Optional[float] = None) -> Mismatch:
+    """Compare a tensor with a float64 expectation under the tolerance of ``dtype`` (default: its own).
+
+    ``naive`` (optional) is the same quantity from the working-precision transcription;
+    ``scale`` (optional) overrides the magnitude ``atol`` is relative to; see the module docstring.
+    """
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    exp = oracle.f64(expected)
+    act = oracle.f64(actual)
+    slack = 0.0
+    if naive is not None and exp.size:
+        nv = oracle.f64(naive)
+        if nv.shape == exp.shape and np.all(np.isfinite(nv)):
+            slack = SLACK * float(np.max(np.abs(nv - exp)))
+    if act.shape != exp.shape:
+        return Mismatch(name, float("inf"), float("inf"), f"shape {act.shape} != expected {exp.shape}")
+    if act.size == 0:
+        return Mismatch(name, 0.0, 0.0)
+    if not np.all(np.isfinite(act)):
+        return Mismatch(name, float("inf"), float("inf"), "non-finite values")
+    scale = max(float(np.max(np.abs(exp))), scale or 0.0) or 1.0
+    err = np.abs(act - exp)
+    allowed = atol * scale + rtol * np.abs(exp) + slack
+    ratio = err / allowed
+    i = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    return Mismatch(name, float(err.max()), float(ratio[i]),
+                    f"worst at {tuple(int(k) for k in i)}: got {act[i]:.8g}, expected {exp[i]:.8g}")
+
+
+# -- input generation -------------------------------------------------------------
+def _randn(gen, shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def _rand(gen, shape, dtype, device, lo=0.0, hi=1.0):
+    return (lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def _mix_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def site_params(gen, n, C, dtype, device, *, rows=None, norm_weight=False, head=False):
+    """fn, scale, base (and norm_weight) with mixes of order one, so the nonlinearities matter."""
+    md = _mix_dtype(dtype)
+    K = n * C
+    rows = n if head else (rows or n * (n + 2))
+    p = {
+        "fn": _randn(gen, (rows, K), md, device, K ** -0.5),
+        "scale": _rand(gen, (1,) if head else (3,), md, device, 0.3, 1.2),
+        "base": _randn(gen, (rows,), md, device, 0.5),
+        "norm_weight": _rand(gen, (K,), md, device, 0.5, 1.5) if norm_weight else None,
+    }
+    return p
+
+
+def _residual(gen, lead, n, C, dtype, device):
+    stream_gain = torch.linspace(0.8, 1.6, n, dtype=torch.float64)[:, None]
+    x = torch.randn(tuple(lead) + (n, C), generator=gen, dtype=torch.float64) * stream_gain
+    return x.to(dtype=dtype, device=device)
+
+
+@dataclass
+class OpCase:
+    """How to exercise one public operator."""
+
+    name: str
+    make: Callable  # (gen, lead, n, C, dtype, device, norm_weight, consts) -> dict of named inputs
+    run: Callable  # (mhc_kernels module, inputs) -> tuple of outputs
+    oracle: Callable  # (inputs) -> tuple of float64 arrays
+    transcription: Callable  # (inputs as float64 tensors) -> tuple of tensors
+    differentiable: tuple[str, ...]
+    uses: tuple[str, ...] = field(default_factory=tuple)  # which constants it takes
+    # Index of an output that a later stage of the op reads back from storage (post_pre's
+    # new residual); the oracle evaluates that stage at the backend's stored values.
+    stored_output: Optional[int] = None
+    # Inputs whose gradient flows through a gradient stored in the residual dtype (post_pre's
+    # post half reads the bf16 gradient of the stored new residual): held to that dtype's tolerance.
+    grads_through_act: tuple[str, ...] = ()
+
+
+def _consts(inputs, names):
+    return {k: inputs[k] for k in names}
+
+
+_PRE_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
+_SPLIT_CONSTS = ("pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
+
+
+def _make_norm_fn(gen, lead, n, C, dtype, device, nw, consts):
+    p = site_params(gen, n, C, dtype, device, norm_weight=nw)
+    return {"residual": _residual(gen, lead, n, C, dtype, device), "fn": p["fn"], "norm_weight": p["norm_weight"],
+            "norm_eps": consts["norm_eps"]}
+
+
+def _make_split(gen, lead, n, C, dtype, device, nw, consts):
+    md = _mix_dtype(dtype)
+    p = site_params(gen, n, C, dtype, device)
+    d = {"mixes": _randn(gen, tuple(lead) + (n * (n + 2),), md, device, 1.5), "scale": p["scale"],
+         "base": p["base"]}
+    d.update(_consts(consts, _SPLIT_CONSTS))
+    return d
+
+
+def _make_sinkhorn(gen, lead, n, C, dtype, device, nw, consts):
+    md = _mix_dtype(dtype)
+    return {"logits": _randn(gen, tuple(lead) + (n, n), md, device, 1.5), "iters": consts["sinkhorn_iters"],
+            "eps": consts["sinkhorn_eps"]}
+
+
+def _make_apply(gen, lead, n, C, dtype, device, nw, consts):
+    md = _mix_dtype(dtype)
+    return {"residual": _residual(gen, lead, n, C, dtype, device),
+            "pre_mix": _rand(gen, tuple(lead) + (n,), md, device, 0.0, 1.0)}
+
+
+def _post_inputs(gen, lead, n, C, dtype, device):
+    md = _mix_dtype(dtype)
+    return {"layer_output": _randn(gen, tuple(lead) + (C,), dtype, device),
+            "residual": _residual(gen, lead, n, C, dtype, device),
+            "post_mix": _rand(gen, tuple(lead) + (n,), md, device, 0.0, 2.0),
+            "comb_mix": _rand(gen, tuple(lead) + (n, n), md, device, 0.0, 1.0 / n * 2)}
+
+
+def _make_post(gen, lead, n, C, dtype, device, nw, consts):
+    return _post_inputs(gen, lead, n, C, dtype, device)
+
+
+def _make_pre(gen, lead, n, C, dtype, device, nw, consts):
+    p = site_params(gen, n, C, dtype, device, norm_weight=nw)
+    d = {"residual": _residual(gen, lead, n, C, dtype, device), **p}
+    d.update(_consts(consts, _PRE_CONSTS))
+    return d
+
+
+def _make_expand(gen, lead, n, C, dtype, device, nw, consts):
+    return {"hidden": _randn(gen, tuple(lead) + (C,), dtype, device), "n": n}
+
+
+def _make_head(gen, lead, n, C, dtype, device, nw, consts):
+    p = site_params(gen, n, C, dtype, device, norm_weight=nw, head=True)
+    return {"residual": _residual(gen, lead, n, C, dtype, device), **p, "norm_eps": consts["norm_eps"],
+            "pre_eps": consts["pre_eps"]}
+
+
+def _make_post_pre(gen, lead, n, C, dtype, device, nw, consts):
+    d = _post_inputs(gen, lead, n, C, dtype, device)
+    d.update(site_params(gen, n, C, dtype, device, norm_weight=nw))
+    d.update(_consts(consts, _PRE_CONSTS))
+    return d
+
+
+class _Stored(torch.autograd.Function):
+    """The new residual as the backend stored it: the backend's own stored values stand in
+    for the exact ones (the next pre reads those), and the gradient reaching it is rounded to
+    the storage dtype, as autograd does for a tensor of that dtype."""
+
+    @staticmethod
+    def forward(t, stored):
+        return stored.to(device=t.device, dtype=t.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[1].dtype
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
+def _stored_as(d):
+    """``store`` hook for post_pre: use the backend's stored new residual (``d["stored"]``)."""
+    if d.get("stored") is None:
+        return None
+    return lambda t: _Stored.apply(t, d["stored"]) if isinstance(t, torch.Tensor) else oracle.f64(d["stored"])
+
+
+CASES: dict[str, OpCase] = {}
+
+
+def _case(c: OpCase):
+    CASES[c.name] = c
+
+
+_case(OpCase(
+    "norm_fn", _make_norm_fn,
+    lambda mk, d: (mk.norm_fn(d["residual"], d["fn"], norm_weight=d["norm_weight"], norm_eps=d["norm_eps"]),),
+    lambda d: (oracle.norm_fn(d["residual"], d["fn"], d["norm_weight"], d["norm_eps"]),),
+    lambda d: (transcription.norm_fn(d["residual"], d["fn"], d["norm_weight"], d["norm_eps"]),),
+    ("residual", "fn", "norm_weight"), ("norm_eps",)))
+_case(OpCase(
+    "split_mixes", _make_split,
+    lambda mk, d: mk.split_mixes(d["mixes"], d["scale"], d["base"], **_consts(d, _SPLIT_CONSTS)),
+    lambda d: oracle.split_mixes(d["mixes"], d["scale"], d["base"], **_consts(d, _SPLIT_CONSTS)),
+    lambda d: transcription.split_mixes(d["mixes"], d["scale"], d["base"], **_consts(d, _SPLIT_CONSTS)),
+    ("mixes", "scale", "base"), _SPLIT_CONSTS))
+_case(OpCase(
+    "sinkhorn", _make_sinkhorn,
+    lambda mk, d: (mk.sinkhorn(d["logits"], iters=d["iters"], eps=d["eps"]),),
+    lambda d: (oracle.sinkhorn(d["logits"], d["iters"], d["eps"]),),
+    lambda d: (transcription.sinkhorn(d["logits"], d["iters"], d["eps"]),),
+    ("logits",), ("sinkhorn_iters", "sinkhorn_eps")))
+_case(OpCase(
+    "pre_apply_mix", _make_apply,
+    lambda mk, d: (mk.pre_apply_mix(d["residual"], d["pre_mix"]),),
+    lambda d: (oracle.pre_apply_mix(d["residual"], d["pre_mix"]),),
+    lambda d: (transcription.pre_apply_mix(d["residual"], d["pre_mix"]),),
+    ("residual", "pre_mix")))
+_case(OpCase(
+    "post", _make_post,
+    lambda mk, d: (mk.mhc_post(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"]),),
+    lambda d: (oracle.post(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"]),),
+    lambda d: (transcription.post(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"]),),
+    ("layer_output", "residual", "post_mix", "comb_mix")))
+_case(OpCase(
+    "mhc_pre", _make_pre,
+    lambda mk, d: mk.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], norm_weight=d["norm_weight"],
+                             **_consts(d, _PRE_CONSTS)),
+    lambda d: oracle.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], d["norm_weight"],
+                             **_consts(d, _PRE_CONSTS)),
+    lambda d: transcription.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], d["norm_weight"],
+                                    **_consts(d, _PRE_CONSTS)),
+    ("residual", "fn", "scale", "base", "norm_weight"), _PRE_CONSTS))
+_case(OpCase(
+    "expand", _make_expand,
+    lambda mk, d: (mk.expand(d["hidden"], d["n"]),),
+    lambda d: (oracle.expand(d["hidden"], d["n"]),),
+    lambda d: (transcription.expand(d["hidden"], d["n"]),),
+    ("hidden",)))
+_case(OpCase(
+    "mhc_head", _make_head,
+    lambda mk, d: (mk.mhc_head(d["residual"], d["fn"], d["scale"], d["base"], norm_weight=d["norm_weight"],
+                               norm_eps=d["norm_eps"], pre_eps=d["pre_eps"]),),
+    lambda d: (oracle.mhc_head(d["residual"], d["fn"], d["scale"], d["base"], d["norm_weight"], d["norm_eps"],
+                               d["pre_eps"]),),
+    lambda d: (transcription.mhc_head(d["residual"], d["fn"], d["scale"], d["base"], d["norm_weight"],
+                                      d["norm_eps"], d["pre_eps"]),),
+    ("residual", "fn", "scale", "base", "norm_weight"), ("norm_eps", "pre_eps")))
+_case(OpCase(
+    "post_pre", _make_post_pre,
+    lambda mk, d: mk.post_pre(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"], d["fn"], d["scale"],
+                              d["base"], norm_weight=d["norm_weight"], **_consts(d, _PRE_CONSTS)),
+    lambda d: oracle.post_pre(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"], d["fn"], d["scale"],
+                              d["base"], d["norm_weight"], **_consts(d, _PRE_CONSTS),
+                              store=_stored_as(d)),
+    lambda d: transcription.post_pre(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"], d["fn"],
+                                     d["scale"], d["base"], d["norm_weight"], **_consts(d, _PRE_CONSTS),
+                                     store=_stored_as(d)),
+    ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight"), _PRE_CONSTS,
+    stored_output=0, grads_through_act=("layer_output", "residual", "post_mix", "comb_mix")))
+
+
+def make_inputs(op: str, lead, n: int, C: int, dtype: torch.dtype, device="cpu", *, norm_weight=False,
+                consts: Optional[dict] = None, seed: int = 0) -> dict:
+    """Named inputs for ``op`` with leading dims ``lead`` (a tuple; ``()`` for none)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = dict(DEFAULT_CONSTS)
+    c.update(consts or {})
+    return CASES[op].make(gen, tuple(lead), n, C, dtype, torch.device(device), norm_weight, c)
+
+
+def _naive_inputs(inputs: dict) -> dict:
+    """The inputs as the working-precision transcription takes them (on CPU, same dtypes)."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def check_forward(mk, op: str, inputs: dict) -> list[Mismatch]:
+    """Run the public op and compare every output with the oracle."""
+    case = CASES[op]
+    outs = case.run(mk, inputs)
+    inputs = _with_stored(case, inputs, outs)
+    expected = case.oracle(inputs)
+    with torch.no_grad():
+        naive = case.transcription(_naive_inputs(inputs))
+    return [compare(f"{op}.out{i}", o, e, naive=nv) for i, (o, e, nv) in enumerate(zip(outs, expected, naive))]
+
+
+def check_backward(mk, op: str, inputs: dict, seed: int = 1) -> list[Mismatch]:
+    """Backward of the public op vs autograd through the float64 transcription.
+
+    The upstream gradients are random values stored in each output's dtype; the
+    oracle sees exactly the same (upcast) values.
+    """
+    case = CASES[op]
+    diff = [k for k in case.differentiable if inputs.get(k) is not None]
+    leaves = {k: v.detach().clone().requires_grad_() if k in diff else v for k, v in inputs.items()}
+    outs = case.run(mk, leaves)
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype).to(o.device) for o in outs]
+    torch.autograd.backward(outs, grads)
+    inputs = _with_stored(case, inputs, outs)
+
+    def transcription_grads(cast, token_sign=None):
+        d = _naive_inputs(inputs)
+        d.update({k: cast(d[k]).requires_grad_() for k in diff})
+        d.update({k: cast(v) for k, v in d.items() if k not in diff and isinstance(v, torch.Tensor)})
+        ref_outs = case.transcription(d)
+        up = [cast(g.detach().cpu()) for g in grads]
+        if token_sign is not None:
+            up = [u * token_sign.reshape(token_sign.shape + (1,) * (u.dim() - token_sign.dim())) for u in up]
+        torch.autograd.backward(ref_outs, up)
+        return {k: d[k].grad for k in diff}
+
+    f64 = lambda t: t.to(torch.float64)  # noqa: E731
+    exact = transcription_grads(f64)                 # the gradient oracle
+    naive = transcription_grads(lambda t: t)         # working precision, for the slack
+    lead = tuple(outs[0].shape[:outs[0].dim() - _trailing_dims(op)])
+    flipped = [transcription_grads(f64, torch.randint(0, 2, lead, generator=gen).to(torch.float64) * 2 - 1)
+               for _ in range(2)]
+    res = []
+    for k in diff:
+        got = leaves[k].grad
+        if got is None:
+            res.append(Mismatch(f"{op}.d_{k}", float("inf"), float("inf"), "no gradient"))
+            continue
+        scale = max((float(f[k].abs().max()) if f[k].numel() else 0.0) for f in flipped)
+        tol_dtype = inputs["residual"].dtype if k in case.grads_through_act else inputs[k].dtype
+        res.append(compare(f"{op}.d_{k}", got, exact[k], dtype=tol_dtype, naive=naive[k], scale=scale))
+    return res
+
+
+def _with_stored(case: OpCase, inputs: dict, outs) -> dict:
+    """For ops whose later stages read a stored intermediate output, hand the oracle that output."""
+    if case.stored_output is None:
+        return inputs
+    return dict(inputs, stored=outs[case.stored_output].detach().cpu())
+
+
+def _trailing_dims(op: str) -> int:
+    """Number of non-token dims of the op's first public output."""
+    from mhc_kernels.specs import SPECS
+
+    return len(SPECS[op].outputs[0].shape) - 1

@@ -1,0 +1,119 @@
+"""The float64 NumPy oracle: the ground truth for every backend's forward.
+
+A direct transcription of DESIGN.md section 2 in NumPy float64 with no attention
+to speed. Inputs may be NumPy arrays or torch tensors (any dtype; they are read as
+float64), with arbitrary leading dims. Outputs are float64 arrays.
+
+Tests round low-precision inputs first and feed the *rounded* values here, so the
+oracle answers "what is the exact result for these stored inputs"; the only error a
+backend may add is its accumulation error and the final rounding of its outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def f64(a):
+    """float64 NumPy copy of an array or tensor (bf16 tensors included)."""
+    if a is None:
+        return None
+    if hasattr(a, "detach"):
+        import torch
+
+        return a.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _folded(fn, norm_weight):
+    fn = f64(fn)
+    return fn if norm_weight is None else fn * f64(norm_weight)[None, :]
+
+
+def rstd(residual, norm_eps=1e-6):
+    """rsqrt(sum(x_flat^2) / K + eps), shape (...)."""
+    x = f64(residual)
+    xf = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+    return 1.0 / np.sqrt((xf * xf).sum(-1) / xf.shape[-1] + norm_eps)
+
+
+def norm_fn(residual, fn, norm_weight=None, norm_eps=1e-6):
+    """DESIGN 2.1: mixes[..., k] = (x_flat . fn_eff[k]) * rstd.  (..., m) or (..., rows of fn)."""
+    x = f64(residual)
+    xf = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+    return (xf @ _folded(fn, norm_weight).T) * rstd(x, norm_eps)[..., None]
+
+
+def sinkhorn(logits, iters=20, eps=1e-6):
+    """DESIGN 2.2: softmax rows, +eps, normalise columns; then (iters-1) x (rows, columns)."""
+    L = f64(logits)
+    E = np.exp(L - L.max(axis=-1, keepdims=True))
+    P = E / E.sum(axis=-1, keepdims=True) + eps
+    P = P / (P.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        P = P / (P.sum(axis=-1, keepdims=True) + eps)
+        P = P / (P.sum(axis=-2, keepdims=True) + eps)
+    return P
+
+
+def split_mixes(mixes, scale, base, pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6):
+    """DESIGN 2.2: -> (pre_mix (..., n), post_mix (..., n), comb_mix (..., n, n))."""
+    mx = f64(mixes)
+    m = mx.shape[-1]
+    n = int(round(np.sqrt(m + 1))) - 1
+    sc = f64(scale)
+    s = np.concatenate([np.full(n, sc[0]), np.full(n, sc[1]), np.full(n * n, sc[2])])
+    z = mx * s + f64(base)
+    pre = _sigmoid(z[..., :n]) + pre_eps
+    post = _sigmoid(z[..., n:2 * n]) * post_mult
+    comb = sinkhorn(z[..., 2 * n:].reshape(z.shape[:-1] + (n, n)), sinkhorn_iters, sinkhorn_eps)
+    return pre, post, comb
+
+
+def pre_apply_mix(residual, pre_mix):
+    """DESIGN 2.3: layer_input[..., c] = sum_i pre_mix[..., i] * x[..., i, c]."""
+    return np.einsum("...i,...ic->...c", f64(pre_mix), f64(residual))
+
+
+def post(layer_output, residual, post_mix, comb_mix):
+    """DESIGN 2.4: out[..., i, c] = post_mix[..., i] * y[..., c] + sum_j comb_mix[..., j, i] * x[..., j, c]."""
+    y = f64(layer_output)
+    return f64(post_mix)[..., :, None] * y[..., None, :] + np.einsum("...ji,...jc->...ic", f64(comb_mix),
+                                                                     f64(residual))
+
+
+def mhc_pre(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps=1e-6, post_mult=2.0,
+            sinkhorn_iters=20, sinkhorn_eps=1e-6):
+    """DESIGN 2.5: -> (layer_input, post_mix, comb_mix)."""
+    mixes = norm_fn(residual, fn, norm_weight, norm_eps)
+    pre, post_mix, comb = split_mixes(mixes, scale, base, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps)
+    return pre_apply_mix(residual, pre), post_mix, comb
+
+
+def expand(hidden, n):
+    """DESIGN 2.6: (..., C) -> (..., n, C), each stream a copy."""
+    h = f64(hidden)
+    return np.repeat(h[..., None, :], n, axis=-2)
+
+
+def mhc_head(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps=1e-6):
+    """DESIGN 2.6: w = sigmoid(norm_fn(x) * scale + base) + pre_eps; out = sum_i w_i x_i."""
+    w = _sigmoid(norm_fn(residual, fn, norm_weight, norm_eps) * f64(scale)[0] + f64(base)) + pre_eps
+    return pre_apply_mix(residual, w)
+
+
+def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight=None, norm_eps=1e-6,
+             pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, store=None):
+    """DESIGN 2.7: -> (new_residual, layer_input, post_mix, comb_mix) of the next sublayer.
+
+    ``store`` (optional) maps the float64 new residual to the values the backend
+    stores (e.g. rounding to bf16); the next pre reads the stored residual.
+    """
+    new_residual = post(layer_output, residual, post_mix, comb_mix)
+    stored = new_residual if store is None else f64(store(new_residual))
+    return (new_residual,) + mhc_pre(stored, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult,
+                                     sinkhorn_iters, sinkhorn_eps)

@@ -1,0 +1,250 @@
+"""PyTorch reference implementation of every mHC operator, forward and explicit backward.
+
+This is the production path on CPU and the fallback on any other device. It follows
+DESIGN.md section 2 symbol for symbol, on canonical inputs: the residual ``x`` is
+``(T, n, C)``, per-token tensors have a leading ``T``; ``fn`` is ``(m, K)`` with
+``m = n*(n+2)`` and ``K = n*C``.
+
+Precision: residual-shaped tensors keep their dtype (bf16, fp16, fp32, or fp64 for
+gradcheck); every reduction and all mixing math run in the mix dtype (float32, or
+float64 alongside a float64 residual), and each full-size result is rounded to the
+residual dtype exactly once.
+
+The backward functions are written out (not autograd through the forward): they
+save nothing full-size, recompute the Sinkhorn iterations from the logits, and
+fuse the residual-gradient contributions of one site into a single tensor. All
+work is vectorised over tokens; the only Python loops run over Sinkhorn rounds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+# -- small helpers ----------------------------------------------------------------
+def _acc(t: Tensor, mix_dtype: torch.dtype) -> Tensor:
+    """``t`` in the accumulation (mix) dtype; no copy when it already is."""
+    return t if t.dtype == mix_dtype else t.to(mix_dtype)
+
+
+def _folded(fn: Tensor, norm_weight: Optional[Tensor]) -> Tensor:
+    return fn if norm_weight is None else fn * norm_weight
+
+
+def _scale_vector(scale: Tensor, n: int) -> Tensor:
+    """s = [scale0]*n + [scale1]*n + [scale2]*n*n  (length m)."""
+    return torch.cat([scale[0:1].expand(n), scale[1:2].expand(n), scale[2:3].expand(n * n)])
+
+
+def _stream_count(m: int) -> int:
+    return int(round((m + 1) ** 0.5)) - 1
+
+
+def _dsigmoid(z: Tensor) -> Tensor:
+    """sigmoid'(z) = sigmoid(z) * sigmoid(-z); unlike s * (1 - s) it keeps full precision when saturated."""
+    return torch.sigmoid(z) * torch.sigmoid(-z)
+
+
+# -- 2.1 norm_fn --------------------------------------------------------------------
+def norm_fn_fwd(residual: Tensor, fn: Tensor, norm_weight: Optional[Tensor], norm_eps: float):
+    """mixes = (x_flat @ fn_eff^T) * rstd,  rstd = rsqrt(sum(x_flat^2) / K + eps).  -> (mixes, rstd)"""
+    T, n, C = residual.shape
+    K = n * C
+    x = _acc(residual.reshape(T, K), fn.dtype)
+    dots = x @ _folded(fn, norm_weight).T
+    rstd = torch.rsqrt(torch.linalg.vecdot(x, x) / K + norm_eps)
+    return dots * rstd[:, None], rstd
+
+
+def _norm_fn_bwd_acc(grad_mixes, residual, fn, norm_weight, mixes, rstd):
+    """d_x_flat (mix dtype, (T, K)) and d_fn_eff (m, K).
+
+    dL/dx = rstd * (g @ fn_eff) - (rstd^2 / K) * (g . mixes) * x;  dL/dfn_eff = (g * rstd)^T @ x.
+    """
+    T, n, C = residual.shape
+    K = n * C
+    x = _acc(residual.reshape(T, K), fn.dtype)
+    g_r = grad_mixes * rstd[:, None]
+    coef = (rstd * rstd / K) * torch.linalg.vecdot(grad_mixes, mixes)
+    d_x = torch.addcmul(g_r @ _folded(fn, norm_weight), coef[:, None], x, value=-1.0)
+    d_fn = g_r.T @ x
+    return d_x, d_fn
+
+
+def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd):
+    """-> (d_residual, d_fn_eff); d_fn_eff is the gradient of fn * norm_weight."""
+    d_x, d_fn = _norm_fn_bwd_acc(grad_mixes, residual, fn, norm_weight, mixes, rstd)
+    return d_x.reshape(residual.shape).to(residual.dtype), d_fn
+
+
+# -- 2.2 sinkhorn -------------------------------------------------------------------
+def sinkhorn_fwd(logits: Tensor, iters: int, eps: float) -> Tensor:
+    """P = softmax(L) + eps; P /= colsum + eps; then (iters-1) x (rows, columns)."""
+    P = torch.softmax(logits, dim=-1) + eps
+    P = P / (P.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        P = P / (P.sum(dim=-1, keepdim=True) + eps)
+        P = P / (P.sum(dim=-2, keepdim=True) + eps)
+    return P
+
+
+def sinkhorn_bwd(grad: Tensor, logits: Tensor, iters: int, eps: float) -> Tensor:
+    """Exact gradient of the unrolled iterations (DESIGN 2.8): recompute, then reverse.
+
+    For a normalisation y = p / (sum_d p + eps) along dim d:
+    dL/dp = (g - sum_d(g * y)) / (sum_d p + eps).  The softmax: dL/dL = (g - sum(g * s)) * s.
+    """
+    S = torch.softmax(logits, dim=-1)
+    P = S + eps
+    steps = []  # (normalised output y, denominator, dim)
+    dims = [-2] + [-1, -2] * (iters - 1)
+    for d in dims:
+        den = P.sum(dim=d, keepdim=True) + eps
+        P = P / den
+        steps.append((P, den, d))
+    g = grad
+    for y, den, d in reversed(steps):
+        g = (g - (g * y).sum(dim=d, keepdim=True)) / den
+    return (g - (g * S).sum(dim=-1, keepdim=True)) * S
+
+
+# -- 2.2 split_mixes --------------------------------------------------------------------
+def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps):
+    """-> (pre_mix (T, n), post_mix (T, n), comb_mix (T, n, n))."""
+    T, m = mixes.shape
+    n = _stream_count(m)
+    z = torch.addcmul(base, mixes, _scale_vector(scale, n))
+    pre = torch.sigmoid(z[:, :n]) + pre_eps
+    post = torch.sigmoid(z[:, n:2 * n]) * post_mult
+    comb = sinkhorn_fwd(z[:, 2 * n:].reshape(T, n, n), iters, sinkhorn_eps)
+    return pre, post, comb
+
+
+def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters, sinkhorn_eps):
+    """-> (d_mixes, d_scale (3,), d_base (m,)); the scale/base sums over tokens are deterministic."""
+    T, m = mixes.shape
+    n = _stream_count(m)
+    s = _scale_vector(scale, n)
+    z = torch.addcmul(base, mixes, s)
+    dsig = _dsigmoid(z[:, :2 * n])
+    d_z = torch.empty_like(z)
+    d_z[:, :n] = grad_pre * dsig[:, :n]
+    d_z[:, n:2 * n] = grad_post * (post_mult * dsig[:, n:])
+    d_z[:, 2 * n:] = sinkhorn_bwd(grad_comb, z[:, 2 * n:].reshape(T, n, n), iters, sinkhorn_eps).reshape(T, n * n)
+    d_base = d_z.sum(0)
+    per_col = (d_z * mixes).sum(0)
+    d_scale = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
+    return d_z * s, d_scale, d_base
+
+
+# -- 2.3 pre_apply_mix ----------------------------------------------------------------------
+def _apply_acc(residual, pre_mix):
+    """sum_i pre_mix[:, i] * x[:, i, :] in the mix dtype, (T, C)."""
+    return torch.bmm(pre_mix.unsqueeze(1), _acc(residual, pre_mix.dtype)).squeeze(1)
+
+
+def pre_apply_mix_fwd(residual, pre_mix):
+    return _apply_acc(residual, pre_mix).to(residual.dtype)
+
+
+def _pre_apply_mix_bwd_acc(grad, residual, pre_mix):
+    g = _acc(grad, pre_mix.dtype)
+    d_x = pre_mix.unsqueeze(-1) * g.unsqueeze(1)
+    d_pre = torch.bmm(_acc(residual, pre_mix.dtype), g.unsqueeze(-1)).squeeze(-1)
+    return d_x, d_pre
+
+
+def pre_apply_mix_bwd(grad, residual, pre_mix):
+    """-> (d_residual = pre_mix (x) g, d_pre_mix = <g, x_i>)."""
+    d_x, d_pre = _pre_apply_mix_bwd_acc(grad, residual, pre_mix)
+    return d_x.to(residual.dtype), d_pre
+
+
+# -- 2.4 post ----------------------------------------------------------------------------------
+def post_fwd(layer_output, residual, post_mix, comb_mix):
+    """out[t, i] = post_mix[t, i] * y[t] + sum_j comb_mix[t, j, i] * x[t, j]."""
+    md = post_mix.dtype
+    y = _acc(layer_output, md)
+    out = torch.baddbmm(post_mix.unsqueeze(-1) * y.unsqueeze(1), comb_mix.transpose(1, 2), _acc(residual, md))
+    return out.to(residual.dtype)
+
+
+def post_bwd(grad, layer_output, residual, post_mix, comb_mix):
+    """-> (d_layer_output, d_residual, d_post_mix, d_comb_mix)."""
+    md = post_mix.dtype
+    g = _acc(grad, md)
+    y = _acc(layer_output, md)
+    d_y = torch.bmm(post_mix.unsqueeze(1), g).squeeze(1)
+    d_x = torch.bmm(comb_mix, g)
+    d_post = torch.bmm(g, y.unsqueeze(-1)).squeeze(-1)
+    d_comb = torch.bmm(_acc(residual, md), g.transpose(1, 2))
+    return d_y.to(layer_output.dtype), d_x.to(residual.dtype), d_post, d_comb
+
+
+# -- 2.5 mhc_pre -----------------------------------------------------------------------------------
+def mhc_pre_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps):
+    """-> (layer_input, post_mix, comb_mix, mixes, rstd)."""
+    mixes, rstd = norm_fn_fwd(residual, fn, norm_weight, norm_eps)
+    pre, post, comb = split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps)
+    return pre_apply_mix_fwd(residual, pre), post, comb, mixes, rstd
+
+
+def mhc_pre_bwd(grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, mixes, rstd,
+                grad_residual, pre_eps, post_mult, iters, sinkhorn_eps):
+    """-> (d_residual, d_fn_eff, d_scale, d_base).
+
+    d_residual = grad_residual (if given) + pre_mix (x) g_li + norm_fn's term, summed in
+    the mix dtype and rounded once.
+    """
+    n = residual.shape[1]
+    pre = torch.sigmoid(torch.addcmul(base[:n], mixes[:, :n], scale[0])) + pre_eps
+    d_x, d_pre = _pre_apply_mix_bwd_acc(grad_layer_input, residual, pre)
+    d_mixes, d_scale, d_base = split_mixes_bwd(d_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters,
+                                               sinkhorn_eps)
+    d_x_norm, d_fn = _norm_fn_bwd_acc(d_mixes, residual, fn, norm_weight, mixes, rstd)
+    d_x = d_x + d_x_norm.reshape(d_x.shape)
+    if grad_residual is not None:
+        d_x += grad_residual
+    return d_x.to(residual.dtype), d_fn, d_scale, d_base
+
+
+# -- 2.6 expand and mhc_head ------------------------------------------------------------------------
+def expand_fwd(hidden, n):
+    T, C = hidden.shape
+    return hidden.unsqueeze(1).expand(T, n, C).contiguous()
+
+
+def expand_bwd(grad):
+    md = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return grad.sum(dim=1, dtype=md).to(grad.dtype)
+
+
+def mhc_head_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps):
+    """-> (out, mixes (T, n), rstd):  out = sum_i (sigmoid(mixes * scale + base) + pre_eps)_i * x_i."""
+    mixes, rstd = norm_fn_fwd(residual, fn, norm_weight, norm_eps)
+    w = torch.sigmoid(torch.addcmul(base, mixes, scale)) + pre_eps
+    return pre_apply_mix_fwd(residual, w), mixes, rstd
+
+
+def mhc_head_bwd(grad, residual, fn, scale, base, norm_weight, mixes, rstd, pre_eps):
+    """-> (d_residual, d_fn_eff, d_scale (1,), d_base (n,))."""
+    z = torch.addcmul(base, mixes, scale)
+    d_x, d_w = _pre_apply_mix_bwd_acc(grad, residual, torch.sigmoid(z) + pre_eps)
+    d_z = d_w * _dsigmoid(z)
+    d_x_norm, d_fn = _norm_fn_bwd_acc(d_z * scale, residual, fn, norm_weight, mixes, rstd)
+    d_x = d_x + d_x_norm.reshape(d_x.shape)
+    d_scale = (d_z * mixes).sum().reshape(1)
+    return d_x.to(residual.dtype), d_fn, d_scale, d_z.sum(0)
+
+
+# -- 2.7 post_pre ------------------------------------------------------------------------------------
+def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, norm_eps, pre_eps,
+                 post_mult, iters, sinkhorn_eps):
+    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd) of the next sublayer."""
+    new_residual = post_fwd(layer_output, residual, post_mix, comb_mix)
+    return (new_residual,) + mhc_pre_fwd(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps,
+                                         post_mult, iters, sinkhorn_eps)

@@ -1,0 +1,127 @@
+"""The PyTorch reference backend against the float64 NumPy oracle, forward and backward.
+
+Every public operator, for residual dtypes bf16/fp16/fp32, n in {1, 2, 4, 8},
+C in {1, 7, 64, 96, 1280}, T in {0, 1, 3, 33}, with and without leading batch dims,
+with and without norm_weight, Sinkhorn rounds in {1, 2, 20} and a set of loud
+non-default constants. Gradients are compared with autograd through the float64
+transcription (whose forward is itself checked against the oracle here).
+Tolerances: ``mhc_kernels.reference.cases.TOLERANCES``.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import mhc_kernels as mk
+from mhc_kernels.reference import cases, oracle, transcription
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+NS = [1, 2, 4, 8]
+CS = [1, 7, 64, 96, 1280]
+# (leading dims, norm_weight, constants): T in {0, 1, 3, 33}, no leading dims, two batch dims.
+VARIANTS = [
+    ((0,), False, {}),
+    ((1,), True, {}),
+    ((3,), False, {"sinkhorn_iters": 1}),
+    ((33,), True, {"sinkhorn_iters": 2}),
+    ((), False, {}),
+    ((3, 11), True, cases.LOUD_CONSTS),
+]
+OPS_WITHOUT_C = ("split_mixes", "sinkhorn")
+
+
+def _params():
+    for op in cases.CASES:
+        for dtype in DTYPES:
+            for n in NS:
+                for C in ([1] if op in OPS_WITHOUT_C else CS):
+                    yield pytest.param(op, dtype, n, C, id=f"{op}-{str(dtype)[6:]}-n{n}-C{C}")
+
+
+def _assert_all_ok(results, context):
+    bad = [r for r in results if not r.ok]
+    assert not bad, f"{context}: " + "; ".join(f"{r.name}: ratio {r.worst_ratio:.3g} ({r.detail})" for r in bad)
+
+
+@pytest.mark.parametrize("op,dtype,n,C", list(_params()))
+def test_reference_matches_oracle(op, dtype, n, C):
+    for lead, nw, consts in VARIANTS:
+        inputs = cases.make_inputs(op, lead, n, C, dtype, norm_weight=nw, consts=consts)
+        with mk.use_backend("reference"):
+            fwd = cases.check_forward(mk, op, inputs)
+            bwd = cases.check_backward(mk, op, inputs)
+        _assert_all_ok(fwd + bwd, f"lead={lead} norm_weight={nw} consts={consts}")
+
+
+@pytest.mark.parametrize("op", list(cases.CASES))
+def test_transcription_matches_oracle_float64(op):
+    """The gradient oracle's forward is the oracle's function (so its gradients are the oracle's)."""
+    inputs = cases.make_inputs(op, (5,), 4, 24, torch.float64, norm_weight=True, consts=cases.LOUD_CONSTS)
+    case = cases.CASES[op]
+    for got, exp in zip(case.transcription(inputs), case.oracle(inputs)):
+        np.testing.assert_allclose(oracle.f64(got), exp, rtol=1e-12, atol=1e-12)
+
+
+def test_oracle_against_handwritten_values():
+    """Anchor the oracle itself with values computed by hand."""
+    # n = 1, C = 2: mixes = (x . fn_k) * rsqrt(mean(x^2) + eps)
+    x = np.array([[[3.0, 4.0]]])
+    fn = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    r = 1.0 / np.sqrt(12.5 + 1e-6)
+    np.testing.assert_allclose(oracle.norm_fn(x, fn), [[3 * r, 4 * r, 7 * r]])
+    # Sinkhorn of all-equal logits is uniform: softmax 1/n, +eps, columns sum (1 + n eps) ...
+    P = oracle.sinkhorn(np.zeros((3, 3)), iters=1, eps=0.0)
+    np.testing.assert_allclose(P, np.full((3, 3), 1 / 3))
+    # post: out_i = post_i * y + sum_j comb[j, i] x_j
+    out = oracle.post(np.array([1.0]), np.array([[2.0], [3.0]]), np.array([0.5, 2.0]),
+                      np.array([[1.0, 0.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(out, [[0.5 + 2 + 3], [2.0 + 3]])
+
+
+@pytest.mark.parametrize("op", list(cases.CASES))
+def test_gradcheck_float64(op):
+    """torch.autograd.gradcheck of the explicit backward (float64, small shapes)."""
+    inputs = cases.make_inputs(op, (2, 3), 2, 5, torch.float64, norm_weight=True, consts=cases.LOUD_CONSTS)
+    case = cases.CASES[op]
+    names = [k for k in case.differentiable if inputs.get(k) is not None]
+
+    def f(*tensors):
+        d = dict(inputs)
+        d.update(zip(names, tensors))
+        return case.run(mk, d)
+
+    leaves = tuple(inputs[k].detach().clone().requires_grad_() for k in names)
+    with mk.use_backend("reference"):
+        assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# -- Sinkhorn properties (DESIGN 2.2) --------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_sinkhorn_column_and_row_sums(n):
+    logits = torch.rand(4096, n, n) * 2 - 1  # uniform in [-1, 1]
+    P = mk.sinkhorn(logits, iters=20)
+    assert (P.sum(-2) - 1).abs().max() < 1e-5  # the last step normalises columns
+    assert (P.sum(-1) - 1).abs().max() < 1e-4  # rows converge for moderate logits
+
+
+def test_sinkhorn_peaked_logits_follow_the_contract_not_convergence():
+    logits = torch.randn(256, 4, 4) * 12  # strongly peaked: rows need not converge in 20 rounds
+    P = mk.sinkhorn(logits, iters=20)
+    exp = oracle.sinkhorn(logits, 20)
+    r = cases.compare("sinkhorn(peaked)", P, exp)
+    assert r.ok, r.detail
+    assert (P.sum(-2) - 1).abs().max() < 1e-5
+    assert np.abs(exp.sum(-1) - 1).max() > 1e-3, "test premise: rows are not converged at 20 rounds"
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e3, 1e4])
+def test_sinkhorn_huge_logits_finite_and_exact(magnitude):
+    logits = (torch.rand(512, 4, 4) * 2 - 1) * magnitude
+    logits.requires_grad_()
+    P = mk.sinkhorn(logits, iters=20)
+    assert torch.isfinite(P).all()
+    np.testing.assert_allclose(P.detach().numpy(), oracle.sinkhorn(logits, 20), rtol=1e-5, atol=1e-6)
+    P.backward(torch.randn_like(P))
+    assert torch.isfinite(logits.grad).all()
+    ref = logits.detach().double().requires_grad_()
+    transcription.sinkhorn(ref, 20).backward(torch.zeros_like(ref))  # graph builds in float64 too
