@@ -75,7 +75,6 @@ _KERNELS: dict[tuple[str, str], Kernel] = {}
 _LOADED: dict[str, Optional[str]] = {}   # backend -> None (loaded) or the import error text
 _SELECT_CACHE: dict[tuple, Kernel] = {}
 _FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mhc_kernels_backend", default=None)
-_UNSET = "__unset__"
 
 
 def register_kernel(op: str, backend: str, fn: Callable[..., Any], **kwargs) -> Kernel:
@@ -227,3 +226,11 @@ def select(call) -> Kernel:
                                + "; ".join(reasons))
     _SELECT_CACHE[key] = k
     return k
+
+
+def which_backend(op: str, *args) -> str:
+    """The backend that would serve ``torch.ops.mhc.<op>(*args)`` right now (validates the args)."""
+    from .specs import SPECS
+    from .validation import bind
+
+    return select(bind(SPECS[op], args, flatten=False)).backend

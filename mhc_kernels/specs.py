@@ -88,7 +88,9 @@ def dim_value(sym: Sym, n, C):
 
 
 def format_template(shape: tuple[Sym, ...]) -> str:
-    return "(" + ", ".join("..." if s == "*" else str(s) for s in shape) + ")"
+    """``("*", "n", "C")`` -> ``(..., n, C)``; ``("m",)`` -> ``(m,)``."""
+    parts = ["..." if s == "*" else str(s) for s in shape]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
 @dataclass(frozen=True)

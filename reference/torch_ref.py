@@ -214,8 +214,8 @@ def mhc_pre_bwd(grad_layer_input, grad_post, grad_comb, residual, fn, scale, bas
 
 # -- 2.6 expand and mhc_head ------------------------------------------------------------------------
 def expand_fwd(hidden, n):
-    T, C = hidden.shape
-    return hidden.unsqueeze(1).expand(T, n, C).contiguous()
+    # repeat always allocates (expand(...).contiguous() would alias the input when n == 1)
+    return hidden.unsqueeze(1).repeat(1, n, 1)
 
 
 def expand_bwd(grad):
