@@ -33,14 +33,14 @@ from .functional import (  # noqa: E402
     split_mixes,
 )
 from .ops import eager_fastpath_enabled, set_eager_fastpath  # noqa: E402
-from .registry import BACKENDS, BackendStatus, available_backends, use_backend  # noqa: E402
+from .registry import BACKENDS, BackendStatus, available_backends, use_backend, which_backend  # noqa: E402
 from .specs import SPECS  # noqa: E402
 
 __all__ = [
     "__version__",
     "mhc_pre", "mhc_post", "norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "expand", "mhc_head",
     "post_pre",
-    "available_backends", "use_backend", "BACKENDS", "BackendStatus",
+    "available_backends", "use_backend", "which_backend", "BACKENDS", "BackendStatus",
     "set_eager_fastpath", "eager_fastpath_enabled",
     "MHCError", "MHCInputError", "MHCDtypeError", "BackendError",
     "SPECS",

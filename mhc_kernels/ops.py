@@ -52,7 +52,7 @@ def _make_fake(name: str):
 
     def fake(*args):
         c = bind(spec, args, flatten=False)
-        like = args[spec.arg_names.index(spec.primary)]
+        like = args[spec.primary_index]
         outs = tuple(like.new_empty(shape, dtype=dtype) for shape, dtype in c.output_shapes())
         return outs[0] if len(outs) == 1 else outs
 

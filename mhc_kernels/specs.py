@@ -27,6 +27,7 @@ FLOP convention: a multiply-add counts 2, and every other arithmetic operation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Union
 
 import torch
@@ -102,14 +103,18 @@ class OpSpec:
     flops_fn: Callable[..., float]
     summary: str
 
-    # -- derived views ---------------------------------------------------------
-    @property
+    # -- derived views (cached: validation reads them on every call) -------------
+    @cached_property
     def tensor_args(self) -> tuple[TensorArg, ...]:
         return tuple(a for a in self.args if isinstance(a, TensorArg))
 
-    @property
+    @cached_property
     def arg_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args)
+
+    @cached_property
+    def primary_index(self) -> int:
+        return self.arg_names.index(self.primary)
 
     def arg(self, name: str) -> Arg:
         for a in self.args:
@@ -117,7 +122,7 @@ class OpSpec:
                 return a
         raise KeyError(name)
 
-    @property
+    @cached_property
     def has_act(self) -> bool:
         return any(a.kind == ACT for a in self.tensor_args)
 

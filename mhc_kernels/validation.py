@@ -104,7 +104,7 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
         _fail(spec, f"expected {len(spec.args)} arguments ({', '.join(spec.arg_names)}); got {len(args)}")
 
     # -- the primary tensor fixes the device, the dtypes, the leading dims, n and C
-    p_idx = spec.arg_names.index(spec.primary)
+    p_idx = spec.primary_index
     p_arg: TensorArg = spec.args[p_idx]
     prim = args[p_idx]
     if not isinstance(prim, torch.Tensor):
@@ -193,7 +193,7 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
                     expected.extend(lead)
                 else:
                     expected.append(dim_value(s, n_, C_))
-            if v.dim() != len(expected) or any(x != y for x, y in zip(v.shape, expected)):
+            if v.shape != tuple(expected):
                 sizes = ", ".join(f"{k}={val}" for k, val in (("n", n), ("C", C)) if val is not None)
                 _fail(spec, f"argument '{a.name}' must have shape {format_template(a.shape)} = {tuple(expected)} "
                             f"to match '{p_arg.name}' of shape {tuple(prim.shape)} ({sizes}); got {tuple(v.shape)}")

@@ -50,24 +50,27 @@ def _dsigmoid(z: Tensor) -> Tensor:
 
 
 # -- 2.1 norm_fn --------------------------------------------------------------------
-def norm_fn_fwd(residual: Tensor, fn: Tensor, norm_weight: Optional[Tensor], norm_eps: float):
-    """mixes = (x_flat @ fn_eff^T) * rstd,  rstd = rsqrt(sum(x_flat^2) / K + eps).  -> (mixes, rstd)"""
-    T, n, C = residual.shape
-    K = n * C
-    x = _acc(residual.reshape(T, K), fn.dtype)
+def _norm_fn_acc(x: Tensor, fn: Tensor, norm_weight: Optional[Tensor], norm_eps: float):
+    """On ``x`` = x_flat already in the mix dtype ``(T, K)``: -> (mixes, rstd)."""
+    K = x.shape[1]
     dots = x @ _folded(fn, norm_weight).T
-    rstd = torch.rsqrt(torch.linalg.vecdot(x, x) / K + norm_eps)
+    # ||x||^2 through vector_norm: one fused reduction, no full-size x*x temporary
+    rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=1).square() / K + norm_eps)
     return dots * rstd[:, None], rstd
 
 
-def _norm_fn_bwd_acc(grad_mixes, residual, fn, norm_weight, mixes, rstd):
-    """d_x_flat (mix dtype, (T, K)) and d_fn_eff (m, K).
+def norm_fn_fwd(residual: Tensor, fn: Tensor, norm_weight: Optional[Tensor], norm_eps: float):
+    """mixes = (x_flat @ fn_eff^T) * rstd,  rstd = rsqrt(sum(x_flat^2) / K + eps).  -> (mixes, rstd)"""
+    T, n, C = residual.shape
+    return _norm_fn_acc(_acc(residual.reshape(T, n * C), fn.dtype), fn, norm_weight, norm_eps)
+
+
+def _norm_fn_bwd_acc(grad_mixes, x, fn, norm_weight, mixes, rstd):
+    """On ``x`` = x_flat in the mix dtype ``(T, K)``: -> d_x_flat (mix dtype, (T, K)) and d_fn_eff (m, K).
 
     dL/dx = rstd * (g @ fn_eff) - (rstd^2 / K) * (g . mixes) * x;  dL/dfn_eff = (g * rstd)^T @ x.
     """
-    T, n, C = residual.shape
-    K = n * C
-    x = _acc(residual.reshape(T, K), fn.dtype)
+    K = x.shape[1]
     g_r = grad_mixes * rstd[:, None]
     coef = (rstd * rstd / K) * torch.linalg.vecdot(grad_mixes, mixes)
     d_x = torch.addcmul(g_r @ _folded(fn, norm_weight), coef[:, None], x, value=-1.0)
@@ -77,7 +80,9 @@ def _norm_fn_bwd_acc(grad_mixes, residual, fn, norm_weight, mixes, rstd):
 
 def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd):
     """-> (d_residual, d_fn_eff); d_fn_eff is the gradient of fn * norm_weight."""
-    d_x, d_fn = _norm_fn_bwd_acc(grad_mixes, residual, fn, norm_weight, mixes, rstd)
+    T, n, C = residual.shape
+    x = _acc(residual.reshape(T, n * C), fn.dtype)
+    d_x, d_fn = _norm_fn_bwd_acc(grad_mixes, x, fn, norm_weight, mixes, rstd)
     return d_x.reshape(residual.shape).to(residual.dtype), d_fn
 
 
@@ -142,25 +147,26 @@ def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mul
 
 
 # -- 2.3 pre_apply_mix ----------------------------------------------------------------------
-def _apply_acc(residual, pre_mix):
-    """sum_i pre_mix[:, i] * x[:, i, :] in the mix dtype, (T, C)."""
-    return torch.bmm(pre_mix.unsqueeze(1), _acc(residual, pre_mix.dtype)).squeeze(1)
+def _apply_acc(x, pre_mix):
+    """sum_i pre_mix[:, i] * x[:, i, :] on ``x`` in the mix dtype ``(T, n, C)`` -> ``(T, C)``."""
+    return torch.bmm(pre_mix.unsqueeze(1), x).squeeze(1)
 
 
 def pre_apply_mix_fwd(residual, pre_mix):
-    return _apply_acc(residual, pre_mix).to(residual.dtype)
+    return _apply_acc(_acc(residual, pre_mix.dtype), pre_mix).to(residual.dtype)
 
 
-def _pre_apply_mix_bwd_acc(grad, residual, pre_mix):
+def _pre_apply_mix_bwd_acc(grad, x, pre_mix):
+    """On ``x`` in the mix dtype ``(T, n, C)``: -> (d_x (mix dtype), d_pre_mix)."""
     g = _acc(grad, pre_mix.dtype)
     d_x = pre_mix.unsqueeze(-1) * g.unsqueeze(1)
-    d_pre = torch.bmm(_acc(residual, pre_mix.dtype), g.unsqueeze(-1)).squeeze(-1)
+    d_pre = torch.bmm(x, g.unsqueeze(-1)).squeeze(-1)
     return d_x, d_pre
 
 
 def pre_apply_mix_bwd(grad, residual, pre_mix):
     """-> (d_residual = pre_mix (x) g, d_pre_mix = <g, x_i>)."""
-    d_x, d_pre = _pre_apply_mix_bwd_acc(grad, residual, pre_mix)
+    d_x, d_pre = _pre_apply_mix_bwd_acc(grad, _acc(residual, pre_mix.dtype), pre_mix)
     return d_x.to(residual.dtype), d_pre
 
 
@@ -168,8 +174,8 @@ def pre_apply_mix_bwd(grad, residual, pre_mix):
 def post_fwd(layer_output, residual, post_mix, comb_mix):
     """out[t, i] = post_mix[t, i] * y[t] + sum_j comb_mix[t, j, i] * x[t, j]."""
     md = post_mix.dtype
-    y = _acc(layer_output, md)
-    out = torch.baddbmm(post_mix.unsqueeze(-1) * y.unsqueeze(1), comb_mix.transpose(1, 2), _acc(residual, md))
+    out = torch.bmm(comb_mix.transpose(1, 2), _acc(residual, md))
+    out.addcmul_(post_mix.unsqueeze(-1), _acc(layer_output, md).unsqueeze(1))  # in place: no second full-size temporary
     return out.to(residual.dtype)
 
 
@@ -188,9 +194,11 @@ def post_bwd(grad, layer_output, residual, post_mix, comb_mix):
 # -- 2.5 mhc_pre -----------------------------------------------------------------------------------
 def mhc_pre_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps):
     """-> (layer_input, post_mix, comb_mix, mixes, rstd)."""
-    mixes, rstd = norm_fn_fwd(residual, fn, norm_weight, norm_eps)
+    T, n, C = residual.shape
+    x = _acc(residual, fn.dtype)  # converted once, shared by the projection and the collapse
+    mixes, rstd = _norm_fn_acc(x.reshape(T, n * C), fn, norm_weight, norm_eps)
     pre, post, comb = split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps)
-    return pre_apply_mix_fwd(residual, pre), post, comb, mixes, rstd
+    return _apply_acc(x, pre).to(residual.dtype), post, comb, mixes, rstd
 
 
 def mhc_pre_bwd(grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, mixes, rstd,
@@ -200,13 +208,14 @@ def mhc_pre_bwd(grad_layer_input, grad_post, grad_comb, residual, fn, scale, bas
     d_residual = grad_residual (if given) + pre_mix (x) g_li + norm_fn's term, summed in
     the mix dtype and rounded once.
     """
-    n = residual.shape[1]
+    T, n, C = residual.shape
+    x = _acc(residual, fn.dtype)
     pre = torch.sigmoid(torch.addcmul(base[:n], mixes[:, :n], scale[0])) + pre_eps
-    d_x, d_pre = _pre_apply_mix_bwd_acc(grad_layer_input, residual, pre)
+    d_x, d_pre = _pre_apply_mix_bwd_acc(grad_layer_input, x, pre)
     d_mixes, d_scale, d_base = split_mixes_bwd(d_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters,
                                                sinkhorn_eps)
-    d_x_norm, d_fn = _norm_fn_bwd_acc(d_mixes, residual, fn, norm_weight, mixes, rstd)
-    d_x = d_x + d_x_norm.reshape(d_x.shape)
+    d_x_norm, d_fn = _norm_fn_bwd_acc(d_mixes, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
+    d_x += d_x_norm.reshape(d_x.shape)
     if grad_residual is not None:
         d_x += grad_residual
     return d_x.to(residual.dtype), d_fn, d_scale, d_base
@@ -225,18 +234,22 @@ def expand_bwd(grad):
 
 def mhc_head_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps):
     """-> (out, mixes (T, n), rstd):  out = sum_i (sigmoid(mixes * scale + base) + pre_eps)_i * x_i."""
-    mixes, rstd = norm_fn_fwd(residual, fn, norm_weight, norm_eps)
+    T, n, C = residual.shape
+    x = _acc(residual, fn.dtype)
+    mixes, rstd = _norm_fn_acc(x.reshape(T, n * C), fn, norm_weight, norm_eps)
     w = torch.sigmoid(torch.addcmul(base, mixes, scale)) + pre_eps
-    return pre_apply_mix_fwd(residual, w), mixes, rstd
+    return _apply_acc(x, w).to(residual.dtype), mixes, rstd
 
 
 def mhc_head_bwd(grad, residual, fn, scale, base, norm_weight, mixes, rstd, pre_eps):
     """-> (d_residual, d_fn_eff, d_scale (1,), d_base (n,))."""
+    T, n, C = residual.shape
+    x = _acc(residual, fn.dtype)
     z = torch.addcmul(base, mixes, scale)
-    d_x, d_w = _pre_apply_mix_bwd_acc(grad, residual, torch.sigmoid(z) + pre_eps)
+    d_x, d_w = _pre_apply_mix_bwd_acc(grad, x, torch.sigmoid(z) + pre_eps)
     d_z = d_w * _dsigmoid(z)
-    d_x_norm, d_fn = _norm_fn_bwd_acc(d_z * scale, residual, fn, norm_weight, mixes, rstd)
-    d_x = d_x + d_x_norm.reshape(d_x.shape)
+    d_x_norm, d_fn = _norm_fn_bwd_acc(d_z * scale, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
+    d_x += d_x_norm.reshape(d_x.shape)
     d_scale = (d_z * mixes).sum().reshape(1)
     return d_x.to(residual.dtype), d_fn, d_scale, d_z.sum(0)
 

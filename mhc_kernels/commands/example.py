@@ -18,12 +18,20 @@ from mhc_kernels import registry
 from mhc_kernels.reference import cases, transcription
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+REL_LIMIT = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+
+
+def _sublayer(p, li):
+    """A small MLP standing in for attention/FFN. It computes in float32 (CPU bf16 GEMMs are
+    slow and would hide the cost of the mHC ops) and hands back the layer-input dtype."""
+    w1, w2 = p["w1"].to(torch.float32), p["w2"].to(torch.float32)
+    h = torch.nn.functional.gelu(li.to(torch.float32) @ w1) @ w2
+    return h.to(li.dtype)
 
 
 def _site(p, x, *, impl):
     li, post_mix, comb_mix = impl.mhc_pre(x, p["fn"], p["scale"], p["base"], norm_weight=p["norm_weight"])
-    h = torch.nn.functional.gelu(li @ p["w1"].to(li.dtype)) @ p["w2"].to(li.dtype)
-    return impl.mhc_post(h, x, post_mix, comb_mix)
+    return impl.mhc_post(_sublayer(p, li), x, post_mix, comb_mix)
 
 
 class _Transcription:
@@ -82,11 +90,13 @@ def run(args) -> int:
     tab.add_row("backward (median)", f"{med(times['backward']):.2f} ms")
     ok = True
     checks = [("new residual", out, ref_out, dtype), ("d residual", xl.grad, xr.grad, dtype)]
-    checks += [(f"d {k}", leaves[k].grad, ref[k].grad, torch.float32) for k in ("fn", "scale", "base", "norm_weight")]
+    checks += [(f"d {k}", leaves[k].grad, ref[k].grad, dtype) for k in ("fn", "scale", "base", "norm_weight")]
     for name, got, exp, tol_dtype in checks:
         err = (got.double().cpu() - exp).abs().max().item()
         rel = err / max(exp.abs().max().item(), 1e-30)
-        limit = 5e-2 if tol_dtype != torch.float32 else 1e-3  # includes the MLP run in low precision
+        # relative to the largest magnitude; every quantity (parameter gradients too) flows
+        # through activations stored in the residual dtype, so the limit follows that dtype
+        limit = REL_LIMIT[tol_dtype]
         ok &= rel < limit
         tab.add_row(f"max error: {name}", f"{err:.3g} ({rel:.2g} of max) {'ok' if rel < limit else 'FAIL'}")
     con.print(tab)
