@@ -1,0 +1,150 @@
+"""Shared pieces of the TileLang backend: dtypes, support rules, config resolution, the kernel cache.
+
+Every kernel is a *factory* ``build(n, C, dtype, cfg, **consts) -> T.prim_func`` over
+compile-time sizes and tunables; the token count is a symbolic dim (``T.dynamic``),
+so one compiled kernel serves every ``T`` (``T == 0`` never launches). Compiled
+kernels are cached per (kernel, n, C, dtype, config, constants, target).
+
+Vector width: streaming kernels read ``vec`` contiguous elements per access (16 bytes
+at most). ``vec`` is reduced to the largest power of two dividing ``C`` so every
+vector is aligned and either wholly inside or wholly outside the row; the *block*
+sizes never shrink with ``C`` -- an odd ``C`` only costs scalar accesses, and the
+ragged last block is masked.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from mhc_kernels import tuned
+
+DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+MAX_N = 8  # the n x n mixing matrices and per-stream accumulators live in registers
+
+# Plain software pipelining, no TMA lowering (our copies are explicit and masked).
+PASS_CONFIGS = {
+    "tl.disable_warp_specialized": True,
+    "tl.disable_tma_lower": True,
+}
+
+
+def supports_call(call) -> Optional[str]:
+    """None when the TileLang kernels can serve ``call`` (a validated Call), else why not."""
+    if call.device.type != "cuda":
+        return f"TileLang kernels run on CUDA devices only; got {call.device.type}"
+    if call.dtype not in DTYPES:
+        return (f"TileLang kernels take bf16/fp16/fp32 residuals (float32 mixes); got {call.dtype} "
+                f"-- the reference backend serves float64")
+    if call.n is not None and call.n > MAX_N:
+        return (f"TileLang kernels support n <= {MAX_N} streams (per-stream values are kept in registers); "
+                f"got n={call.n}")
+    return None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPES[dtype]
+
+
+def elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def max_vec(dtype: torch.dtype, C: int, bytes_per_access: int = 16) -> int:
+    """Largest power-of-two element count <= ``bytes_per_access`` bytes that divides ``C``."""
+    v = max(1, bytes_per_access // elem_bytes(dtype))
+    while v > 1 and C % v:
+        v //= 2
+    return v
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a config depends on: token count, streams, hidden width, residual dtype."""
+
+    T: int
+    n: int
+    C: int
+    dtype: torch.dtype
+
+
+def shape_of(call) -> Shape:
+    return Shape(int(call.T), int(call.n or 1), int(call.C or 1), call.dtype)
+
+
+def num_sms(device=None) -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device or torch.cuda.current_device()).multi_processor_count
+    return 132  # H100 SXM: the planning default when no GPU is present (AOT)
+
+
+def resolve_config(op: str, like: torch.Tensor, shape: Shape, config, default: Callable[[Shape], dict]) -> dict:
+    """``config`` (filled up with defaults) if given, else a tuned config from the store, else the default."""
+    base = default(shape)
+    if config is not None:
+        return {**base, **config}
+    if like.is_cuda:
+        hit = tuned.lookup(op, "tilelang", like.device, shape.dtype, shape.n, shape.C, shape.T)
+        if hit is not None:
+            return {**base, **hit}
+    return base
+
+
+def _freeze(d: dict) -> tuple:
+    return tuple(sorted(d.items()))
+
+
+def runtime_target(device: torch.device) -> dict:
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"sm_{major}{minor}" + ("a" if major in (9, 10) else "")
+    return {"kind": "cuda", "arch": arch}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(kdef_name: str, n: int, C: int, dtype: torch.dtype, cfg: tuple, consts: tuple, target: str):
+    import tilelang
+
+    kdef = KERNELS[kdef_name]
+    prim = kdef.build(n, C, dtype, dict(cfg), **dict(consts))
+    return tilelang.compile(prim, target=eval(target), pass_configs=dict(PASS_CONFIGS))  # noqa: S307 (our own repr)
+
+
+def get_kernel(name: str, n: int, C: int, dtype: torch.dtype, cfg: dict, device: torch.device, **consts):
+    """The compiled kernel ``name`` for these sizes/config on ``device``'s arch (cached)."""
+    return _compiled(name, n, C, dtype, _freeze(KERNELS[name].cfg_of(cfg)), _freeze(consts),
+                     repr(runtime_target(device)))
+
+
+@dataclass
+class KernelDef:
+    """One TileLang kernel factory, as the AOT compiler and the tests see it."""
+
+    name: str                                    # e.g. "post_fwd"
+    op: str                                      # the op whose config it takes, e.g. "post"
+    build: Callable[..., Any]                    # (n, C, dtype, cfg, **consts) -> prim_func
+    keys: tuple[str, ...]                        # the config keys this kernel uses
+    consts: Callable[[Shape], dict] = lambda s: {}  # compile-time constants at an AOT shape
+    act_dependent: bool = True                   # False: depends on n only (mix kernels)
+    aot_T: int = 0                               # token count its AOT config is chosen for (0: default)
+
+    def cfg_of(self, cfg: dict) -> dict:
+        return {k: cfg[k] for k in self.keys}
+
+
+KERNELS: dict[str, KernelDef] = {}
+
+
+def kernel_def(kdef: KernelDef) -> KernelDef:
+    KERNELS[kdef.name] = kdef
+    return kdef

@@ -1,0 +1,423 @@
+"""``split_mixes`` and ``sinkhorn``, forward and backward: one thread per token.
+
+The per-token state (the ``m = n(n+2)`` mixes, the ``n x n`` Sinkhorn matrix, its
+gradient and the row/column sums) lives in registers; these tensors are tiny next
+to the residual, so the kernels are latency- not bandwidth-bound.
+
+The backward kernels recompute the Sinkhorn iterations and run them in reverse,
+giving the exact gradient of the unrolled, eps-regularised iterations (DESIGN 2.8).
+Each round's input matrix is checkpointed in shared memory (laid out
+``[round, element, token]`` so a warp's accesses hit distinct banks); the reverse
+pass recomputes the round's row sums, column sums and normalised iterate from it.
+Shared memory per CTA is about ``iters * n * n * block_T * 4`` bytes; ``block_T`` is
+chosen to stay under 96 KB, and an iteration count whose checkpoints do not fit for
+even one token is refused by ``supports`` (the registry falls back).
+
+The cross-token sums of ``split_mixes_bwd`` (``d_base``, ``d_scale``) are reduced
+per CTA in a fixed order into per-block partials and then summed over blocks by
+the wrapper, so they are deterministic and need no atomics.
+
+Compile-time: ``n``, ``iters``, the config (``block_T`` tokens = threads per CTA).
+Runtime scalars: ``pre_eps``, ``post_mult``, ``sinkhorn_eps``.
+"""
+
+import torch
+
+from .common import KernelDef, Shape, cdiv, get_kernel, kernel_def, resolve_config
+
+KEYS = ("block_T",)
+SMEM_BUDGET = 96 * 1024   # shared bytes per CTA we aim to stay under (fits sm_86/89's 99 KB too)
+SMEM_MAX = 160 * 1024     # hard cap: below sm_80's 163 KB and sm_90/sm_100's 227 KB opt-in limits
+
+
+def _ck_bytes(n: int, iters: int) -> int:
+    """Shared bytes per token of the backward kernels: the checkpoints, plus split_mixes_bwd's
+    two per-token rows of the d_base / d_scale partial sums (counted for both, conservatively)."""
+    return iters * n * n * 4 + 2 * n * (n + 2) * 4
+
+
+def default_config(op: str, s: Shape, iters: int = 20) -> dict:
+    if op in ("split_mixes_bwd", "sinkhorn_bwd"):
+        per_tok = _ck_bytes(s.n, iters)
+        bt = 128
+        while bt > 16 and bt * per_tok > SMEM_BUDGET:
+            bt //= 2
+        while bt > 1 and bt * per_tok > SMEM_MAX:
+            bt //= 2
+        return {"block_T": bt}
+    return {"block_T": 128}
+
+
+def config_space(op: str, s: Shape, iters: int = 20) -> list[dict]:
+    out = []
+    for bt in (32, 64, 128, 256):
+        if op in ("split_mixes_bwd", "sinkhorn_bwd") and bt * _ck_bytes(s.n, iters) > SMEM_MAX:
+            continue
+        out.append({"block_T": bt})
+    d = default_config(op, s, iters)
+    if d not in out:
+        out.insert(0, d)
+    return out
+
+
+def bwd_supported(n: int, iters: int):
+    if _ck_bytes(n, iters) > SMEM_MAX:
+        return (f"TileLang Sinkhorn backward keeps {iters} checkpoints of the {n}x{n} matrix per token in shared "
+                f"memory ({_ck_bytes(n, iters)} bytes > {SMEM_MAX}); use fewer iterations or another backend")
+    return None
+
+
+# -- shared TIR snippets ---------------------------------------------------------------------------
+def _macros(n: int):
+    import tilelang.language as T
+
+    @T.macro
+    def softmax_rows(L, S):
+        # S = softmax(L, dim=-1) on an n*n row-major local array (S may be L: in place)
+        for i in T.unroll(n):
+            mx = T.alloc_var("float32")
+            mx = L[i * n]
+            for j in T.unroll(1, n):
+                mx = T.max(mx, L[i * n + j])
+            sm = T.alloc_var("float32")
+            sm = 0.0
+            for j in T.unroll(n):
+                S[i * n + j] = T.exp(L[i * n + j] - mx)
+                sm += S[i * n + j]
+            for j in T.unroll(n):
+                S[i * n + j] = S[i * n + j] / sm
+
+    @T.macro
+    def norm_rows(P, den, eps):
+        for i in T.unroll(n):
+            den[i] = eps
+            for j in T.unroll(n):
+                den[i] += P[i * n + j]
+            for j in T.unroll(n):
+                P[i * n + j] = P[i * n + j] / den[i]
+
+    @T.macro
+    def norm_cols(P, den, eps):
+        for j in T.unroll(n):
+            den[j] = eps
+            for i in T.unroll(n):
+                den[j] += P[i * n + j]
+            for i in T.unroll(n):
+                P[i * n + j] = P[i * n + j] / den[j]
+
+    @T.macro
+    def col_bwd(G, Q, den):
+        # y = Q / den (per column), G <- (G - colsum(G * y)) / den
+        for j in T.unroll(n):
+            acc = T.alloc_var("float32")
+            acc = 0.0
+            for i in T.unroll(n):
+                acc += G[i * n + j] * (Q[i * n + j] / den[j])
+            for i in T.unroll(n):
+                G[i * n + j] = (G[i * n + j] - acc) / den[j]
+
+    @T.macro
+    def row_bwd(G, Y, den):
+        # y = Y (already normalised per row by den), G <- (G - rowsum(G * y)) / den
+        for i in T.unroll(n):
+            acc = T.alloc_var("float32")
+            acc = 0.0
+            for j in T.unroll(n):
+                acc += G[i * n + j] * Y[i * n + j]
+            for j in T.unroll(n):
+                G[i * n + j] = (G[i * n + j] - acc) / den[i]
+
+    @T.macro
+    def sinkhorn_fwd(P, den, eps, iters):
+        """P holds the logits on entry and the result on exit."""
+        softmax_rows(P, P)
+        for e in T.unroll(n * n):
+            P[e] = P[e] + eps
+        norm_cols(P, den, eps)
+        for _ in T.serial(iters - 1):
+            norm_rows(P, den, eps)
+            norm_cols(P, den, eps)
+
+    @T.macro
+    def sinkhorn_bwd(G, P, den, den2, ck, tx, eps, iters):
+        """On entry P = the logits, G = dL/dP_out; on exit G = dL/dlogits.  ck: shared [iters, n*n, block_T]."""
+        # recompute, checkpointing S (slot 0) and each round's input (slots 1 .. iters-1)
+        softmax_rows(P, P)
+        for e in T.unroll(n * n):
+            ck[0, e, tx] = P[e]
+            P[e] = P[e] + eps
+        norm_cols(P, den, eps)
+        for r in T.serial(iters - 1):
+            for e in T.unroll(n * n):
+                ck[r + 1, e, tx] = P[e]
+            norm_rows(P, den, eps)
+            norm_cols(P, den, eps)
+        # reverse the rounds: P <- the round's input, rebuilt into Q = row-normalised input
+        for rr in T.serial(iters - 1):
+            for e in T.unroll(n * n):
+                P[e] = ck[iters - 1 - rr, e, tx]
+            norm_rows(P, den2, eps)    # P = Q, den2 = row denominators
+            for j in T.unroll(n):      # den = column denominators of Q
+                den[j] = eps
+                for i in T.unroll(n):
+                    den[j] += P[i * n + j]
+            col_bwd(G, P, den)
+            row_bwd(G, P, den2)
+        # iteration 1's column step on S + eps, then the softmax
+        for e in T.unroll(n * n):
+            P[e] = ck[0, e, tx] + eps
+        for j in T.unroll(n):
+            den[j] = eps
+            for i in T.unroll(n):
+                den[j] += P[i * n + j]
+        col_bwd(G, P, den)
+        for e in T.unroll(n * n):
+            P[e] = ck[0, e, tx]
+        for i in T.unroll(n):
+            acc = T.alloc_var("float32")
+            acc = 0.0
+            for j in T.unroll(n):
+                acc += G[i * n + j] * P[i * n + j]
+            for j in T.unroll(n):
+                G[i * n + j] = (G[i * n + j] - acc) * P[i * n + j]
+
+    return sinkhorn_fwd, sinkhorn_bwd
+
+
+# -- kernels ------------------------------------------------------------------------------------------
+def _build_sinkhorn_fwd(n, C, dtype, cfg, iters):
+    import tilelang.language as T
+
+    bt = cfg["block_T"]
+    nn = n * n
+    Tn = T.dynamic("T")
+    sk_fwd, _ = _macros(n)
+
+    @T.prim_func
+    def sinkhorn_fwd(logits: T.Tensor((Tn, n, n), "float32"), out: T.Tensor((Tn, n, n), "float32"),
+                     eps: T.float32):
+        with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
+            tx = T.get_thread_binding(0)
+            P = T.alloc_local((nn,), "float32")
+            den = T.alloc_local((n,), "float32")
+            tok = bx * bt + tx
+            if tok < Tn:
+                for e in T.unroll(nn):
+                    P[e] = logits[tok, e // n, e % n]
+                sk_fwd(P, den, eps, iters)
+                for e in T.unroll(nn):
+                    out[tok, e // n, e % n] = P[e]
+
+    return sinkhorn_fwd
+
+
+def _build_sinkhorn_bwd(n, C, dtype, cfg, iters):
+    import tilelang.language as T
+
+    bt = cfg["block_T"]
+    nn = n * n
+    Tn = T.dynamic("T")
+    _, sk_bwd = _macros(n)
+
+    @T.prim_func
+    def sinkhorn_bwd(grad: T.Tensor((Tn, n, n), "float32"), logits: T.Tensor((Tn, n, n), "float32"),
+                     dlogits: T.Tensor((Tn, n, n), "float32"), eps: T.float32):
+        with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
+            tx = T.get_thread_binding(0)
+            ck = T.alloc_shared((iters, nn, bt), "float32")
+            G = T.alloc_local((nn,), "float32")
+            P = T.alloc_local((nn,), "float32")
+            den = T.alloc_local((n,), "float32")
+            den2 = T.alloc_local((n,), "float32")
+            tok = bx * bt + tx
+            if tok < Tn:
+                for e in T.unroll(nn):
+                    P[e] = logits[tok, e // n, e % n]
+                    G[e] = grad[tok, e // n, e % n]
+                sk_bwd(G, P, den, den2, ck, tx, eps, iters)
+                for e in T.unroll(nn):
+                    dlogits[tok, e // n, e % n] = G[e]
+
+    return sinkhorn_bwd
+
+
+def _build_split_fwd(n, C, dtype, cfg, iters):
+    import tilelang.language as T
+
+    bt = cfg["block_T"]
+    nn = n * n
+    m = n * (n + 2)
+    Tn = T.dynamic("T")
+    sk_fwd, _ = _macros(n)
+
+    @T.prim_func
+    def split_mixes_fwd(mixes: T.Tensor((Tn, m), "float32"), scale: T.Tensor((3,), "float32"),
+                        base: T.Tensor((m,), "float32"), pre: T.Tensor((Tn, n), "float32"),
+                        post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                        pre_eps: T.float32, post_mult: T.float32, eps: T.float32):
+        with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
+            tx = T.get_thread_binding(0)
+            P = T.alloc_local((nn,), "float32")
+            den = T.alloc_local((n,), "float32")
+            tok = bx * bt + tx
+            if tok < Tn:
+                for i in T.unroll(n):
+                    pre[tok, i] = T.sigmoid(mixes[tok, i] * scale[0] + base[i]) + pre_eps
+                    post[tok, i] = T.sigmoid(mixes[tok, n + i] * scale[1] + base[n + i]) * post_mult
+                for e in T.unroll(nn):
+                    P[e] = mixes[tok, 2 * n + e] * scale[2] + base[2 * n + e]
+                sk_fwd(P, den, eps, iters)
+                for e in T.unroll(nn):
+                    comb[tok, e // n, e % n] = P[e]
+
+    return split_mixes_fwd
+
+
+def _build_split_bwd(n, C, dtype, cfg, iters):
+    import tilelang.language as T
+
+    bt = cfg["block_T"]
+    nn = n * n
+    m = n * (n + 2)
+    Tn = T.dynamic("T")
+    _, sk_bwd = _macros(n)
+    NR = cdiv(m, bt)
+
+    @T.prim_func
+    def split_mixes_bwd(g_pre: T.Tensor((Tn, n), "float32"), g_post: T.Tensor((Tn, n), "float32"),
+                        g_comb: T.Tensor((Tn, n, n), "float32"), mixes: T.Tensor((Tn, m), "float32"),
+                        scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                        d_mixes: T.Tensor((Tn, m), "float32"),
+                        part_base: T.Tensor((T.ceildiv(Tn, bt), m), "float32"),
+                        part_scale: T.Tensor((T.ceildiv(Tn, bt), m), "float32"),
+                        post_mult: T.float32, eps: T.float32):
+        with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
+            tx = T.get_thread_binding(0)
+            ck = T.alloc_shared((iters, nn, bt), "float32")
+            dz_s = T.alloc_shared((m, bt), "float32")
+            dzm_s = T.alloc_shared((m, bt), "float32")
+            G = T.alloc_local((nn,), "float32")
+            P = T.alloc_local((nn,), "float32")
+            den = T.alloc_local((n,), "float32")
+            den2 = T.alloc_local((n,), "float32")
+            tok = bx * bt + tx
+            if tok < Tn:
+                for i in T.unroll(n):
+                    z = T.alloc_var("float32")
+                    z = mixes[tok, i] * scale[0] + base[i]
+                    dz = T.alloc_var("float32")
+                    dz = g_pre[tok, i] * (T.sigmoid(z) * T.sigmoid(-z))
+                    d_mixes[tok, i] = dz * scale[0]
+                    dz_s[i, tx] = dz
+                    dzm_s[i, tx] = dz * mixes[tok, i]
+                    z = mixes[tok, n + i] * scale[1] + base[n + i]
+                    dz = g_post[tok, i] * post_mult * (T.sigmoid(z) * T.sigmoid(-z))
+                    d_mixes[tok, n + i] = dz * scale[1]
+                    dz_s[n + i, tx] = dz
+                    dzm_s[n + i, tx] = dz * mixes[tok, n + i]
+                for e in T.unroll(nn):
+                    # park the raw mixes in shared memory: keeping them in registers across the
+                    # Sinkhorn recompute would spill at n=8
+                    dzm_s[2 * n + e, tx] = mixes[tok, 2 * n + e]
+                    P[e] = dzm_s[2 * n + e, tx] * scale[2] + base[2 * n + e]
+                    G[e] = g_comb[tok, e // n, e % n]
+                sk_bwd(G, P, den, den2, ck, tx, eps, iters)
+                for e in T.unroll(nn):
+                    d_mixes[tok, 2 * n + e] = G[e] * scale[2]
+                    dz_s[2 * n + e, tx] = G[e]
+                    dzm_s[2 * n + e, tx] = G[e] * dzm_s[2 * n + e, tx]
+            else:
+                for r in T.unroll(m):
+                    dz_s[r, tx] = 0.0
+                    dzm_s[r, tx] = 0.0
+            T.sync_threads()
+            # per-block partial sums over the block's tokens, in token order
+            for q in T.serial(NR):
+                r = q * bt + tx
+                if r < m:
+                    sb = T.alloc_var("float32")
+                    ss = T.alloc_var("float32")
+                    sb = 0.0
+                    ss = 0.0
+                    for t in T.serial(bt):
+                        sb += dz_s[r, t]
+                        ss += dzm_s[r, t]
+                    part_base[bx, r] = sb
+                    part_scale[bx, r] = ss
+
+    return split_mixes_bwd
+
+
+def _iters(s: Shape) -> dict:
+    return {"iters": 20}
+
+
+kernel_def(KernelDef("split_mixes_fwd", "split_mixes", _build_split_fwd, KEYS, _iters, act_dependent=False))
+kernel_def(KernelDef("split_mixes_bwd", "split_mixes_bwd", _build_split_bwd, KEYS, _iters, act_dependent=False))
+kernel_def(KernelDef("sinkhorn_fwd", "sinkhorn", _build_sinkhorn_fwd, KEYS, _iters, act_dependent=False))
+kernel_def(KernelDef("sinkhorn_bwd", "sinkhorn_bwd", _build_sinkhorn_bwd, KEYS, _iters, act_dependent=False))
+
+
+# -- launch wrappers ---------------------------------------------------------------------------------
+def _cfg(op, like, T, n, config, iters):
+    s = Shape(T, n, 1, torch.float32)
+    return resolve_config(op, like, s, config, lambda sh: default_config(op, sh, iters))
+
+
+def _n_of(m: int) -> int:
+    return int(round((m + 1) ** 0.5)) - 1
+
+
+def sinkhorn_fwd(logits, iters, eps, *, config=None):
+    Tt, n, _ = logits.shape
+    out = torch.empty_like(logits)
+    if Tt == 0:
+        return out
+    cfg = _cfg("sinkhorn", logits, Tt, n, config, iters)
+    get_kernel("sinkhorn_fwd", n, 1, torch.float32, cfg, logits.device, iters=int(iters))(logits, out, float(eps))
+    return out
+
+
+def sinkhorn_bwd(grad, logits, iters, eps, *, config=None):
+    Tt, n, _ = logits.shape
+    out = torch.empty_like(logits)
+    if Tt == 0:
+        return out
+    cfg = _cfg("sinkhorn_bwd", logits, Tt, n, config, iters)
+    get_kernel("sinkhorn_bwd", n, 1, torch.float32, cfg, logits.device, iters=int(iters))(
+        grad, logits, out, float(eps))
+    return out
+
+
+def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps, *, config=None):
+    Tt, m = mixes.shape
+    n = _n_of(m)
+    pre = mixes.new_empty((Tt, n))
+    post = mixes.new_empty((Tt, n))
+    comb = mixes.new_empty((Tt, n, n))
+    if Tt == 0:
+        return pre, post, comb
+    cfg = _cfg("split_mixes", mixes, Tt, n, config, iters)
+    get_kernel("split_mixes_fwd", n, 1, torch.float32, cfg, mixes.device, iters=int(iters))(
+        mixes, scale, base, pre, post, comb, float(pre_eps), float(post_mult), float(sinkhorn_eps))
+    return pre, post, comb
+
+
+def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters, sinkhorn_eps, *,
+                    config=None):
+    Tt, m = mixes.shape
+    n = _n_of(m)
+    d_mixes = mixes.new_empty((Tt, m))
+    if Tt == 0:
+        return d_mixes, scale.new_zeros((3,)), base.new_zeros((m,))
+    cfg = _cfg("split_mixes_bwd", mixes, Tt, n, config, iters)
+    nb = cdiv(Tt, cfg["block_T"])
+    part_base = mixes.new_empty((nb, m))
+    part_scale = mixes.new_empty((nb, m))
+    get_kernel("split_mixes_bwd", n, 1, torch.float32, cfg, mixes.device, iters=int(iters))(
+        grad_pre.contiguous(), grad_post.contiguous(), grad_comb.contiguous(), mixes, scale, base, d_mixes,
+        part_base, part_scale, float(post_mult), float(sinkhorn_eps))
+    d_base = part_base.sum(0)
+    per_col = part_scale.sum(0)
+    d_scale = torch.stack([per_col[:n].sum(), per_col[n:2 * n].sum(), per_col[2 * n:].sum()])
+    return d_mixes, d_scale, d_base

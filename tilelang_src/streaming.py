@@ -1,0 +1,443 @@
+"""Memory-bound streaming kernels: ``pre_apply_mix``, ``post`` and ``expand``, forward and backward.
+
+Layout of every kernel: a 2-D grid of (hidden blocks, token blocks) -- or token blocks
+only where a per-token reduction over ``C`` must stay inside one CTA (the backward
+kernels that produce mix gradients, which keeps those sums deterministic and free of
+atomics). Inside a CTA, consecutive threads take consecutive vectors of ``vec``
+contiguous elements (explicit indexing, so every warp access is a coalesced 16-byte
+one; the reducing kernels use ``T.Parallel`` with exactly one vector per thread per
+step, which TileLang lays out the same way, and ``T.reduce_sum`` for the per-token
+sums). Each vector is loaded once, all math is float32, and each result is rounded to
+the residual dtype once.
+
+Config keys (all kernels here): ``block_T`` tokens per CTA, ``block_C`` hidden
+elements per CTA (or per loop step for the reducing kernels), ``threads``, ``vec``
+elements per access (<= 16 bytes, a power of two dividing C).
+"""
+
+import torch
+
+from .common import Shape, cdiv, dtype_name, kernel_def, KernelDef, max_vec, next_pow2
+
+KEYS = ("block_T", "block_C", "threads", "vec")
+
+
+# -- configs ------------------------------------------------------------------------------
+def _valid(cfg: dict) -> bool:
+    bt, bc, th, v = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    return bc % v == 0 and (bt * (bc // v)) % th == 0
+
+
+def default_config(op: str, s: Shape) -> dict:
+    v = max_vec(s.dtype, s.C)
+    if op in ("pre_apply_mix_bwd", "post_bwd"):
+        # one token per CTA, a loop over C; fewer elements per thread at n=8 to bound registers
+        if op == "post_bwd" and s.n >= 8:
+            v = max(1, min(v, 4))
+        threads = 128
+        bc = threads * v
+        return {"block_T": 1, "block_C": bc, "threads": threads, "vec": v}
+    threads = 128
+    # one vector per thread per token, at least 512 elements of a row per CTA (scalar accesses
+    # when vec == 1), and 4 vectors per thread in total: enough bytes in flight per CTA
+    bc = max(v, min(next_pow2(s.C), max(threads * v, 512)))
+    nv = bc // v
+    bt = max(1, (threads * 4) // nv)
+    cfg = {"block_T": bt, "block_C": bc, "threads": threads, "vec": v}
+    while not _valid(cfg):
+        cfg["block_T"] *= 2
+    return cfg
+
+
+def config_space(op: str, s: Shape) -> list[dict]:
+    vmax = max_vec(s.dtype, s.C)
+    vecs = sorted({vmax, max(1, vmax // 2)})
+    out = []
+    if op in ("pre_apply_mix_bwd", "post_bwd"):
+        for th in (64, 128, 256):
+            for v in vecs:
+                for mult in (1,):  # one vector per thread per step (the reducer's layout)
+                    cfg = {"block_T": 1, "block_C": th * v * mult, "threads": th, "vec": v}
+                    if _valid(cfg):
+                        out.append(cfg)
+        return out
+    for th in (128, 256):
+        for v in vecs:
+            for bc in (256, 512, 1024, 2048):
+                for bt in (1, 2, 4, 8):
+                    cfg = {"block_T": bt, "block_C": bc, "threads": th, "vec": v}
+                    if _valid(cfg) and bt * bc // v >= th:
+                        out.append(cfg)
+    d = default_config(op, s)
+    if d not in out:
+        out.insert(0, d)
+    return out
+
+
+# -- kernels ---------------------------------------------------------------------------------
+def _build_pre_apply_fwd(n, C, dtype, cfg):
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    NV = bc // V
+    NIT = (bt * NV) // th
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def pre_apply_mix_fwd(x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),
+                          out: T.Tensor((Tn, C), dt)):
+        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+            xv = T.alloc_local((V,), dt)
+            acc = T.alloc_local((V,), "float32")
+            ov = T.alloc_local((V,), dt)
+            tx = T.get_thread_binding(0)
+            for it in T.serial(NIT):
+                # consecutive threads take consecutive vectors of a row: coalesced 16-byte accesses
+                idx = it * th + tx
+                tok = by * bt + idx // NV
+                col = bx * bc + (idx % NV) * V
+                if tok < Tn and col < C:
+                    for v in T.vectorized(V):
+                        acc[v] = 0.0
+                    for i in T.unroll(n):
+                        for v in T.vectorized(V):
+                            xv[v] = x[tok, i, col + v]
+                        for v in T.vectorized(V):
+                            acc[v] += mix[tok, i] * T.cast(xv[v], "float32")
+                    for v in T.vectorized(V):
+                        ov[v] = T.cast(acc[v], dt)
+                    for v in T.vectorized(V):
+                        out[tok, col + v] = ov[v]
+
+    return pre_apply_mix_fwd
+
+
+def _build_pre_apply_bwd(n, C, dtype, cfg, write_dx=True):
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    NV = bc // V
+    NCH = cdiv(C, bc)
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def pre_apply_mix_bwd(g: T.Tensor((Tn, C), dt), x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),
+                          dx: T.Tensor((Tn, n, C), dt), dmix: T.Tensor((Tn, n), "float32")):
+        with T.Kernel(T.ceildiv(Tn, bt), threads=th) as by:
+            gv = T.alloc_local((V,), dt)
+            gf = T.alloc_local((V,), "float32")
+            xv = T.alloc_local((V,), dt)
+            ov = T.alloc_local((V,), dt)
+            part = T.alloc_fragment((bt, n, NV), "float32")
+            red = T.alloc_fragment((bt, n), "float32")
+            T.clear(part)
+            for ch in T.serial(NCH):
+                for t, cv in T.Parallel(bt, NV):
+                    tok = by * bt + t
+                    col = ch * bc + cv * V
+                    if tok < Tn and col < C:
+                        for v in T.vectorized(V):
+                            gv[v] = g[tok, col + v]
+                        for v in T.vectorized(V):
+                            gf[v] = T.cast(gv[v], "float32")
+                        for i in T.unroll(n):
+                            for v in T.vectorized(V):
+                                xv[v] = x[tok, i, col + v]
+                            for v in T.serial(V):
+                                part[t, i, cv] += gf[v] * T.cast(xv[v], "float32")
+                            if write_dx:
+                                for v in T.vectorized(V):
+                                    ov[v] = T.cast(mix[tok, i] * gf[v], dt)
+                                for v in T.vectorized(V):
+                                    dx[tok, i, col + v] = ov[v]
+            T.reduce_sum(part, red, dim=2)
+            for t, i in T.Parallel(bt, n):
+                if by * bt + t < Tn:
+                    dmix[by * bt + t, i] = red[t, i]
+
+    return pre_apply_mix_bwd
+
+
+def _build_post_fwd(n, C, dtype, cfg):
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    NV = bc // V
+    NIT = (bt * NV) // th
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def post_fwd(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt), post: T.Tensor((Tn, n), "float32"),
+                 comb: T.Tensor((Tn, n, n), "float32"), out: T.Tensor((Tn, n, C), dt)):
+        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+            xv = T.alloc_local((n, V), dt)   # every stream's vector, read once
+            xf = T.alloc_local((n, V), "float32")
+            yv = T.alloc_local((V,), dt)
+            yf = T.alloc_local((V,), "float32")
+            acc = T.alloc_local((V,), "float32")
+            ov = T.alloc_local((V,), dt)
+            tx = T.get_thread_binding(0)
+            for it in T.serial(NIT):
+                # consecutive threads take consecutive vectors of a row: coalesced 16-byte accesses
+                idx = it * th + tx
+                tok = by * bt + idx // NV
+                col = bx * bc + (idx % NV) * V
+                if tok < Tn and col < C:
+                    for v in T.vectorized(V):
+                        yv[v] = y[tok, col + v]
+                    for j in T.unroll(n):
+                        for v in T.vectorized(V):
+                            xv[j, v] = residual[tok, j, col + v]
+                    for v in T.vectorized(V):
+                        yf[v] = T.cast(yv[v], "float32")
+                    for j in T.unroll(n):
+                        for v in T.vectorized(V):
+                            xf[j, v] = T.cast(xv[j, v], "float32")
+                    for i in T.unroll(n):
+                        for v in T.vectorized(V):
+                            acc[v] = post[tok, i] * yf[v]
+                        for j in T.unroll(n):
+                            for v in T.vectorized(V):
+                                acc[v] += comb[tok, j, i] * xf[j, v]
+                        for v in T.vectorized(V):
+                            ov[v] = T.cast(acc[v], dt)
+                        for v in T.vectorized(V):
+                            out[tok, i, col + v] = ov[v]
+
+    return post_fwd
+
+
+def _build_post_bwd(n, C, dtype, cfg):
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    NV = bc // V
+    NCH = cdiv(C, bc)
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def post_bwd(g: T.Tensor((Tn, n, C), dt), y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),
+                 post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                 dy: T.Tensor((Tn, C), dt), dx: T.Tensor((Tn, n, C), dt),
+                 dpost: T.Tensor((Tn, n), "float32"), dcomb: T.Tensor((Tn, n, n), "float32")):
+        with T.Kernel(T.ceildiv(Tn, bt), threads=th) as by:
+            gv = T.alloc_local((n, V), dt)
+            gf = T.alloc_local((n, V), "float32")
+            xv = T.alloc_local((V,), dt)
+            yv = T.alloc_local((V,), dt)
+            yf = T.alloc_local((V,), "float32")
+            acc = T.alloc_local((V,), "float32")
+            ov = T.alloc_local((V,), dt)
+            partc = T.alloc_fragment((bt, n * n, NV), "float32")
+            partp = T.alloc_fragment((bt, n, NV), "float32")
+            redc = T.alloc_fragment((bt, n * n), "float32")
+            redp = T.alloc_fragment((bt, n), "float32")
+            T.clear(partc)
+            T.clear(partp)
+            for ch in T.serial(NCH):
+                for t, cv in T.Parallel(bt, NV):
+                    tok = by * bt + t
+                    col = ch * bc + cv * V
+                    if tok < Tn and col < C:
+                        for i in T.unroll(n):
+                            for v in T.vectorized(V):
+                                gv[i, v] = g[tok, i, col + v]
+                        for v in T.vectorized(V):
+                            yv[v] = y[tok, col + v]
+                        for i in T.unroll(n):
+                            for v in T.vectorized(V):
+                                gf[i, v] = T.cast(gv[i, v], "float32")
+                        for v in T.vectorized(V):
+                            yf[v] = T.cast(yv[v], "float32")
+                        # d_y = sum_i post_i g_i ; d_post_i += <g_i, y>
+                        for v in T.vectorized(V):
+                            acc[v] = 0.0
+                        for i in T.unroll(n):
+                            for v in T.serial(V):
+                                acc[v] += post[tok, i] * gf[i, v]
+                                partp[t, i, cv] += gf[i, v] * yf[v]
+                        for v in T.vectorized(V):
+                            ov[v] = T.cast(acc[v], dt)
+                        for v in T.vectorized(V):
+                            dy[tok, col + v] = ov[v]
+                        # d_x_j = sum_i comb[j, i] g_i ; d_comb[j, i] += <x_j, g_i>
+                        for j in T.unroll(n):
+                            for v in T.vectorized(V):
+                                xv[v] = residual[tok, j, col + v]
+                            for v in T.vectorized(V):
+                                acc[v] = 0.0
+                            for i in T.unroll(n):
+                                for v in T.serial(V):
+                                    acc[v] += comb[tok, j, i] * gf[i, v]
+                                    partc[t, j * n + i, cv] += T.cast(xv[v], "float32") * gf[i, v]
+                            for v in T.vectorized(V):
+                                ov[v] = T.cast(acc[v], dt)
+                            for v in T.vectorized(V):
+                                dx[tok, j, col + v] = ov[v]
+            T.reduce_sum(partc, redc, dim=2)
+            T.reduce_sum(partp, redp, dim=2)
+            for t, r in T.Parallel(bt, n * n):
+                if by * bt + t < Tn:
+                    dcomb[by * bt + t, r // n, r % n] = redc[t, r]
+            for t, i in T.Parallel(bt, n):
+                if by * bt + t < Tn:
+                    dpost[by * bt + t, i] = redp[t, i]
+
+    return post_bwd
+
+
+def _build_expand_fwd(n, C, dtype, cfg):
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    NV = bc // V
+    NIT = (bt * NV) // th
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def expand_fwd(h: T.Tensor((Tn, C), dt), out: T.Tensor((Tn, n, C), dt)):
+        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+            hv = T.alloc_local((V,), dt)
+            tx = T.get_thread_binding(0)
+            for it in T.serial(NIT):
+                # consecutive threads take consecutive vectors of a row: coalesced 16-byte accesses
+                idx = it * th + tx
+                tok = by * bt + idx // NV
+                col = bx * bc + (idx % NV) * V
+                if tok < Tn and col < C:
+                    for v in T.vectorized(V):
+                        hv[v] = h[tok, col + v]
+                    for i in T.unroll(n):
+                        for v in T.vectorized(V):
+                            out[tok, i, col + v] = hv[v]
+
+    return expand_fwd
+
+
+def _build_expand_bwd(n, C, dtype, cfg):
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    NV = bc // V
+    NIT = (bt * NV) // th
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def expand_bwd(g: T.Tensor((Tn, n, C), dt), dh: T.Tensor((Tn, C), dt)):
+        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+            gv = T.alloc_local((V,), dt)
+            acc = T.alloc_local((V,), "float32")
+            ov = T.alloc_local((V,), dt)
+            tx = T.get_thread_binding(0)
+            for it in T.serial(NIT):
+                # consecutive threads take consecutive vectors of a row: coalesced 16-byte accesses
+                idx = it * th + tx
+                tok = by * bt + idx // NV
+                col = bx * bc + (idx % NV) * V
+                if tok < Tn and col < C:
+                    for v in T.vectorized(V):
+                        acc[v] = 0.0
+                    for i in T.unroll(n):
+                        for v in T.vectorized(V):
+                            gv[v] = g[tok, i, col + v]
+                        for v in T.vectorized(V):
+                            acc[v] += T.cast(gv[v], "float32")
+                    for v in T.vectorized(V):
+                        ov[v] = T.cast(acc[v], dt)
+                    for v in T.vectorized(V):
+                        dh[tok, col + v] = ov[v]
+
+    return expand_bwd
+
+
+for _name, _op, _build in (("pre_apply_mix_fwd", "pre_apply_mix", _build_pre_apply_fwd),
+                           ("pre_apply_mix_bwd", "pre_apply_mix_bwd", _build_pre_apply_bwd),
+                           ("post_fwd", "post", _build_post_fwd),
+                           ("post_bwd", "post_bwd", _build_post_bwd),
+                           ("expand_fwd", "expand", _build_expand_fwd),
+                           ("expand_bwd", "expand_bwd", _build_expand_bwd)):
+    kernel_def(KernelDef(_name, _op, _build, KEYS))
+
+
+# -- launch wrappers (torch_ref signatures + config=) -------------------------------------------
+from .common import get_kernel, resolve_config  # noqa: E402
+
+
+def _cfg(op, like, T, n, C, dtype, config):
+    s = Shape(T, n, C, dtype)
+    return resolve_config(op, like, s, config, lambda sh: default_config(op, sh))
+
+
+def pre_apply_mix_fwd(residual, pre_mix, *, config=None):
+    Tt, n, C = residual.shape
+    out = residual.new_empty((Tt, C))
+    if Tt == 0:
+        return out
+    cfg = _cfg("pre_apply_mix", residual, Tt, n, C, residual.dtype, config)
+    get_kernel("pre_apply_mix_fwd", n, C, residual.dtype, cfg, residual.device)(residual, pre_mix, out)
+    return out
+
+
+def pre_apply_mix_bwd(grad, residual, pre_mix, *, config=None, write_dx=True):
+    """-> (d_residual, d_pre_mix); with ``write_dx=False`` d_residual is left unwritten (the fused
+    mhc_pre/mhc_head backward adds that term inside the projection's d_x kernel instead)."""
+    Tt, n, C = residual.shape
+    dx = torch.empty_like(residual)  # unwritten (and cheap: no traffic) when write_dx is False
+    dmix = pre_mix.new_empty((Tt, n))
+    if Tt == 0:
+        return dx, dmix
+    cfg = _cfg("pre_apply_mix_bwd", residual, Tt, n, C, residual.dtype, config)
+    consts = {} if write_dx else {"write_dx": False}
+    get_kernel("pre_apply_mix_bwd", n, C, residual.dtype, cfg, residual.device, **consts)(
+        grad, residual, pre_mix, dx, dmix)
+    return dx, dmix
+
+
+def post_fwd(layer_output, residual, post_mix, comb_mix, *, config=None):
+    Tt, n, C = residual.shape
+    out = torch.empty_like(residual)
+    if Tt == 0:
+        return out
+    cfg = _cfg("post", residual, Tt, n, C, residual.dtype, config)
+    get_kernel("post_fwd", n, C, residual.dtype, cfg, residual.device)(layer_output, residual, post_mix, comb_mix, out)
+    return out
+
+
+def post_bwd(grad, layer_output, residual, post_mix, comb_mix, *, config=None):
+    Tt, n, C = residual.shape
+    dy = torch.empty_like(layer_output)
+    dx = torch.empty_like(residual)
+    dpost = post_mix.new_empty((Tt, n))
+    dcomb = comb_mix.new_empty((Tt, n, n))
+    if Tt == 0:
+        return dy, dx, dpost, dcomb
+    cfg = _cfg("post_bwd", residual, Tt, n, C, residual.dtype, config)
+    get_kernel("post_bwd", n, C, residual.dtype, cfg, residual.device)(
+        grad, layer_output, residual, post_mix, comb_mix, dy, dx, dpost, dcomb)
+    return dy, dx, dpost, dcomb
+
+
+def expand_fwd(hidden, n, *, config=None):
+    Tt, C = hidden.shape
+    out = hidden.new_empty((Tt, n, C))
+    if Tt == 0:
+        return out
+    cfg = _cfg("expand", hidden, Tt, n, C, hidden.dtype, config)
+    get_kernel("expand_fwd", n, C, hidden.dtype, cfg, hidden.device)(hidden, out)
+    return out
+
+
+def expand_bwd(grad, *, config=None):
+    Tt, n, C = grad.shape
+    out = grad.new_empty((Tt, C))
+    if Tt == 0:
+        return out
+    cfg = _cfg("expand_bwd", grad, Tt, n, C, grad.dtype, config)
+    get_kernel("expand_bwd", n, C, grad.dtype, cfg, grad.device)(grad, out)
+    return out
