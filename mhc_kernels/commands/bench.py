@@ -1,0 +1,164 @@
+"""``mhc-kernels bench``: latency, bandwidth and roofline report of every op, backend and baseline.
+
+Writes ``bench.json`` (one record per measurement; fields in
+:mod:`mhc_kernels.bench.report`), ``bench.csv``, ``report.md`` and, with matplotlib
+installed (``pip install 'mhc-kernels[report]'``), ``roofline.png`` and one
+``bandwidth_<op>.png`` per op into ``--out``. ``--quick`` is a sub-minute run on
+the reference backend against the eager baseline; ``--compare OLD.json`` prints the
+per-row change against an earlier run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mhc_kernels import registry
+
+DEFAULT_TOKENS = (1, 16, 256, 1024, 4096, 16384, 65536)
+DEFAULT_N = (2, 4, 8)
+DEFAULT_HIDDEN = (1280, 4096, 7168)
+QUICK = dict(tokens=(1, 1024), n=(4,), hidden=(1280,), baselines=("eager",), budget=0.08, min_repeats=3,
+             max_repeats=30, warmup=1, copy_bytes=128 << 20)
+OP_GROUPS = ("all", "fwd", "bwd", "fused")
+
+
+def _split(values, cast=str) -> list:
+    out = []
+    for v in values or ():
+        out += [cast(x) for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def resolve_ops(names) -> list:
+    from mhc_kernels.bench.runner import FUSED, TARGETS
+
+    names = _split(names) or ["all"]
+    out = []
+    for nm in names:
+        if nm == "all":
+            out += list(TARGETS)
+        elif nm in ("fwd", "bwd"):
+            out += [t for t, tg in TARGETS.items() if tg.pass_ == nm]
+        elif nm == "fused":
+            out += list(FUSED)
+        elif nm in TARGETS:
+            out.append(nm)
+        else:
+            raise SystemExit(f"mhc-kernels bench: unknown op '{nm}'; choose from {', '.join(OP_GROUPS)} or "
+                             f"{', '.join(TARGETS)}")
+    return list(dict.fromkeys(out))
+
+
+def default_backends(device: torch.device) -> tuple[list, list]:
+    """Available backends on ``device`` and notes on the ones left out."""
+    chosen, notes = [], []
+    for name, st in registry.available_backends(device).items():
+        if not st.available:
+            notes.append(f"{name}: {st.reason}")
+        elif name == "triton" and device.type != "cuda":
+            notes.append("triton: left out on CPU (it would run under the interpreter, which times nothing "
+                         "meaningful); pass --backends triton to force it")
+        else:
+            chosen.append(name)
+    return chosen, notes
+
+
+def run(args) -> int:
+    from mhc_kernels.bench import device as devmod
+    from mhc_kernels.bench import plots, report, runner, timing
+
+    con = Console()
+    if not con.is_terminal:  # a log or a pipe: do not squeeze the table into 80 columns
+        con = Console(width=max(con.width, 150))
+    t_start = time.perf_counter()
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick
+    notes = []
+    threads = args.threads if args.threads is not None else (1 if quick and dev.type == "cpu" else None)
+    if threads is not None and dev.type == "cpu":
+        torch.set_num_threads(threads)
+        if args.threads is None:
+            notes.append("--quick on CPU runs single-threaded (stable on a shared machine; the copy-bandwidth "
+                         "ceiling is measured the same way); --threads N changes it")
+    ops = resolve_ops(args.ops)
+    tokens = _split(args.tokens, int) or list(QUICK["tokens"] if quick else DEFAULT_TOKENS)
+    ns = _split(args.n, int) or list(QUICK["n"] if quick else DEFAULT_N)
+    hiddens = _split(args.hidden, int) or list(QUICK["hidden"] if quick else DEFAULT_HIDDEN)
+    if args.backends:
+        backends = _split(args.backends)
+        for b in backends:
+            if b not in registry.BACKENDS:
+                raise SystemExit(f"mhc-kernels bench: unknown backend '{b}'; choose from {', '.join(registry.BACKENDS)}")
+    elif quick:
+        backends = ["reference"]
+    else:
+        backends, left_out = default_backends(dev)
+        notes += left_out
+    if args.baselines is not None:
+        baselines = [b for b in _split(args.baselines) if b != "none"]
+        for b in baselines:
+            if b not in runner.BASELINES:
+                raise SystemExit(f"mhc-kernels bench: unknown baseline '{b}'; choose from "
+                                 f"{', '.join(runner.BASELINES)} or none")
+    else:
+        baselines = list(QUICK["baselines"] if quick else runner.BASELINES)
+    if quick and "compile" not in baselines:
+        notes.append("--quick leaves out the torch.compile baseline (compiling takes longer than the whole run); "
+                     "add --baselines eager,compile to include it")
+    cfg = runner.SweepConfig(
+        targets=ops, backends=backends, baselines=baselines, tokens=tokens, ns=ns, hiddens=hiddens,
+        dtype=runner.DTYPES[args.dtype], device=str(dev),
+        budget_s=args.budget if args.budget is not None else (QUICK["budget"] if quick else 0.3),
+        min_repeats=QUICK["min_repeats"] if quick else 5, max_repeats=QUICK["max_repeats"] if quick else 100,
+        warmup=QUICK["warmup"] if quick else 3)
+
+    with con.status(f"measuring the copy bandwidth of {dev} ..."):
+        dm = devmod.describe_device(dev, measure=True, copy_bytes=QUICK["copy_bytes"] if quick else None)
+    dm.notes.extend(notes)
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
+    run_info = report.run_info(dm, cfg, timing.method_name(dev), argv)
+
+    old = None
+    if args.compare:
+        _old_run, old = report.load_json(args.compare)
+
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=con, transient=True) as prog:
+        task = prog.add_task("benchmarking", total=cfg.total())
+        measurements = runner.run_sweep(cfg, lambda desc: prog.update(task, advance=1, description=desc))
+    records = report.build_records(measurements, run_info)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / "bench.json", run_info, records)
+    report.write_csv(out / "bench.csv", records)
+    made, plot_note = {}, ""
+    if args.no_plots:
+        plot_note = "Plots were turned off (--no-plots)."
+    elif plots.available():
+        try:
+            made = plots.write_plots(records, run_info, out)
+        except Exception as e:  # noqa: BLE001 -- a plotting failure must not lose the data
+            plot_note = f"Plotting failed: {type(e).__name__}: {e}"
+    else:
+        plot_note = f"No plots: matplotlib is not installed. To get them: `{plots.INSTALL_HINT}`."
+    cmp_rows = report.compare(old, records) if old is not None else None
+    report.write_markdown(out / "report.md", run_info, records, made, plot_note, cmp_rows,
+                          files={"JSON": "bench.json", "CSV": "bench.csv"})
+
+    report.print_table(con, run_info, records)
+    if cmp_rows is not None:
+        report.print_compare(con, cmp_rows, args.compare)
+    written = ["bench.json", "bench.csv", "report.md"] + list(made.values())
+    con.print(f"wrote {', '.join(str(out / w) for w in written)}")
+    if plot_note and not made:
+        con.print(f"[yellow]{plot_note}[/]")
+    con.print(f"[dim]{len(records)} measurements in {time.perf_counter() - t_start:.1f} s[/]")
+    # a failing backend fails the command; a failing baseline (e.g. no compiler for torch.compile) only warns
+    return 0 if all(r["status"] != "error" or r["impl_kind"] == "baseline" for r in records) else 1
