@@ -35,6 +35,7 @@ from .functional import (  # noqa: E402
 from .ops import eager_fastpath_enabled, set_eager_fastpath  # noqa: E402
 from .registry import BACKENDS, BackendStatus, available_backends, use_backend, which_backend  # noqa: E402
 from .specs import SPECS  # noqa: E402
+from . import diagnostics, nn, recompute  # noqa: E402,F401  (MHCSite & co, Amax gain, recompute)
 
 __all__ = [
     "__version__",

@@ -31,3 +31,7 @@ _KERNELS = {
 
 for _op, _fn in _KERNELS.items():
     register_kernel(_op, "reference", _fn)
+
+# DESIGN 2.7's multilayer_recompute is a forward-only op registered by mhc_kernels.recompute
+# (its layer dim has no op-spec symbol); the reference serves it too.
+register_kernel("multilayer_recompute", "reference", torch_ref.multilayer_recompute_fwd)

@@ -398,3 +398,47 @@ def _trailing_dims(op: str) -> int:
     from mhc_kernels.specs import SPECS
 
     return len(SPECS[op].outputs[0].shape) - 1
+
+
+# -- multilayer_recompute (DESIGN 2.7; forward-only, not in CASES: it has no autograd) ----------------
+RECOMPUTE_OP = "multilayer_recompute"
+
+
+def make_recompute_inputs(lead, n: int, C: int, L: int, dtype: torch.dtype, device="cpu", *, seed: int = 0) -> dict:
+    """Inputs of ``multilayer_recompute`` for ``L`` sites: x_0, the sublayer outputs and the saved mixes.
+
+    The comb mixes are doubly stochastic-ish (as Sinkhorn makes them), so the residual stays O(1) over
+    the layers and the tolerance is meaningful at every depth.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    md = _mix_dtype(dtype)
+    lead = tuple(lead)
+    logits = torch.randn((L,) + lead + (n, n), generator=gen, dtype=torch.float64)
+    return {
+        "residual": _residual(gen, lead, n, C, dtype, device),
+        "layer_outputs": _randn(gen, (L,) + lead + (C,), dtype, device),
+        "pre_mix": _rand(gen, (L,) + lead + (n,), md, device, 0.0, 1.0),
+        "post_mix": _rand(gen, (L,) + lead + (n,), md, device, 0.0, 2.0),
+        "comb_mix": torch.from_numpy(oracle.sinkhorn(logits, 20, 1e-6)).to(dtype=md, device=device),
+    }
+
+
+def check_recompute(fn: Callable, inputs: dict) -> list[Mismatch]:
+    """Run ``fn(residual, layer_outputs, pre_mix, post_mix, comb_mix)`` and compare with the oracle.
+
+    The oracle continues each layer from the residual as stored in the residual dtype (the
+    backend's own rounding of x_{l+1} would differ by at most one ulp from it).
+    """
+    names = ("residual", "layer_outputs", "pre_mix", "post_mix", "comb_mix")
+    outs = fn(*(inputs[k] for k in names))
+    dtype = inputs["residual"].dtype
+
+    def store(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+    expected = oracle.multilayer_recompute(*(inputs[k] for k in names), store=store)
+    with torch.no_grad():
+        naive = transcription.multilayer_recompute(*(_naive_inputs(inputs)[k] for k in names))
+    return [compare(f"{RECOMPUTE_OP}.{label}", o, e, naive=nv)
+            for label, o, e, nv in zip(("residuals", "layer_inputs"), outs, expected, naive)]

@@ -117,3 +117,23 @@ def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_w
     stored = new_residual if store is None else f64(store(new_residual))
     return (new_residual,) + mhc_pre(stored, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult,
                                      sinkhorn_iters, sinkhorn_eps)
+
+
+def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, store=None):
+    """DESIGN 2.7: -> (residuals (L, ..., n, C), layer_inputs (L, ..., C)).
+
+    ``residuals[l] = x_l`` with ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``;
+    ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])``. ``store`` (optional) maps each new
+    float64 residual to the values a backend stores (e.g. rounding to bf16) before it is read
+    again, as in :func:`post_pre`.
+    """
+    ys, pre, post_m, comb = f64(layer_outputs), f64(pre_mix), f64(post_mix), f64(comb_mix)
+    x = f64(residual)
+    residuals, inputs = [], []
+    for layer in range(ys.shape[0]):
+        residuals.append(x)
+        inputs.append(pre_apply_mix(x, pre[layer]))
+        x = post(ys[layer], x, post_m[layer], comb[layer])
+        if store is not None:
+            x = f64(store(x))
+    return np.stack(residuals), np.stack(inputs)

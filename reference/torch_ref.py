@@ -261,3 +261,28 @@ def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, no
     new_residual = post_fwd(layer_output, residual, post_mix, comb_mix)
     return (new_residual,) + mhc_pre_fwd(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps,
                                          post_mult, iters, sinkhorn_eps)
+
+
+# -- 2.7 multilayer_recompute ------------------------------------------------------------------------
+def multilayer_recompute_fwd(residual, layer_outputs, pre_mix, post_mix, comb_mix):
+    """Rebuild the residuals and layer inputs of L consecutive sites from the first residual.
+
+    ``residual`` ``(T, n, C)`` is x_0; ``layer_outputs`` ``(L, T, C)``, ``pre_mix``/``post_mix``
+    ``(L, T, n)`` and ``comb_mix`` ``(L, T, n, n)`` are each site's saved sublayer output and
+    mixes. -> ``(residuals (L, T, n, C), layer_inputs (L, T, C))`` with ``residuals[l] = x_l``
+    (x_0 copied), ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])`` and
+    ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``, each stored in the
+    residual dtype before it is read again (bit-identical to the single-site reference ops).
+    The last site's output and post/comb mixes are not read (x_L is not an output).
+    """
+    L = layer_outputs.shape[0]
+    T, n, C = residual.shape
+    residuals = residual.new_empty((L, T, n, C))
+    layer_inputs = residual.new_empty((L, T, C))
+    x = residual
+    for layer in range(L):
+        residuals[layer] = x
+        layer_inputs[layer] = pre_apply_mix_fwd(x, pre_mix[layer])
+        if layer + 1 < L:
+            x = post_fwd(layer_outputs[layer], x, post_mix[layer], comb_mix[layer])
+    return residuals, layer_inputs

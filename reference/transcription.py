@@ -84,3 +84,14 @@ def mhc_site(residual, sublayer, fn, scale, base, norm_weight=None, **consts):
     """One mHC site: mhc_pre -> sublayer -> post (the unit the benchmarks time)."""
     layer_input, post_mix, comb_mix = mhc_pre(residual, fn, scale, base, norm_weight, **consts)
     return post(sublayer(layer_input), residual, post_mix, comb_mix)
+
+
+def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix):
+    """L sites of pre_apply_mix/post from x_0: -> (residuals (L, ..., n, C), layer_inputs (L, ..., C))."""
+    x = residual
+    residuals, inputs = [], []
+    for layer in range(layer_outputs.shape[0]):
+        residuals.append(x)
+        inputs.append(pre_apply_mix(x, pre_mix[layer]))
+        x = post(layer_outputs[layer], x, post_mix[layer], comb_mix[layer])
+    return torch.stack(residuals), torch.stack(inputs)

@@ -1,0 +1,283 @@
+"""Drop-in ``nn.Module`` building blocks for mHC models.
+
+* :class:`MHCExpand` -- embedding ``(..., C)`` -> ``n`` identical streams ``(..., n, C)``;
+* :class:`MHCSite` -- one mHC site around any sublayer (attention, MLP, ...):
+  ``mhc_pre -> sublayer -> mhc_post``; replaces ``h = h + sublayer(h)``;
+* :class:`MHCHead` -- the final collapse ``(..., n, C) -> (..., C)`` before the LM head.
+
+A pre-norm transformer block ``h = h + attn(norm1(h)); h = h + mlp(norm2(h))`` becomes::
+
+    self.expand = MHCExpand(n)                                     # once, after the embedding
+    self.attn_site = MHCSite(C, n, sublayer=nn.Sequential(norm1, attn))
+    self.mlp_site = MHCSite(C, n, sublayer=nn.Sequential(norm2, mlp))
+    self.head = MHCHead(C, n)                                      # once, before the final norm
+
+    x = self.expand(embed(tokens))            # (B, S, n, C)
+    x = self.attn_site(x); x = self.mlp_site(x)   # per block
+    logits = lm_head(final_norm(self.head(x)))
+
+Initialisation (the paper's recipe: small gains, biases that make the site start as a plain
+pre-norm residual; ``alpha`` and ``identity_tol`` are the knobs):
+
+* ``scale = (alpha, alpha, alpha)`` with ``alpha = 0.01``: the input-dependent part of every
+  mix starts as a 1% perturbation of the static (bias) part;
+* ``fn ~ N(0, 1/K)``, so the raw mixes (a projection of the RMS-normalised streams) are
+  O(1) and ``alpha * mixes`` is O(0.01); random rather than zero so the streams, which start
+  as copies, can drift apart (with ``fn = 0`` every stream permutation is a symmetry and the
+  streams would stay identical forever);
+* pre-mix bias ``logit(1/n)``: ``H_pre ~ (1/n, ..., 1/n)``, the sublayer sees the average of
+  the streams, which after :class:`MHCExpand` is exactly the embedding;
+* post-mix bias ``logit(1/post_mult)`` (0 for the default ``post_mult = 2``):
+  ``H_post ~ (1, ..., 1)``, the sublayer output is added to every stream, as ``h + f(h)``;
+* residual-mix bias ``-g * (1 - I)`` with ``g = ln((n-1)(1-tol)/tol)``: Sinkhorn of it is the
+  symmetric matrix with ``1 - tol`` on the diagonal and ``tol/(n-1)`` elsewhere, so
+  ``|H_res - I| <= identity_tol`` (default 0.01; the alpha perturbation adds a few percent of
+  that). A smaller ``tol`` starts closer to the identity but saturates the softmax (the
+  gradient of the off-diagonal logits scales with ``tol``); 0.01 keeps both small.
+  For the unconstrained ablation (``residual_mix="none"``) the bias is ``I`` itself.
+* the head's bias is ``logit(1/n)`` (average the streams), ``norm_weight = 1``.
+
+With these, an mHC model at initialisation computes (up to the 1% perturbations) what the
+same model with plain residual connections computes.
+
+All modules run the mHC math in float32 with autocast switched off around the mHC ops
+(the sublayer still runs under the caller's autocast; its output is cast to the residual's
+dtype), keep their parameters in float32 even after ``model.bfloat16()`` (cast on use),
+and compile under ``torch.compile(fullgraph=True)`` without graph breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional
+from .ops import call
+
+Tensor = torch.Tensor
+
+RESIDUAL_MIXES = ("sinkhorn", "none")
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+def _autocast_off(device: torch.device):
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _mix_dtype(residual: Tensor) -> torch.dtype:
+    return torch.float64 if residual.dtype == torch.float64 else torch.float32
+
+
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class MixTap(nn.Module):
+    """Identity on ``(post_mix, comb_mix)``; a place for forward hooks to observe the mixes
+    (see :mod:`mhc_kernels.diagnostics`). Costs nothing when no hook is registered."""
+
+    def forward(self, post_mix: Tensor, comb_mix: Tensor):
+        return post_mix, comb_mix
+
+
+class MHCExpand(nn.Module):
+    """``(..., C) -> (..., n, C)``: copy the embedding into ``n`` streams (DESIGN 2.6)."""
+
+    def __init__(self, n: int = 4):
+        super().__init__()
+        self.n = int(n)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return functional.expand(hidden, self.n)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
+
+
+class MHCSite(nn.Module):
+    """One mHC site: ``mhc_pre -> sublayer -> mhc_post`` (DESIGN 2.5, 2.4).
+
+    Args:
+        hidden: the hidden width ``C`` (the sublayer's input and output width).
+        n: the number of residual streams.
+        sublayer: optional module run on the collapsed ``(..., C)`` input; may instead be passed
+            to :meth:`forward`. It should contain its own pre-norm (as in a pre-norm transformer).
+        norm_weight: learn an RMSNorm gain ``(n*C,)`` folded into ``fn``.
+        residual_mix: ``"sinkhorn"`` (mHC, default) or ``"none"``: the unconstrained
+            Hyper-Connections ablation -- same parameters and pre/post mixes, but the residual
+            mix is the raw ``n x n`` matrix ``alpha * mixes + base`` (no Sinkhorn).
+        alpha: initial value of the three gains ``scale``.
+        identity_tol: at initialisation ``max |H_res - I| ~ identity_tol`` (sinkhorn mode).
+        norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: DESIGN 2's constants.
+        device: where to create the parameters (always float32).
+
+    Parameters: ``fn (n*(n+2), n*C)``, ``scale (3,)``, ``base (n*(n+2),)``, optional
+    ``norm_weight (n*C,)`` -- the layout of DESIGN 2. See the module docstring for the
+    initialisation.
+    """
+
+    def __init__(self, hidden: int, n: int = 4, *, sublayer: Optional[nn.Module] = None, norm_weight: bool = True,
+                 residual_mix: str = "sinkhorn", alpha: float = 0.01, identity_tol: float = 1e-2,
+                 norm_eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
+                 sinkhorn_eps: float = 1e-6, device=None):
+        super().__init__()
+        if residual_mix not in RESIDUAL_MIXES:
+            raise ValueError(f"MHCSite: residual_mix must be one of {RESIDUAL_MIXES}; got {residual_mix!r}")
+        if not 0 < identity_tol < 1:
+            raise ValueError(f"MHCSite: identity_tol must be in (0, 1); got {identity_tol}")
+        self.hidden, self.n = int(hidden), int(n)
+        self.residual_mix = residual_mix
+        self.alpha, self.identity_tol = float(alpha), float(identity_tol)
+        self.norm_eps, self.pre_eps, self.post_mult = float(norm_eps), float(pre_eps), float(post_mult)
+        self.sinkhorn_iters, self.sinkhorn_eps = int(sinkhorn_iters), float(sinkhorn_eps)
+        m, K = n * (n + 2), n * hidden
+        f32 = dict(device=device, dtype=torch.float32)
+        self.fn = nn.Parameter(torch.empty(m, K, **f32))
+        self.scale = nn.Parameter(torch.empty(3, **f32))
+        self.base = nn.Parameter(torch.empty(m, **f32))
+        if norm_weight:
+            self.norm_weight = nn.Parameter(torch.empty(K, **f32))
+        else:
+            self.register_parameter("norm_weight", None)
+        self.sublayer = sublayer
+        self.mix_tap = MixTap()
+        self.reset_parameters()
+
+    # -- initialisation ----------------------------------------------------------------------
+    def initial_base(self) -> Tensor:
+        """The bias vector of the module docstring's initialisation."""
+        n = self.n
+        pre = torch.full((n,), _logit(1.0 / n))
+        post = torch.full((n,), _logit(1.0 / self.post_mult) if self.post_mult > 1 else 4.0)
+        eye = torch.eye(n)
+        if self.residual_mix == "none":
+            res = eye
+        else:
+            tol = self.identity_tol
+            gap = math.log((n - 1) * (1 - tol) / tol) if n > 1 else 0.0
+            res = -gap * (1 - eye)
+        return torch.cat([pre, post, res.reshape(-1)])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        K = self.fn.shape[1]
+        nn.init.normal_(self.fn, std=K ** -0.5)
+        self.scale.fill_(self.alpha)
+        self.base.copy_(self.initial_base())
+        if self.norm_weight is not None:
+            self.norm_weight.fill_(1.0)
+
+    # -- the two halves (also used by mhc_kernels.recompute) ----------------------------------
+    def _params(self, md):
+        return _as(self.fn, md), _as(self.scale, md), _as(self.base, md), _as(self.norm_weight, md)
+
+    def _split_unconstrained(self, mixes, scale, base):
+        n = self.n
+        s = torch.cat([scale[0:1].expand(n), scale[1:2].expand(n), scale[2:3].expand(n * n)])
+        z = mixes * s + base
+        pre = torch.sigmoid(z[..., :n]) + self.pre_eps
+        post = torch.sigmoid(z[..., n:2 * n]) * self.post_mult
+        comb = z[..., 2 * n:].unflatten(-1, (n, n))
+        return pre, post, comb
+
+    def pre(self, residual: Tensor):
+        """``residual (..., n, C)`` -> ``(layer_input, post_mix, comb_mix, mixes)``; ``mixes`` are the
+        raw (pre-gain) mixes ``(..., n*(n+2))`` that :meth:`pre_mix_from_mixes` turns back into
+        the pre-mix."""
+        md = _mix_dtype(residual)
+        fn, scale, base, nw = self._params(md)
+        with _autocast_off(residual.device):
+            if self.residual_mix == "sinkhorn":
+                li, post_mix, comb_mix, mixes, _ = call(
+                    "mhc_pre", residual, fn, scale, base, nw, self.norm_eps, self.pre_eps, self.post_mult,
+                    self.sinkhorn_iters, self.sinkhorn_eps)
+            else:
+                mixes = functional.norm_fn(residual, fn, norm_weight=nw, norm_eps=self.norm_eps)
+                pre_mix, post_mix, comb_mix = self._split_unconstrained(mixes, scale, base)
+                li = functional.pre_apply_mix(residual, pre_mix)
+        post_mix, comb_mix = self.mix_tap(post_mix, comb_mix)
+        return li, post_mix, comb_mix, mixes
+
+    @torch.no_grad()
+    def pre_mix_from_mixes(self, mixes: Tensor) -> Tensor:
+        """The pre-mix ``(..., n)`` the forward used, from the saved raw mixes (cheap; no residual read)."""
+        fn, scale, base, _ = self._params(mixes.dtype)
+        with _autocast_off(mixes.device):
+            if self.residual_mix == "sinkhorn":
+                # the pre-mix does not depend on the Sinkhorn rounds: one round is the cheapest
+                return functional.split_mixes(mixes, scale, base, pre_eps=self.pre_eps, post_mult=self.post_mult,
+                                              sinkhorn_iters=1, sinkhorn_eps=self.sinkhorn_eps)[0]
+            return self._split_unconstrained(mixes, scale, base)[0]
+
+    @staticmethod
+    def cast_output(layer_output: Tensor, residual: Tensor) -> Tensor:
+        """The sublayer output in the residual's dtype (autocast may have changed it)."""
+        return layer_output if layer_output.dtype == residual.dtype else layer_output.to(residual.dtype)
+
+    def post(self, layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor) -> Tensor:
+        with _autocast_off(residual.device):
+            return functional.mhc_post(self.cast_output(layer_output, residual), residual, post_mix, comb_mix)
+
+    def forward(self, residual: Tensor, sublayer: Optional[nn.Module] = None) -> Tensor:
+        """``residual (..., n, C)`` -> the new residual ``(..., n, C)``, same dtype."""
+        sublayer = sublayer if sublayer is not None else self.sublayer
+        if sublayer is None:
+            raise ValueError("MHCSite: no sublayer (pass one to forward or build the site with sublayer=...)")
+        li, post_mix, comb_mix, _ = self.pre(residual)
+        return self.post(sublayer(li), residual, post_mix, comb_mix)
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden}, n={self.n}, residual_mix={self.residual_mix!r}, "
+                f"norm_weight={self.norm_weight is not None}")
+
+
+class MHCHead(nn.Module):
+    """``(..., n, C) -> (..., C)``: the final collapse of the streams before the LM head (DESIGN 2.6).
+
+    Parameters ``fn (n, n*C)``, ``scale (1,)``, ``base (n,)``, optional ``norm_weight (n*C,)``;
+    initialised to average the streams (``base = logit(1/n)``, ``scale = alpha``).
+    """
+
+    def __init__(self, hidden: int, n: int = 4, *, norm_weight: bool = True, alpha: float = 0.01,
+                 norm_eps: float = 1e-6, pre_eps: float = 1e-6, device=None):
+        super().__init__()
+        self.hidden, self.n, self.alpha = int(hidden), int(n), float(alpha)
+        self.norm_eps, self.pre_eps = float(norm_eps), float(pre_eps)
+        K = n * hidden
+        f32 = dict(device=device, dtype=torch.float32)
+        self.fn = nn.Parameter(torch.empty(n, K, **f32))
+        self.scale = nn.Parameter(torch.empty(1, **f32))
+        self.base = nn.Parameter(torch.empty(n, **f32))
+        if norm_weight:
+            self.norm_weight = nn.Parameter(torch.empty(K, **f32))
+        else:
+            self.register_parameter("norm_weight", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.fn, std=self.fn.shape[1] ** -0.5)
+        self.scale.fill_(self.alpha)
+        self.base.fill_(_logit(1.0 / self.n))
+        if self.norm_weight is not None:
+            self.norm_weight.fill_(1.0)
+
+    def forward(self, residual: Tensor) -> Tensor:
+        md = _mix_dtype(residual)
+        with _autocast_off(residual.device):
+            return functional.mhc_head(residual, _as(self.fn, md), _as(self.scale, md), _as(self.base, md),
+                                       norm_weight=_as(self.norm_weight, md), norm_eps=self.norm_eps,
+                                       pre_eps=self.pre_eps)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, n={self.n}, norm_weight={self.norm_weight is not None}"

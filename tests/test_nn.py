@@ -1,0 +1,193 @@
+"""mhc_kernels.nn: MHCSite / MHCExpand / MHCHead -- composition, initialisation, compile, autocast."""
+
+import pytest
+import torch
+from torch import nn
+
+import mhc_kernels as mk
+from mhc_kernels.nn import MHCExpand, MHCHead, MHCSite
+
+
+def _mlp(C, dtype=torch.float32):
+    return nn.Sequential(nn.RMSNorm(C, dtype=dtype), nn.Linear(C, 2 * C, dtype=dtype), nn.GELU(),
+                         nn.Linear(2 * C, C, dtype=dtype))
+
+
+def _perturb(site, seed=0):
+    """Move the parameters away from the initialisation so the nonlinearities matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in site.parameters(recurse=False):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("residual_mix", ["sinkhorn", "none"])
+@pytest.mark.parametrize("norm_weight", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_site_equals_functional_composition(residual_mix, norm_weight, dtype):
+    T, n, C = 6, 4, 16
+    site = MHCSite(C, n, norm_weight=norm_weight, residual_mix=residual_mix, sublayer=_mlp(C, dtype))
+    _perturb(site)
+    x = torch.randn(2, T, n, C).to(dtype)
+
+    def manual(x):
+        if residual_mix == "sinkhorn":
+            li, post_mix, comb_mix = mk.mhc_pre(x, site.fn, site.scale, site.base, norm_weight=site.norm_weight)
+        else:  # the unconstrained ablation: same projection and pre/post mixes, raw residual matrix
+            mixes = mk.norm_fn(x, site.fn, norm_weight=site.norm_weight)
+            s = torch.cat([site.scale[0].expand(n), site.scale[1].expand(n), site.scale[2].expand(n * n)])
+            z = mixes * s + site.base
+            li = mk.pre_apply_mix(x, torch.sigmoid(z[..., :n]) + 1e-6)
+            post_mix, comb_mix = torch.sigmoid(z[..., n:2 * n]) * 2.0, z[..., 2 * n:].unflatten(-1, (n, n))
+        return mk.mhc_post(site.sublayer(li), x, post_mix, comb_mix)
+
+    results = []
+    for f in (site, manual):
+        site.zero_grad()
+        xl = x.clone().requires_grad_()
+        out = f(xl)
+        out.float().square().mean().backward()
+        results.append([out.detach(), xl.grad] + [p.grad.clone() for p in site.parameters()])
+    assert results[0][0].dtype == dtype and results[0][0].shape == x.shape
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_initialisation(n):
+    """H_res ~ I (|H_res - I| <= identity_tol up to the 1% alpha perturbation), H_pre averages the
+    streams, H_post ~ 1: at init the site is a plain pre-norm residual h + f(h)."""
+    C, tol = 64, 1e-2
+    site = MHCSite(C, n, identity_tol=tol)
+    assert torch.allclose(site.scale.detach(), torch.full((3,), 0.01))
+    h = torch.randn(32, C) * 3
+    x = MHCExpand(n)(h)
+    with torch.no_grad():
+        li, post_mix, comb_mix, _ = site.pre(x)
+        eye = torch.eye(n)
+        dev = (comb_mix - eye).abs().max().item()
+        assert dev <= 1.1 * tol, dev
+        if n > 1:
+            assert dev >= 0.5 * tol  # the stated tolerance is what the bias gives (not a saturated softmax)
+        assert (post_mix - 1).abs().max() < 0.05
+        assert torch.allclose(li, h, rtol=0.05, atol=0.05)  # average of identical streams
+        f = _mlp(C)
+        out = site(x, f)
+        assert torch.isfinite(out).all()
+        head = MHCHead(C, n)
+        torch.testing.assert_close(head(out), h + f(h), rtol=0.05, atol=0.05 * (h + f(h)).abs().max().item())
+        torch.testing.assert_close(head(x), h, rtol=0.02, atol=0.02)
+    hc = MHCSite(C, n, residual_mix="none")
+    with torch.no_grad():
+        _, _, comb_raw, _ = hc.pre(x)
+    assert (comb_raw - torch.eye(n)).abs().max() < 0.1  # raw identity + 1% perturbation
+
+
+def test_sublayer_argument_and_errors():
+    C, n = 8, 2
+    site = MHCSite(C, n)
+    x = torch.randn(3, n, C)
+    with pytest.raises(ValueError, match="no sublayer"):
+        site(x)
+    assert site(x, nn.Identity()).shape == x.shape
+    with pytest.raises(ValueError, match="residual_mix"):
+        MHCSite(C, n, residual_mix="softmax")
+    with pytest.raises(mk.MHCInputError):
+        site(torch.randn(3, n, C + 1), nn.Identity())
+    assert "residual_mix='sinkhorn'" in repr(site)
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, C=32, n=4, vocab=50):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, C)
+        self.expand = MHCExpand(n)
+        self.sites = nn.ModuleList([MHCSite(C, n, sublayer=_mlp(C)), MHCSite(C, n, sublayer=_mlp(C))])
+        self.head = MHCHead(C, n)
+        self.out = nn.Linear(C, vocab)
+
+    def forward(self, tokens):
+        x = self.expand(self.embed(tokens))
+        for s in self.sites:
+            x = s(x)
+        return self.out(self.head(x))
+
+
+def test_torch_compile_fullgraph_two_layer_model():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = TwoLayer()
+    for s in model.sites:
+        _perturb(s)
+    tokens = torch.randint(0, 50, (2, 5))
+
+    def step(f):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(f(tokens).flatten(0, 1), tokens.flatten())
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=True))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16(residual_dtype):
+    """Under CPU autocast the sublayers run in bf16 but the mHC math stays float32 (autocast off)."""
+    torch.manual_seed(0)
+    C, n = 32, 4
+    model = TwoLayer(C, n)
+    for s in model.sites:
+        _perturb(s)
+    tokens = torch.randint(0, 50, (3, 4))
+    h = model.embed(tokens).detach().to(residual_dtype)
+    x = model.expand(h)
+    assert x.dtype == residual_dtype
+
+    def run(autocast):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = x
+            for s in model.sites:
+                y = s(y)
+            out = model.head(y)
+        out.float().square().mean().backward()
+        return y, out, [p.grad for p in model.sites.parameters()]
+
+    y, out, grads = run(True)
+    assert y.dtype == residual_dtype and out.dtype == residual_dtype
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if residual_dtype == torch.float32:  # (float32 sublayers cannot take a bf16 input without autocast)
+        y0, out0, _ = run(False)
+        torch.testing.assert_close(out.float(), out0.float(), rtol=0.05, atol=0.05)
+    # the mHC ops themselves are not autocast: the mixes match a float32 run exactly
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.sites[0].pre(x)
+    with torch.no_grad():
+        plain = model.sites[0].pre(x)
+    for a, b in zip(mixed, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bfloat16_module_params_still_work():
+    """model.bfloat16() casts the parameters; the site casts them back to float32 on use."""
+    C, n = 16, 2
+    site = MHCSite(C, n, sublayer=_mlp(C, torch.bfloat16)).bfloat16()
+    head = MHCHead(C, n).bfloat16()
+    x = torch.randn(4, n, C, dtype=torch.bfloat16)
+    out = head(site(x))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and site.fn.grad is not None and site.fn.grad.dtype == torch.bfloat16
+
+
+def test_float64_residual_for_gradcheck():
+    C, n = 3, 2
+    site = MHCSite(C, n, sublayer=nn.Linear(C, C, dtype=torch.float64))
+    _perturb(site)
+    x = torch.randn(2, n, C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: site(t), (x,), eps=1e-6, atol=1e-6)
