@@ -56,7 +56,8 @@ def _add_bench(sub):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--quick", action="store_true",
-                   help="sub-minute run: reference backend vs eager, T in {1, 1024}, n=4, C=1280")
+                   help="sub-minute run: T in {1, 1024}, n=4, C=1280 against the eager baseline; on CPU the "
+                        "reference backend, on CUDA every available backend")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     p.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print the change against an earlier run")

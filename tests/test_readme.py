@@ -34,3 +34,15 @@ def test_documented_cli_commands_exist():
 
     for cmd in re.findall(r"^mhc-kernels (\w[\w-]*)", README, re.M):
         assert cmd in COMMANDS, cmd
+
+
+def test_nn_example_runs_and_trains():
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    nn_blocks = [b for b in blocks if "mhc_kernels.nn" in b]
+    assert nn_blocks, "README has no mhc_kernels.nn example"
+    scope: dict = {}
+    exec(compile(nn_blocks[0], "README.md", "exec"), scope)
+    assert scope["out"].shape == (2, 16, scope["C"])
+    grads = [p.grad for p in scope["blocks"].parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

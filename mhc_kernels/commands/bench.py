@@ -3,9 +3,9 @@
 Writes ``bench.json`` (one record per measurement; fields in
 :mod:`mhc_kernels.bench.report`), ``bench.csv``, ``report.md`` and, with matplotlib
 installed (``pip install 'mhc-kernels[report]'``), ``roofline.png`` and one
-``bandwidth_<op>.png`` per op into ``--out``. ``--quick`` is a sub-minute run on
-the reference backend against the eager baseline; ``--compare OLD.json`` prints the
-per-row change against an earlier run.
+``bandwidth_<op>.png`` per op into ``--out``. ``--quick`` is a sub-minute run
+against the eager baseline (on CPU the reference backend, on CUDA every available
+backend); ``--compare OLD.json`` prints the per-row change against an earlier run.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def run(args) -> int:
         for b in backends:
             if b not in registry.BACKENDS:
                 raise SystemExit(f"mhc-kernels bench: unknown backend '{b}'; choose from {', '.join(registry.BACKENDS)}")
-    elif quick:
-        backends = ["reference"]
+    elif quick and dev.type == "cpu":
+        backends = ["reference"]  # the only CPU backend outside the Triton interpreter
     else:
         backends, left_out = default_backends(dev)
         notes += left_out
