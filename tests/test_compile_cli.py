@@ -148,3 +148,17 @@ def test_missing_sibling_module_is_skipped_not_hidden():
     assert aot._missing_sibling(ModuleNotFoundError("No module named 'foo'", name="foo"), present) is None
     broken = ModuleNotFoundError("x", name="mhc_kernels.triton_src.mix")
     assert aot._missing_sibling(broken, present) is None
+
+
+REPRESENTATIVE = [(arch, c) for arch in ("sm_80", "sm_90a", "sm_100a") for c in (1280, 4096, 7168)
+                  if (arch, c) != ("sm_90a", C)]  # sm_90a at C=1280: test_compile_all_sm90a_no_spills
+
+
+@needs_ptxas
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,hidden", REPRESENTATIVE, ids=[f"{a}-C{c}" for a, c in REPRESENTATIVE])
+def test_every_triton_kernel_compiles_clean_at_representative_shapes(arch, hidden):
+    """Issue contract: every kernel, n=4, C in {1280, 4096, 7168}, sm_80/90a/100a, no spills, smem in limit."""
+    records = aot.compile_all(arch, N, hidden, torch.bfloat16)
+    _assert_clean(records, arch)
+    assert {r["kernel"] for r in records} == {s.name for s in aot.collect_specs(N, hidden, torch.bfloat16)}
