@@ -11,7 +11,8 @@ Two pieces:
 * :func:`multilayer_recompute` -- the operator (``torch.ops.mhc.multilayer_recompute``):
   ``(x_0, layer_outputs, pre_mix, post_mix, comb_mix) -> (residuals, layer_inputs)`` for
   ``L`` sites in one call. Forward-only (it runs inside backward); backends register a
-  kernel for op ``"multilayer_recompute"`` like any other (the reference does).
+  kernel for op ``"multilayer_recompute"`` like any other: the reference, and Triton and
+  TileLang through :func:`composed_kernel` from their own ``post`` and ``pre_apply_mix``.
 * :func:`checkpoint_sites` -- the training helper: runs a sequence of
   :class:`~mhc_kernels.nn.MHCSite` (each with its sublayer) in blocks of ``block_size``
   sites. Inside a block the residuals ``x_1 .. x_{L_r-1}`` and the layer inputs are not
@@ -136,6 +137,32 @@ def multilayer_recompute(residual: Tensor, layer_outputs: Tensor, pre_mix: Tenso
     if torch.compiler.is_compiling():
         return torch.ops.mhc.multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix)
     return _body(residual, layer_outputs, pre_mix, post_mix, comb_mix)
+
+
+def composed_kernel(post_fwd, pre_apply_mix_fwd):
+    """A backend's ``multilayer_recompute`` kernel built from its own ``post`` and ``pre_apply_mix``.
+
+    ``post_fwd(y, x, post_mix, comb_mix, out=...)`` and ``pre_apply_mix_fwd(x, pre_mix, out=...)``
+    write straight into the per-layer slices of the two output buffers, so the composition adds
+    no copies: per layer it reads x_l twice (collapse, then post) and writes x_{l+1} and the
+    layer input once each. Takes and returns the flattened shapes of
+    :func:`mhc_kernels.reference.torch_ref.multilayer_recompute_fwd`.
+    """
+
+    def multilayer_recompute_fwd(residual, layer_outputs, pre_mix, post_mix, comb_mix):
+        L = layer_outputs.shape[0]
+        T, n, C = residual.shape
+        residuals = residual.new_empty((L, T, n, C))
+        layer_inputs = residual.new_empty((L, T, C))
+        residuals[0].copy_(residual)
+        for layer in range(L):
+            x = residuals[layer]
+            pre_apply_mix_fwd(x, pre_mix[layer], out=layer_inputs[layer])
+            if layer + 1 < L:
+                post_fwd(layer_outputs[layer], x, post_mix[layer], comb_mix[layer], out=residuals[layer + 1])
+        return residuals, layer_inputs
+
+    return multilayer_recompute_fwd
 
 
 # -- block size and the memory model ------------------------------------------------------------------

@@ -122,3 +122,15 @@ def test_sinkhorn_bwd_direct_matches_reference():
             torch.testing.assert_close(mixes.sinkhorn_bwd(G, L, iters, 1e-6),
                                        torch_ref.sinkhorn_bwd(G.double(), L.double(), iters, 1e-6).float(),
                                        rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,C,T,L", [(4, 4096, 4096, 3), (8, 200, 13, 2), (1, 1280, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multilayer_recompute(n, C, T, L, dtype, monkeypatch):
+    from mhc_kernels.recompute import multilayer_recompute
+
+    seen = _served_by_tilelang(monkeypatch)
+    inputs = cases.make_recompute_inputs((T,), n, C, L, dtype, "cuda")
+    with mk.use_backend("tilelang"), torch.no_grad():
+        _assert_ok(cases.check_recompute(multilayer_recompute, inputs), f"multilayer_recompute n={n} C={C} L={L}")
+    assert seen == {"multilayer_recompute": {"tilelang"}}, seen

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from mhc_kernels import recompute
 from mhc_kernels.registry import register_kernel
 
 from . import composite, mixes, norm, streaming
@@ -91,6 +92,11 @@ def _register():
             space = lambda call, d=d: d.space(shape_of(call))  # noqa: E731
             default = lambda call, d=d: d.default(shape_of(call))  # noqa: E731
         register_kernel(op, "tilelang", d.fn, supports=supports, config_space=space, default_config=default)
+    # DESIGN 2.7's forward-only multilayer_recompute (op registered by mhc_kernels.recompute), composed
+    # from the post and pre_apply_mix kernels writing straight into the per-layer output slices.
+    register_kernel("multilayer_recompute", "tilelang",
+                    recompute.composed_kernel(streaming.post_fwd, streaming.pre_apply_mix_fwd),
+                    supports=supports_call)
 
 
 _register()

@@ -374,9 +374,9 @@ def _cfg(op, like, T, n, C, dtype, config):
     return resolve_config(op, like, s, config, lambda sh: default_config(op, sh))
 
 
-def pre_apply_mix_fwd(residual, pre_mix, *, config=None):
+def pre_apply_mix_fwd(residual, pre_mix, *, config=None, out=None):
     Tt, n, C = residual.shape
-    out = residual.new_empty((Tt, C))
+    out = residual.new_empty((Tt, C)) if out is None else out
     if Tt == 0:
         return out
     cfg = _cfg("pre_apply_mix", residual, Tt, n, C, residual.dtype, config)
@@ -399,9 +399,9 @@ def pre_apply_mix_bwd(grad, residual, pre_mix, *, config=None, write_dx=True):
     return dx, dmix
 
 
-def post_fwd(layer_output, residual, post_mix, comb_mix, *, config=None):
+def post_fwd(layer_output, residual, post_mix, comb_mix, *, config=None, out=None):
     Tt, n, C = residual.shape
-    out = torch.empty_like(residual)
+    out = torch.empty_like(residual) if out is None else out
     if Tt == 0:
         return out
     cfg = _cfg("post", residual, Tt, n, C, residual.dtype, config)

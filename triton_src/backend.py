@@ -7,6 +7,7 @@ them, and CPU tensors when ``TRITON_INTERPRET=1`` (the probe in ``__init__``).
 
 from __future__ import annotations
 
+from mhc_kernels import recompute
 from mhc_kernels.registry import register_kernel
 
 from . import common, fused, mix, norm_fn, sinkhorn
@@ -55,3 +56,8 @@ for _op, (_mod, _fn_name, _owner) in _KERNELS.items():
         config_space=getattr(_mod, f"{_owner}_config_space", None) if _owner else None,
         default_config=getattr(_mod, f"{_owner}_default_config", None) if _owner else None,
     )
+
+# DESIGN 2.7's forward-only multilayer_recompute (op registered by mhc_kernels.recompute), composed
+# from the post and pre_apply_mix kernels writing straight into the per-layer output slices.
+register_kernel("multilayer_recompute", "triton", recompute.composed_kernel(mix.post_fwd, mix.pre_apply_mix_fwd),
+                supports=_supports(mix, None))

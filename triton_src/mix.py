@@ -360,13 +360,16 @@ def _sum_splits(part: Tensor) -> Tensor:
 # ================================================================================================
 # Launch wrappers (signatures and outputs of mhc_kernels.reference.torch_ref)
 # ================================================================================================
-def pre_apply_mix_fwd(residual: Tensor, pre_mix: Tensor, *, config: dict | None = None) -> Tensor:
+def pre_apply_mix_fwd(residual: Tensor, pre_mix: Tensor, *, config: dict | None = None,
+                      out: Tensor | None = None) -> Tensor:
     """layer_input[t, c] = sum_i pre_mix[t, i] * residual[t, i, c]  (DESIGN 2.3).
 
     Args:
         residual: ``(T, n, C)`` bf16/fp16/fp32, contiguous.
         pre_mix: ``(T, n)`` float32.
         config: ``BLOCK_T``, ``BLOCK_C``, ``num_warps``, ``num_stages``; ``None`` for the default.
+        out: optional contiguous ``(T, C)`` residual-dtype tensor to write into (e.g. a slice of a
+            multi-layer buffer); allocated when ``None``.
 
     Returns:
         layer_input ``(T, C)`` in the residual's dtype.
@@ -375,7 +378,8 @@ def pre_apply_mix_fwd(residual: Tensor, pre_mix: Tensor, *, config: dict | None 
     written once.
     """
     T, n, C = residual.shape
-    out = _new_output((T, C), residual.dtype, residual.device)
+    if out is None:
+        out = _new_output((T, C), residual.dtype, residual.device)
     if out.numel() == 0:
         return out
     cfg = _config("pre_apply_mix", residual, T, n, C, config)
@@ -418,7 +422,7 @@ def pre_apply_mix_bwd(grad: Tensor, residual: Tensor, pre_mix: Tensor, *,
 
 
 def post_fwd(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor, *,
-             config: dict | None = None) -> Tensor:
+             config: dict | None = None, out: Tensor | None = None) -> Tensor:
     """new_residual[t, i] = post_mix[t, i] * layer_output[t] + sum_j comb_mix[t, j, i] * residual[t, j]  (DESIGN 2.4).
 
     Args:
@@ -427,6 +431,8 @@ def post_fwd(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
         post_mix: ``(T, n)`` float32.
         comb_mix: ``(T, n, n)`` float32; ``comb_mix[t, j, i]`` weights stream j into stream i.
         config: ``BLOCK_T``, ``BLOCK_C``, ``num_warps``, ``num_stages``.
+        out: optional contiguous ``(T, n, C)`` residual-dtype tensor to write into; must not
+            overlap ``residual``. Allocated when ``None``.
 
     Returns:
         new_residual ``(T, n, C)`` in the residual dtype.
@@ -435,7 +441,8 @@ def post_fwd(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
     (a program loads the n rows of its C block once and writes all n outputs).
     """
     T, n, C = residual.shape
-    out = _new_output((T, n, C), residual.dtype, residual.device)
+    if out is None:
+        out = _new_output((T, n, C), residual.dtype, residual.device)
     if out.numel() == 0:
         return out
     cfg = _config("post", residual, T, n, C, config)
