@@ -6,12 +6,16 @@ to the residual, so the kernels are latency- not bandwidth-bound.
 
 The backward kernels recompute the Sinkhorn iterations and run them in reverse,
 giving the exact gradient of the unrolled, eps-regularised iterations (DESIGN 2.8).
-Each round's input matrix is checkpointed in shared memory (laid out
-``[round, element, token]`` so a warp's accesses hit distinct banks); the reverse
-pass recomputes the round's row sums, column sums and normalised iterate from it.
-Shared memory per CTA is about ``iters * n * n * block_T * 4`` bytes; ``block_T`` is
-chosen to stay under 96 KB, and an iteration count whose checkpoints do not fit for
-even one token is refused by ``supports`` (the registry falls back).
+Round inputs are checkpointed in shared memory (laid out ``[slot, element, token]``
+so a warp's accesses hit distinct banks); the reverse pass recomputes the round's
+row sums, column sums and normalised iterate from its checkpoint. With the config's
+``ck_stride = 1`` every round's input is kept (``iters`` slots: shared memory about
+``iters * n * n * block_T * 4`` bytes). When that does not fit for a block of 16
+tokens under 96 KB (large ``n * iters``), the default heuristic raises ``ck_stride``
+to ``s``: only every ``s``-th round input is kept (``1 + ceil((iters - 1) / s)``
+slots) and the reverse pass rebuilds a round's input by re-running the at most
+``s - 1`` rounds since the nearest checkpoint (``~iters * s / 2`` extra rounds
+instead of failing). ``supports`` refuses only what does not fit even then.
 
 The cross-token sums of ``split_mixes_bwd`` (``d_base``, ``d_scale``) are reduced
 per CTA in a fixed order into per-block partials and then summed over blocks by
@@ -26,34 +30,51 @@ import torch
 from .common import KernelDef, Shape, cdiv, get_kernel, kernel_def, resolve_config
 
 KEYS = ("block_T",)
+BWD_KEYS = ("block_T", "ck_stride")
+BWD_OPS = ("split_mixes_bwd", "sinkhorn_bwd")
 SMEM_BUDGET = 96 * 1024   # shared bytes per CTA we aim to stay under (fits sm_86/89's 99 KB too)
 SMEM_MAX = 160 * 1024     # hard cap: below sm_80's 163 KB and sm_90/sm_100's 227 KB opt-in limits
+MIN_BWD_BLOCK_T = 16      # below this many tokens per CTA, trade recompute for checkpoint memory
 
 
-def _ck_bytes(n: int, iters: int) -> int:
+def ck_slots(iters: int, stride: int) -> int:
+    """Checkpoint slots of the backward kernels: the softmax S, then every ``stride``-th round input."""
+    return 1 + -(-(iters - 1) // stride)
+
+
+def _ck_bytes(n: int, iters: int, stride: int = 1) -> int:
     """Shared bytes per token of the backward kernels: the checkpoints, plus split_mixes_bwd's
     two per-token rows of the d_base / d_scale partial sums (counted for both, conservatively)."""
-    return iters * n * n * 4 + 2 * n * (n + 2) * 4
+    return ck_slots(iters, stride) * n * n * 4 + 2 * n * (n + 2) * 4
+
+
+def _max_stride(iters: int) -> int:
+    return max(1, iters - 1)
 
 
 def default_config(op: str, s: Shape, iters: int = 20) -> dict:
-    if op in ("split_mixes_bwd", "sinkhorn_bwd"):
-        per_tok = _ck_bytes(s.n, iters)
+    if op in BWD_OPS:
         bt = 128
-        while bt > 16 and bt * per_tok > SMEM_BUDGET:
+        while bt > MIN_BWD_BLOCK_T and bt * _ck_bytes(s.n, iters) > SMEM_BUDGET:
             bt //= 2
-        while bt > 1 and bt * per_tok > SMEM_MAX:
+        stride = 1
+        while stride < _max_stride(iters) and bt * _ck_bytes(s.n, iters, stride) > SMEM_BUDGET:
+            stride += 1
+        while bt > 1 and bt * _ck_bytes(s.n, iters, stride) > SMEM_MAX:
             bt //= 2
-        return {"block_T": bt}
+        return {"block_T": bt, "ck_stride": stride}
     return {"block_T": 128}
 
 
 def config_space(op: str, s: Shape, iters: int = 20) -> list[dict]:
     out = []
+    strides = sorted({min(st, _max_stride(iters)) for st in (1, 2, 4)}) if op in BWD_OPS else [None]
     for bt in (32, 64, 128, 256):
-        if op in ("split_mixes_bwd", "sinkhorn_bwd") and bt * _ck_bytes(s.n, iters) > SMEM_MAX:
-            continue
-        out.append({"block_T": bt})
+        for stride in strides:
+            if stride is None:
+                out.append({"block_T": bt})
+            elif bt * _ck_bytes(s.n, iters, stride) <= SMEM_MAX:
+                out.append({"block_T": bt, "ck_stride": stride})
     d = default_config(op, s, iters)
     if d not in out:
         out.insert(0, d)
@@ -61,9 +82,10 @@ def config_space(op: str, s: Shape, iters: int = 20) -> list[dict]:
 
 
 def bwd_supported(n: int, iters: int):
-    if _ck_bytes(n, iters) > SMEM_MAX:
-        return (f"TileLang Sinkhorn backward keeps {iters} checkpoints of the {n}x{n} matrix per token in shared "
-                f"memory ({_ck_bytes(n, iters)} bytes > {SMEM_MAX}); use fewer iterations or another backend")
+    least = _ck_bytes(n, iters, _max_stride(iters))
+    if least > SMEM_MAX:
+        return (f"TileLang Sinkhorn backward needs at least {least} bytes of shared memory per token for its "
+                f"checkpoints at n={n}, iters={iters} (limit {SMEM_MAX}); another backend serves it")
     return None
 
 
@@ -139,23 +161,39 @@ def _macros(n: int):
             norm_cols(P, den, eps)
 
     @T.macro
-    def sinkhorn_bwd(G, P, den, den2, ck, tx, eps, iters):
-        """On entry P = the logits, G = dL/dP_out; on exit G = dL/dlogits.  ck: shared [iters, n*n, block_T]."""
-        # recompute, checkpointing S (slot 0) and each round's input (slots 1 .. iters-1)
+    def sinkhorn_bwd(G, P, den, den2, ck, tx, eps, iters, stride):
+        """On entry P = the logits, G = dL/dP_out; on exit G = dL/dlogits.
+
+        ck: shared [ck_slots(iters, stride), n*n, block_T]. Slot 0 holds S = softmax(logits);
+        slot 1 + r // stride the input of round r (0-based, r = 0 .. iters-2) for r % stride == 0.
+        """
         softmax_rows(P, P)
         for e in T.unroll(n * n):
             ck[0, e, tx] = P[e]
             P[e] = P[e] + eps
         norm_cols(P, den, eps)
         for r in T.serial(iters - 1):
-            for e in T.unroll(n * n):
-                ck[r + 1, e, tx] = P[e]
+            if stride == 1:
+                for e in T.unroll(n * n):
+                    ck[r + 1, e, tx] = P[e]
+            else:
+                if r % stride == 0:
+                    for e in T.unroll(n * n):
+                        ck[1 + r // stride, e, tx] = P[e]
             norm_rows(P, den, eps)
             norm_cols(P, den, eps)
         # reverse the rounds: P <- the round's input, rebuilt into Q = row-normalised input
         for rr in T.serial(iters - 1):
-            for e in T.unroll(n * n):
-                P[e] = ck[iters - 1 - rr, e, tx]
+            if stride == 1:
+                for e in T.unroll(n * n):
+                    P[e] = ck[iters - 1 - rr, e, tx]
+            else:
+                # round r = iters-2-rr: load its segment's checkpoint, re-run the r % stride rounds after it
+                for e in T.unroll(n * n):
+                    P[e] = ck[1 + (iters - 2 - rr) // stride, e, tx]
+                for _q in T.serial((iters - 2 - rr) % stride):
+                    norm_rows(P, den, eps)
+                    norm_cols(P, den, eps)
             norm_rows(P, den2, eps)    # P = Q, den2 = row denominators
             for j in T.unroll(n):      # den = column denominators of Q
                 den[j] = eps
@@ -215,6 +253,7 @@ def _build_sinkhorn_bwd(n, C, dtype, cfg, iters):
     import tilelang.language as T
 
     bt = cfg["block_T"]
+    stride = cfg["ck_stride"]
     nn = n * n
     Tn = T.dynamic("T")
     _, sk_bwd = _macros(n)
@@ -224,7 +263,7 @@ def _build_sinkhorn_bwd(n, C, dtype, cfg, iters):
                      dlogits: T.Tensor((Tn, n, n), "float32"), eps: T.float32):
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
-            ck = T.alloc_shared((iters, nn, bt), "float32")
+            ck = T.alloc_shared((ck_slots(iters, stride), nn, bt), "float32")
             G = T.alloc_local((nn,), "float32")
             P = T.alloc_local((nn,), "float32")
             den = T.alloc_local((n,), "float32")
@@ -234,7 +273,7 @@ def _build_sinkhorn_bwd(n, C, dtype, cfg, iters):
                 for e in T.unroll(nn):
                     P[e] = logits[tok, e // n, e % n]
                     G[e] = grad[tok, e // n, e % n]
-                sk_bwd(G, P, den, den2, ck, tx, eps, iters)
+                sk_bwd(G, P, den, den2, ck, tx, eps, iters, stride)
                 for e in T.unroll(nn):
                     dlogits[tok, e // n, e % n] = G[e]
 
@@ -277,6 +316,7 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
     import tilelang.language as T
 
     bt = cfg["block_T"]
+    stride = cfg["ck_stride"]
     nn = n * n
     m = n * (n + 2)
     Tn = T.dynamic("T")
@@ -293,7 +333,7 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
                         post_mult: T.float32, eps: T.float32):
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
-            ck = T.alloc_shared((iters, nn, bt), "float32")
+            ck = T.alloc_shared((ck_slots(iters, stride), nn, bt), "float32")
             dz_s = T.alloc_shared((m, bt), "float32")
             dzm_s = T.alloc_shared((m, bt), "float32")
             G = T.alloc_local((nn,), "float32")
@@ -321,7 +361,7 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
                     dzm_s[2 * n + e, tx] = mixes[tok, 2 * n + e]
                     P[e] = dzm_s[2 * n + e, tx] * scale[2] + base[2 * n + e]
                     G[e] = g_comb[tok, e // n, e % n]
-                sk_bwd(G, P, den, den2, ck, tx, eps, iters)
+                sk_bwd(G, P, den, den2, ck, tx, eps, iters, stride)
                 for e in T.unroll(nn):
                     d_mixes[tok, 2 * n + e] = G[e] * scale[2]
                     dz_s[2 * n + e, tx] = G[e]
@@ -353,15 +393,22 @@ def _iters(s: Shape) -> dict:
 
 
 kernel_def(KernelDef("split_mixes_fwd", "split_mixes", _build_split_fwd, KEYS, _iters, act_dependent=False))
-kernel_def(KernelDef("split_mixes_bwd", "split_mixes_bwd", _build_split_bwd, KEYS, _iters, act_dependent=False))
+kernel_def(KernelDef("split_mixes_bwd", "split_mixes_bwd", _build_split_bwd, BWD_KEYS, _iters,
+                     act_dependent=False))
 kernel_def(KernelDef("sinkhorn_fwd", "sinkhorn", _build_sinkhorn_fwd, KEYS, _iters, act_dependent=False))
-kernel_def(KernelDef("sinkhorn_bwd", "sinkhorn_bwd", _build_sinkhorn_bwd, KEYS, _iters, act_dependent=False))
+kernel_def(KernelDef("sinkhorn_bwd", "sinkhorn_bwd", _build_sinkhorn_bwd, BWD_KEYS, _iters,
+                     act_dependent=False))
 
 
 # -- launch wrappers ---------------------------------------------------------------------------------
 def _cfg(op, like, T, n, config, iters):
     s = Shape(T, n, 1, torch.float32)
-    return resolve_config(op, like, s, config, lambda sh: default_config(op, sh, iters))
+    cfg = resolve_config(op, like, s, config, lambda sh: default_config(op, sh, iters))
+    if op in BWD_OPS and config is None and cfg["block_T"] * _ck_bytes(n, iters, cfg["ck_stride"]) > SMEM_MAX:
+        # a tuned entry is keyed without the iteration count: one tuned at the default 20 may not
+        # fit a much larger count, so fall back to the heuristic, which always fits
+        cfg = default_config(op, s, iters)
+    return cfg
 
 
 def _n_of(m: int) -> int:
