@@ -190,6 +190,9 @@ def _compiled(key, fn):
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        # backward baselines replay one forward's graph (retain_graph=True), which compiled
+        # backwards that donate their saved buffers refuse; this process only benchmarks
+        torch._functorch.config.donated_buffer = False
         _COMPILED[key] = torch.compile(fn)
     return _COMPILED[key]
 

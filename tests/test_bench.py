@@ -299,3 +299,15 @@ def test_plots_with_matplotlib(tmp_path, monkeypatch):
     assert (tmp_path / "roofline.png").stat().st_size > 1000
     assert (tmp_path / "bandwidth_pre_apply_mix.png").stat().st_size > 1000
     assert "![Roofline](roofline.png)" in md
+
+
+@pytest.mark.slow
+def test_compile_baseline_times_a_backward_op(tmp_path):
+    """The torch.compile baseline replays one forward's graph for backward ops (retain_graph=True); the
+    second token count recompiles with dynamic shapes, where donated buffers used to break it."""
+    p = _bench(["--ops", "post_bwd", "--tokens", "4", "8", "--hidden", "16", "--n", "2", "--backends", "reference",
+                "--baselines", "compile", "--budget", "0.001", "--no-plots", "--out", str(tmp_path)], cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert {(r["impl"], r["status"]) for r in recs} == {("reference", "ok"), ("compile", "ok")}, \
+        [(r["impl"], r["status"], r["note"]) for r in recs]
