@@ -311,3 +311,10 @@ def test_compile_baseline_times_a_backward_op(tmp_path):
     recs = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert {(r["impl"], r["status"]) for r in recs} == {("reference", "ok"), ("compile", "ok")}, \
         [(r["impl"], r["status"], r["note"]) for r in recs]
+
+
+def test_cpu_allocator_note_only_without_allocator_settings():
+    note = devmod.cpu_allocator_note({})
+    assert note and "MALLOC_MMAP_THRESHOLD_=" in note and "jemalloc" in note
+    assert devmod.cpu_allocator_note(dict(devmod.ALLOCATOR_ENV)) is None
+    assert devmod.cpu_allocator_note({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None

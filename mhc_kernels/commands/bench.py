@@ -86,6 +86,10 @@ def run(args) -> int:
         if args.threads is None:
             notes.append("--quick on CPU runs single-threaded (stable on a shared machine; the copy-bandwidth "
                          "ceiling is measured the same way); --threads N changes it")
+    if dev.type == "cpu":
+        alloc_note = devmod.cpu_allocator_note()
+        if alloc_note:
+            notes.append(alloc_note)
     ops = resolve_ops(args.ops)
     tokens = _split(args.tokens, int) or list(QUICK["tokens"] if quick else DEFAULT_TOKENS)
     ns = _split(args.n, int) or list(QUICK["n"] if quick else DEFAULT_N)
