@@ -8,7 +8,9 @@ The case list is a deliberate covering subset (the full product would take far l
 than CI allows on 2 cores): every kernel x every n in {1, 2, 4, 8} at C=4096 bf16;
 every C in {1280, 7168, 200} (and the vector-less C=201) at n=4 bf16 for the kernels
 whose code depends on C; every residual dtype at n=4 C=4096; and a representative
-subset for sm_80 and sm_100a. The n=4 C=4096 bf16 sm_90a set goes through the full
+subset for sm_80 and sm_100a; and the tensor-core (TF32) variant of the norm_fn projection
+at explicit configs (MMA_CASES: every n, C=200/201, float32, split-K, plain tf32, sm_80
+and sm_100a). The n=4 C=4096 bf16 sm_90a set goes through the full
 ``tilelang.compile`` (cubin + launcher, as at run time); the rest stops at the PTX
 (same generated source, half the time). All builds run once per module, on 2 processes.
 """
@@ -81,6 +83,37 @@ def _build_sinkhorn(iters):
 
 SEGMENTED = [("sinkhorn_bwd", 8, 700), ("split_mixes_bwd", 8, 2000)]  # checkpoints of every round do not fit
 
+# The tensor-core norm_fn projection (config key mma; the default stays "fma"), built at explicit configs:
+# ("mma", kernel, arch, n, C, dtype key, mode, block_T, block_K, splits)
+MMA_CASES = [("mma", "norm_fn_fwd", "sm_90a", n, 4096, "bf16", "3xtf32", 32, 128, 1) for n in (1, 2, 4, 8)] + [
+    ("mma", "norm_fn_fwd_splitk", "sm_90a", 8, 4096, "bf16", "3xtf32", 64, 64, 4),
+    ("mma", "norm_fn_fwd", "sm_90a", 4, 200, "bf16", "3xtf32", 64, 128, 1),
+    ("mma", "norm_fn_fwd_splitk", "sm_90a", 4, 201, "bf16", "3xtf32", 32, 64, 3),
+    ("mma", "norm_fn_fwd", "sm_90a", 4, 4096, "fp32", "3xtf32", 32, 128, 1),
+    ("mma", "norm_fn_fwd", "sm_90a", 4, 4096, "bf16", "tf32", 32, 256, 1),
+    ("mma", "norm_fn_fwd", "sm_80", 4, 4096, "bf16", "3xtf32", 32, 128, 1),
+    ("mma", "norm_fn_fwd", "sm_100a", 4, 4096, "bf16", "3xtf32", 32, 128, 1),
+]
+TF32_MMA = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
+
+
+def _mma_config(case):
+    from mhc_kernels.tilelang_src import norm
+
+    _, k, arch, n, C, dt, mode, bt, bk, splits = case
+    return dict(norm.default_config("norm_fn", common.Shape(4096, n, C, DTYPES[dt])), mma=mode, block_T=bt,
+                block_K=bk, splits=splits)
+
+
+def _build_mma(case):
+    os.environ.setdefault("TILELANG_PRINT_ON_COMPILATION", "0")
+    _, k, arch, n, C, dt, *_ = case
+    return aot.compile_one(k, arch, n, C, DTYPES[dt], config=_mma_config(case), full=False)
+
+
+def _mma_case_id(c):
+    return f"{c[1]}-{c[2]}-n{c[3]}-C{c[4]}-{c[5]}-{c[6]}-bt{c[7]}-bk{c[8]}-s{c[9]}"
+
 
 def _build_segmented(case):
     """A Sinkhorn backward kernel at its default config for a large iteration count (ck_stride > 1)."""
@@ -103,6 +136,7 @@ def records():
         recs = dict(zip(CASES, pool.map(_build, CASES)))
         recs["sinkhorn_iters7"] = pool.submit(_build_sinkhorn, 7).result()
         recs.update(zip(SEGMENTED, pool.map(_build_segmented, SEGMENTED)))
+        recs.update(zip(MMA_CASES, pool.map(_build_mma, MMA_CASES)))
     return recs
 
 
@@ -241,6 +275,107 @@ def test_norm_fn_single_pass(records):
     # x is read in one place (the staged tile feeds both the dot products and the sum of squares)
     assert _global_load_sites(src, "x") == 1
     assert "rsqrtf" in src
+
+
+@pytest.mark.parametrize("case", MMA_CASES, ids=_mma_case_id)
+def test_norm_fn_tensor_core_variant_compiles(records, case):
+    from mhc_kernels.tilelang_src import norm
+
+    rec = records[case]
+    _, k, arch, n, C, dt, mode, bt, bk, splits = case
+    assert rec["ok"], rec["error"]
+    assert f"mma={mode}" in rec["config"]
+    assert rec["spills"] == 0
+    assert 0 < rec["registers"] <= 255
+    assert rec["smem_bytes"] <= ptxas.SMEM_LIMIT_BYTES[arch]
+    assert rec["smem_bytes"] <= norm.mma_smem_bytes(n * (n + 2), DTYPES[dt], bt, bk, mode), "estimate is an upper bound"
+    assert TF32_MMA in rec["ptx"], "the projection must run on TF32 tensor cores"
+    src = rec["source"]
+    assert "kTensorFloat32" in src
+    assert "atomic" not in src.lower()
+    assert re.search(r"\bint T\b", src), "the token count must be a runtime (symbolic) dim"
+    assert "4294959104" in src, "operands are rounded to TF32 in the kernel (mask ~0x1fff)"
+    # x: chunk 0 before the main loop and chunk i+1 inside it (each element read once); fn: one site
+    assert _global_load_sites(src, "x") == 2
+    assert _global_load_sites(src, "fn") == 1
+    assert ("rsqrtf" in src) == (k == "norm_fn_fwd")
+
+
+def test_norm_fn_default_stays_fma(records):
+    from mhc_kernels.tilelang_src import norm
+
+    for n in (1, 2, 4, 8):
+        for C in (200, 4096):
+            for T in (1, 4096, 65536):
+                for dt in DTYPES.values():
+                    s = common.Shape(T, n, C, dt)
+                    assert norm.default_config("norm_fn", s)["mma"] == "fma"
+                    assert backend.OPS["norm_fn"].default(s)["mma"] == "fma"
+    rec = records[("norm_fn_fwd", "sm_90a", 4, 4096, "bf16", True)]
+    assert "mma=fma" in rec["config"]
+    assert "mma.sync" not in rec["ptx"], "the default projection is plain float32 FMAs"
+
+
+def test_norm_fn_config_space_has_tensor_core_candidates():
+    from mhc_kernels.tilelang_src import norm
+
+    for dt in DTYPES.values():
+        for n in (1, 2, 4, 8):
+            for C, T in ((4096, 4096), (200, 13)):
+                s = common.Shape(T, n, C, dt)
+                space = norm.config_space("norm_fn", s)
+                mma = [c for c in space if c["mma"] != "fma"]
+                assert mma, (n, C, dt)
+                # plain tf32 misses the float32 tolerance: the tuner would only reject it
+                assert {c["mma"] for c in mma} == {"3xtf32"}
+                assert {c["splits"] for c in mma} >= {1, 2, 4, 8}
+                for c in mma:
+                    assert c["block_T"] in (32, 64) and c["block_K"] in (64, 128, 256)
+                    assert c["smem_bytes"] == norm.mma_smem_bytes(n * (n + 2), dt, c["block_T"], c["block_K"], "3xtf32")
+                    assert c["smem_bytes"] <= norm.MMA_SMEM_BUDGET
+                    assert norm.mma_acc_per_thread(n * (n + 2), dt, c["block_T"], c["block_K"], "3xtf32") \
+                        <= norm.MMA_MAX_ACC
+                assert space[0] == norm.default_config("norm_fn", s)  # the default (fma) comes first
+    # the mode is part of each forward kernel's cache key
+    s = common.Shape(4096, 4, 4096, torch.bfloat16)
+    d = norm.default_config("norm_fn", s)
+    for k in ("norm_fn_fwd", "norm_fn_fwd_splitk"):
+        kdef = common.KERNELS[k]
+        assert "mma" in kdef.keys
+        assert kdef.cfg_of(d) != kdef.cfg_of(dict(d, mma="3xtf32")) != kdef.cfg_of(dict(d, mma="tf32"))
+    with pytest.raises(ValueError, match="mma"):
+        norm._build_fwd_fused(4, 4096, torch.bfloat16, dict(d, mma="tf16"))
+
+
+def _round_tf32(t):
+    """float32 -> nearest TF32, ties away from zero: the kernel's ``(bits + 0x1000) & ~0x1fff``."""
+    b = t.to(torch.float32).contiguous().view(torch.int32)
+    return ((b + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tf32_split_meets_the_float32_contract_in_emulation(dtype):
+    """Why config_space offers 3xtf32 and not tf32: the operand roundings of each mode, emulated exactly
+    (float64 products and sums), against the oracle under the float32 tolerance of reference.cases."""
+    from mhc_kernels.reference import cases, oracle, transcription
+
+    inputs = cases.make_inputs("norm_fn", (64,), 4, 1280, dtype, "cpu", norm_weight=True)
+    x, fn, nw, eps = inputs["residual"], inputs["fn"], inputs["norm_weight"], inputs["norm_eps"]
+    expected = oracle.norm_fn(x, fn, nw, eps)
+    naive = transcription.norm_fn(x, fn, nw, eps)
+    xf = x.reshape(64, -1).float()
+    f = fn * nw
+    r = torch.rsqrt(xf.double().pow(2).mean(-1, keepdim=True) + eps)
+    xh = _round_tf32(xf)
+    xl = _round_tf32(xf - xh)
+    fh = _round_tf32(f)
+    fl = _round_tf32(f - fh)
+    if dtype != torch.float32:
+        assert torch.equal(xh, xf) and not xl.any(), "bf16 is exact in TF32"
+    split = ((xh.double() @ fh.double().T + xh.double() @ fl.double().T) + xl.double() @ fh.double().T) * r
+    plain = (xh.double() @ fh.double().T) * r
+    assert cases.compare("3xtf32", split.float(), expected, naive=naive).worst_ratio < 0.05
+    assert cases.compare("tf32", plain.float(), expected, naive=naive).worst_ratio > 2
 
 
 # -- CPU-only checks of the backend's contract (no compilation) -------------------------------------------

@@ -6,7 +6,8 @@ and is compared with the oracle under ``reference.cases`` tolerances. Shapes: ev
 {1, 2, 4, 8}, C in {1280, 4096, 7168, 200} and an odd C, T from 0 to 16384 (the
 split-K and single-pass norm paths are both exercised), every residual dtype,
 norm_weight on and off, default and "loud" constants. Kernel-level checks cover the
-paths the public ops do not reach directly (explicit configs, determinism).
+paths the public ops do not reach directly (explicit configs, determinism), among them
+the tensor-core (TF32) norm_fn projection, which no default config selects.
 """
 
 import pytest
@@ -93,6 +94,44 @@ def test_norm_fn_split_k_paths_agree(splits):
     m, r = norm.norm_fn_fwd(x, fn, None, 1e-6, config=cfg)
     torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(r, ref_r, rtol=1e-5, atol=1e-6)
+
+
+# The tensor-core projection (config key mma): explicit configs, every path (fused and split-K, token and
+# K tails, float32 x, fn with n rows as in mhc_head). "3xtf32" is held to the float32 contract (it is what
+# config_space offers the tuner); plain "tf32" (~2^-11 relative per product) to 2e-3 of the largest output.
+MMA_SHAPES = [  # (n, C, T, dtype, splits, block_T, block_K)
+    (4, 4096, 300, torch.bfloat16, 1, 32, 128), (4, 4096, 300, torch.bfloat16, 4, 64, 64),
+    (8, 200, 13, torch.bfloat16, 2, 32, 64), (1, 201, 37, torch.float32, 1, 32, 64),
+    (2, 1280, 1000, torch.float16, 1, 64, 256), (4, 4096, 77, torch.float32, 3, 32, 128),
+    (8, 7168, 64, torch.bfloat16, 1, 64, 64), (4, 201, 5, torch.bfloat16, 1, 64, 128),
+]
+
+
+@pytest.mark.parametrize("mode", ["3xtf32", "tf32"])
+@pytest.mark.parametrize("n,C,T,dtype,splits,bt,bk", MMA_SHAPES, ids=str)
+@pytest.mark.parametrize("head", [False, True], ids=["mixes", "head_rows"])
+def test_norm_fn_tensor_core_modes(mode, n, C, T, dtype, splits, bt, bk, head):
+    import numpy as np
+    from mhc_kernels.reference import oracle, transcription
+    from mhc_kernels.tilelang_src import norm
+
+    inputs = cases.make_inputs("norm_fn", (T,), n, C, dtype, "cuda", norm_weight=True)
+    x, fn, nw, eps = inputs["residual"], inputs["fn"], inputs["norm_weight"], inputs["norm_eps"]
+    if head:
+        fn = fn[:n].contiguous()
+    cfg = dict(norm.default_config("norm_fn", norm.Shape(T, n, C, dtype)), mma=mode, block_T=bt, block_K=bk,
+               splits=splits)
+    m, r = norm.norm_fn_fwd(x, fn, nw, eps, config=cfg)
+    expected = oracle.norm_fn(x, fn, nw, eps)
+    naive = transcription.norm_fn(x.cpu(), fn.cpu(), nw.cpu(), eps)
+    rr = cases.compare("rstd", r, oracle.rstd(x, eps))
+    assert rr.ok, rr.detail
+    if mode == "3xtf32":
+        res = cases.compare("mixes", m, expected, naive=naive)
+        assert res.ok, f"ratio {res.worst_ratio:.3g}: {res.detail}"
+    else:
+        err = np.abs(oracle.f64(m) - expected).max()
+        assert err <= 2e-3 * np.abs(expected).max(), err
 
 
 def test_backward_is_deterministic():

@@ -2,20 +2,60 @@
 
 Forward: ``mixes = (x_flat @ fn_eff^T) * rsqrt(sum(x_flat^2) / K + eps)`` with
 ``fn_eff = fn * norm_weight`` (folded once per call by the wrapper). The projection
-is a ``(T, K) x (K, m)`` product with ``m = n(n+2)`` done with plain float32 FMAs
-(no tensor cores): ``fn`` is **not rounded** (no TF32), ``x`` is converted to float32
-exactly, products and sums are float32 -- so the result matches the float32
-contract to accumulation error. The sum of squares is accumulated in the same main
-loop from the same staged tile of ``x``.
+is a ``(T, K) x (K, m)`` product with ``m = n(n+2)``; config key ``mma`` picks how:
 
-Tiling (forward): a CTA owns ``block_T`` tokens and one K-range (``splits`` ranges
-when the token count is small, so enough CTAs stream ``x``); it stages ``block_K``
+* ``"fma"`` (the default): plain float32 FMAs, no tensor cores. ``fn`` is **not rounded**
+  (no TF32), ``x`` is converted to float32 exactly, products and sums are float32 -- so
+  the result matches the float32 contract to accumulation error.
+* ``"3xtf32"``: TF32 tensor cores (mma.sync m16n8k8) with the rounding error split off:
+  ``fn = hi + lo`` with ``hi`` = fn rounded to TF32 and ``lo`` = the remainder rounded to
+  TF32 (likewise ``x = hi + lo`` for a float32 residual; bf16/fp16 values are exact in
+  TF32), and ``x.fn = x.hi + x.lo`` (float32 x: all four hi/lo products) summed in
+  float32. What is dropped is ~2^-22 relative, so this also meets the float32 contract
+  (float64 emulation of the roundings on the test inputs: 0.2-0.4% of the float32
+  tolerance). Two (four) times the MMAs of plain TF32 -- the projection is memory-bound,
+  so that costs little.
+* ``"tf32"``: one TF32 product (``fn``, and a float32 ``x``, rounded to TF32). Relative
+  error ~2^-11 per product: the float64 emulation lands 7-14x *outside* the float32
+  tolerance (truncating instead of rounding: 10-23x), so it is for explicit configs with
+  a looser tolerance only and is not in :func:`config_space` (the tuner would reject it).
+
+TF32 rounding is done in the kernel, to nearest with ties away from zero (the bit
+pattern's ``+ 0x1000`` then ``& ~0x1fff``, which is ``cvt.rna.tf32.f32``), on ``fn_eff`` as
+it is staged (per chunk, in registers) and on a float32 ``x``: the MMA's operands have
+their low 13 bits clear, so whatever the hardware does with those bits (it drops them:
+truncation, which DeepSeek's kernels pre-round against too) never matters, and no
+extra pass over ``fn`` or ``x`` is needed.
+
+Tiling, ``mma = "fma"``: a CTA owns ``block_T`` tokens and one K-range (``splits``
+ranges when the token count is small, so enough CTAs stream ``x``); it stages ``block_K``
 columns of ``x`` and of ``fn`` (rows padded up to a multiple of the per-thread row
 tile, padded rows are zero) in shared memory, transposed so a warp reads
 consecutive words, and each thread accumulates a ``thread_T x thread_M`` register
 tile of dot products (``thread_T + thread_M`` shared loads per ``thread_T * thread_M``
-FMAs). With ``splits > 1`` the CTAs write per-split partial dots and sums of squares
-and a second kernel adds them in split order (deterministic) and applies rstd.
+FMAs). The sum of squares is accumulated in the same main loop from the same staged
+tile of ``x``. With ``splits > 1`` the CTAs write per-split partial dots and sums of
+squares and a second kernel adds them in split order (deterministic) and applies rstd.
+
+Tiling, tensor cores (:func:`_build_fwd_mma`; same grid, split-K partials and finalize
+kernel): per ``block_K`` chunk each thread holds a fixed token's slice of ``x`` in
+registers (the next chunk's loads are issued before this chunk's MMAs), adds its
+squares to a float32 sum of squares and stores it as float32 into the shared A tile;
+``fn``'s chunk goes to the B tile (rows zero-padded to a multiple of 16 for the MMA's N;
+``[hi; lo]`` stacked for 3xtf32); one ``T.gemm`` per chunk accumulates in float32
+registers. Memory traffic: ``x`` is read once from global memory; ``fn`` (``m x K``
+float32) once per token block (from L2), i.e. ``2m / block_T`` bytes per byte of bf16 ``x``.
+Per element of ``x`` the shared memory sees a 4-byte store and ldmatrix reads of the A
+tile once per warp column plus the B tile once per warp row (~20-30 bytes per 2-byte x
+element for 3xtf32 at n = 4), so the kernel may well be bound by shared-memory bandwidth
+rather than HBM, and at n = 8 also by fn's L2 traffic; whether it beats the FMA kernel
+(whose FMA count grows with m) is a question for the GPU.
+
+Why ``"fma"`` stays the default: the tensor-core kernels compile cleanly (sm_80,
+sm_90a, sm_100a; see tests/test_tilelang_compile.py) but have not yet been run on a GPU.
+The tuner checks every candidate config against the reference before timing it, so a
+``3xtf32`` config can only be tuned in where it is correct (and faster); the GPU test
+(tests/test_tilelang_gpu.py) checks both tensor-core modes against the oracle.
 
 Backward (DESIGN 2.8), with ``g = d mixes`` and ``r = rstd``:
 ``d_x = r * (g @ fn_eff) - (r^2 / K) * (g . mixes) * x`` -- one thread per column of
@@ -24,15 +64,20 @@ tokens; ``d_fn_eff = (g * r)^T @ x`` -- one thread per column accumulates its ``
 sums over a token range, each CTA writing a per-token-range partial that the wrapper
 sums in order (deterministic, no atomics).
 
-Config keys: ``block_T``, ``block_K``, ``thread_T``, ``thread_M``, ``splits`` (forward);
-``bwd_block_T``, ``bwd_block_K``, ``dfn_block_T``, ``dfn_splits`` (backward).
+Config keys: ``mma`` ("fma" | "3xtf32" | "tf32"), ``block_T``, ``block_K``, ``splits``
+(forward, all modes); ``thread_T``, ``thread_M`` (forward, "fma" only: ignored by the
+tensor-core kernels but part of every config); ``bwd_block_T``, ``bwd_block_K``,
+``dfn_block_T``, ``dfn_splits`` (backward). Tensor-core candidates in
+:func:`config_space` also carry ``smem_bytes`` (an upper-bound estimate, which the
+tuner's pruning compares with the device's limit). Tensor-core tiles: ``block_T`` 32 or
+64, ``block_K`` a multiple of 64 (64, 128, 256 are the ones compiled and offered).
 """
 
 import torch
 
 from .common import KernelDef, Shape, cdiv, dtype_name, get_kernel, kernel_def, max_vec, num_sms, resolve_config
 
-FUSED_KEYS = ("block_T", "block_K", "thread_T", "thread_M")
+FUSED_KEYS = ("block_T", "block_K", "thread_T", "thread_M", "mma")
 FWD_KEYS = FUSED_KEYS + ("splits",)
 FIN_KEYS = ("splits",)
 DX_KEYS = ("bwd_block_T", "bwd_block_K")
@@ -74,7 +119,7 @@ def default_config(op: str, s: Shape) -> dict:
     tblocks = max(1, cdiv(max(s.T, 1), bt))
     splits = max(1, min(cdiv(2 * num_sms(), tblocks), cdiv(K, 8 * bk), 64))
     splits = _pow2_floor(splits)  # few distinct values: each is a compiled kernel, whatever T is
-    cfg = {"block_T": bt, "block_K": bk, "thread_T": tt, "thread_M": tm, "splits": splits,
+    cfg = {"block_T": bt, "block_K": bk, "thread_T": tt, "thread_M": tm, "splits": splits, "mma": "fma",
            "bwd_block_T": 32, "bwd_block_K": 128, "dfn_block_T": 32}
     # d_fn: enough token ranges that K/bwd_block_K * dfn_splits CTAs fill the GPU
     kblocks = cdiv(K, 128)
@@ -91,6 +136,17 @@ def config_space(op: str, s: Shape) -> list[dict]:
                 c = dict(d, block_K=bk, splits=sp)
                 if c not in out:
                     out.append(c)
+        # tensor cores: 3xtf32 only -- plain tf32 misses the float32 tolerance (see the module docstring)
+        m = mix_rows(s.n)
+        for bt in (32, 64):
+            for bk in (64, 128, 256):
+                smem = mma_smem_bytes(m, s.dtype, bt, bk, "3xtf32")
+                if smem > MMA_SMEM_BUDGET or mma_acc_per_thread(m, s.dtype, bt, bk, "3xtf32") > MMA_MAX_ACC:
+                    continue
+                for sp in sorted({1, 2, 4, 8, d["splits"]}):
+                    c = dict(d, mma="3xtf32", block_T=bt, block_K=bk, splits=sp, smem_bytes=smem)
+                    if c not in out:
+                        out.append(c)
     else:
         for bt in (16, 32, 64):
             for bk in (64, 128, 256):
@@ -212,12 +268,236 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
     return norm_fn_fwd
 
 
+# -- forward on tensor cores (mma = "tf32" / "3xtf32") ----------------------------------------------
+MMA_MODES = ("fma", "tf32", "3xtf32")
+MMA_SMEM_BUDGET = 99 * 1024  # config_space: tiles that run on sm_86/89 too, 2 CTAs/SM on sm_90/100
+MMA_MAX_ACC = 128            # config_space: float32 accumulators per thread (160 spills, at n=8 float32 3xtf32)
+
+
+def _mma_rows(m: int) -> int:
+    """fn's rows zero-padded to a multiple of 16 (the MMA N extent; two warps split N when block_T = 32)."""
+    return max(16, cdiv(m, 16) * 16)
+
+
+def _mma_threads(bt: int, bk: int) -> int:
+    """4 warps, 8 when a tile would leave a thread more than 64 elements of x per chunk in registers."""
+    return 128 if bt * bk <= 128 * 64 else 256
+
+
+def _mma_shape(m: int, dtype: torch.dtype, bt: int, mode: str):
+    """(A rows, B rows) of the one GEMM per chunk: x (with its lo part below it for float32 x in 3xtf32)
+    times fn (with its lo part below it in 3xtf32)."""
+    split = mode == "3xtf32"
+    return bt * (2 if split and dtype == torch.float32 else 1), _mma_rows(m) * (2 if split else 1)
+
+
+def mma_smem_bytes(m: int, dtype: torch.dtype, bt: int, bk: int, mode: str) -> int:
+    """Shared memory of the tensor-core forward: the float32 A and B tiles (``block_K`` wide); the per-token
+    partials and the accumulator copy of the epilogue reuse that space after the main loop."""
+    ar, br = _mma_shape(m, dtype, bt, mode)
+    return 4 * max(bk * (ar + br), ar * br + 2 * bt) + 4 * _mma_threads(bt, bk)
+
+
+def mma_acc_per_thread(m: int, dtype: torch.dtype, bt: int, bk: int, mode: str) -> int:
+    ar, br = _mma_shape(m, dtype, bt, mode)
+    return ar * br // _mma_threads(bt, bk)
+
+
+def _check_mode(mode):
+    if mode not in MMA_MODES:
+        raise ValueError(f"norm_fn config: mma must be one of {MMA_MODES}, got {mode!r}")
+
+
+def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
+    """Tensor-core main loop (``mma`` = "tf32" or "3xtf32"); same tensors and outputs as :func:`_build_fwd`.
+
+    A CTA owns ``block_T`` tokens x one K range. Per ``block_K`` chunk each thread holds a fixed token and
+    ``block_T * block_K / threads`` consecutive-vector elements of its row in registers (loaded one chunk
+    ahead: chunk i+1's global loads are in flight during chunk i's MMAs), adds their squares to its float32
+    sum of squares, and stores them as float32 (16-byte stores) into the A tile; fn's chunk (m rows, zero past
+    K) goes to the B tile, whose rows m.._mma_rows(m)-1 are zero. One ``T.gemm(A, B, acc, transpose_B=True)``
+    per chunk: mma.sync m16n8k8 TF32 from swizzled shared tiles (ldmatrix), float32 accumulators held in
+    registers over the whole K range. "3xtf32" stacks fn's hi and lo parts as B = [hi; lo] (and, for a
+    float32 x, A = [hi; lo]), so the one GEMM yields every hi/lo product; the epilogue adds them per token.
+    Operands are rounded to TF32 in the kernel, to nearest with ties away from zero
+    (``(bits + 0x1000) & ~0x1fff``, the rounding of ``cvt.rna.tf32.f32``), so the MMA's inputs do not depend
+    on how the hardware drops low mantissa bits.
+    """
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    m = rows or mix_rows(n)
+    K = n * C
+    bt, bk, mode = cfg["block_T"], cfg["block_K"], cfg["mma"]
+    _check_mode(mode)
+    assert mode != "fma"
+    S = 1 if fused else cfg["splits"]
+    split = mode == "3xtf32"                  # fn = hi + lo
+    x_split = split and dtype == torch.float32  # x = hi + lo as well (bf16 / fp16 are exact in TF32)
+    x_round = dtype == torch.float32
+    MP = _mma_rows(m)
+    AR, BR = _mma_shape(m, dtype, bt, mode)
+    threads = _mma_threads(bt, bk)
+    assert bk % 64 == 0 and bt % 16 == 0 and threads % bt == 0, (bt, bk)
+    TPT = threads // bt                       # threads per token
+    V = max_vec(dtype, C)                     # x vector: divides C (hence K); whole vectors per thread
+    while bk % (V * TPT):
+        V //= 2
+    XL = bk // (V * TPT)                      # x vectors per thread per chunk
+    VF = 4 if K % 4 == 0 else (2 if K % 2 == 0 else 1)
+    FR = bk // VF                             # fn vectors per row per chunk
+    FL = cdiv(m * FR, threads)
+    PL = cdiv((MP - m) * bk, threads)         # zero pad rows of B (per part)
+    OL = cdiv(bt * m, threads)                # outputs per thread
+    KS = cdiv(cdiv(K, S), bk) * bk            # K per split, whole chunks
+    NCH = KS // bk
+    Tn = T.dynamic("T")
+
+    def rna(v):  # float32 -> nearest TF32 (ties away from zero), as a float32 with the low 13 bits clear
+        return T.reinterpret(T.bitwise_and(T.reinterpret(v, "uint32") + T.uint32(0x1000), T.uint32(0xFFFFE000)),
+                             "float32")
+
+    @T.prim_func
+    def norm_fn_fwd_mma(x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),
+                        mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
+                        part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
+                        eps: T.float32):
+        with T.Kernel(T.ceildiv(Tn, bt), S, threads=threads) as (bx, bs):
+            tx = T.get_thread_binding(0)
+            xs = T.alloc_shared((AR, bk), "float32")   # A: x as [token, k] (rows bt.. : lo part)
+            fs = T.alloc_shared((BR, bk), "float32")   # B: fn as [row, k] (rows MP.. : lo part)
+            sqp = T.alloc_shared((threads,), "float32")
+            rs = T.alloc_shared((bt,), "float32")
+            cs = T.alloc_shared((AR, BR), "float32")   # the accumulators, for the epilogue
+            acc = T.alloc_fragment((AR, BR), "float32")
+            xv = T.alloc_local((XL * V,), dt)
+            fv = T.alloc_local((VF,), "float32")
+            fr = T.alloc_local((VF,), "float32")
+            xr = T.alloc_local((V,), "float32")
+            sq = T.alloc_var("float32")
+            f = T.alloc_var("float32")
+            s = T.alloc_var("float32")
+            t = tx // TPT
+            g = tx % TPT
+            tok = bx * bt + t
+            kbeg = bs * KS
+            T.clear(acc)
+            sq = 0.0
+            # fn's pad rows are zero for the whole loop: written once
+            for it in T.serial(PL):
+                if it * threads + tx < (MP - m) * bk:
+                    fs[m + (it * threads + tx) // bk, (it * threads + tx) % bk] = 0.0
+                    if split:
+                        fs[MP + m + (it * threads + tx) // bk, (it * threads + tx) % bk] = 0.0
+            # chunk 0 of this thread's token row into registers (zero outside the tokens / K range)
+            for it in T.unroll(XL):
+                if tok < Tn and kbeg + (it * TPT + g) * V < K:
+                    for v in T.vectorized(V):
+                        xv[it * V + v] = x[tok, kbeg + (it * TPT + g) * V + v]
+                else:
+                    for v in T.unroll(V):
+                        xv[it * V + v] = T.cast(0, dt)
+            for ch in T.serial(NCH):
+                k0 = kbeg + ch * bk
+                # x: sum of squares, then the float32 (TF32-rounded for float32 x) values into A
+                for e in T.unroll(XL * V):
+                    f = T.cast(xv[e], "float32")
+                    sq += f * f
+                for it in T.unroll(XL):
+                    if x_round:
+                        for v in T.unroll(V):
+                            xr[v] = rna(T.cast(xv[it * V + v], "float32"))
+                        for v in T.vectorized(V):
+                            xs[t, (it * TPT + g) * V + v] = xr[v]
+                        if x_split:
+                            for v in T.unroll(V):
+                                xr[v] = rna(T.cast(xv[it * V + v], "float32") - xr[v])
+                            for v in T.vectorized(V):
+                                xs[bt + t, (it * TPT + g) * V + v] = xr[v]
+                    else:
+                        for v in T.vectorized(V):
+                            xs[t, (it * TPT + g) * V + v] = T.cast(xv[it * V + v], "float32")
+                # fn: rows < m (zero past K) rounded to TF32 into B, their rounding errors (rounded) below
+                for it in T.unroll(FL):
+                    if it * threads + tx < m * FR:
+                        if k0 + ((it * threads + tx) % FR) * VF < K:
+                            for v in T.vectorized(VF):
+                                fv[v] = fn[(it * threads + tx) // FR, k0 + ((it * threads + tx) % FR) * VF + v]
+                        else:
+                            for v in T.unroll(VF):
+                                fv[v] = 0.0
+                        for v in T.unroll(VF):
+                            fr[v] = rna(fv[v])
+                        for v in T.vectorized(VF):
+                            fs[(it * threads + tx) // FR, ((it * threads + tx) % FR) * VF + v] = fr[v]
+                        if split:
+                            for v in T.unroll(VF):
+                                fr[v] = rna(fv[v] - fr[v])
+                            for v in T.vectorized(VF):
+                                fs[MP + (it * threads + tx) // FR, ((it * threads + tx) % FR) * VF + v] = fr[v]
+                T.sync_threads()
+                # the next chunk's loads are issued before this chunk's MMAs
+                if ch + 1 < NCH:
+                    for it in T.unroll(XL):
+                        if tok < Tn and k0 + bk + (it * TPT + g) * V < K:
+                            for v in T.vectorized(V):
+                                xv[it * V + v] = x[tok, k0 + bk + (it * TPT + g) * V + v]
+                        else:
+                            for v in T.unroll(V):
+                                xv[it * V + v] = T.cast(0, dt)
+                T.gemm(xs, fs, acc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.sync_threads()
+            # epilogue: per-token sums of squares (TPT partials in a fixed order), products added per token
+            T.copy(acc, cs)
+            sqp[tx] = sq
+            T.sync_threads()
+            if tx < bt:
+                s = 0.0
+                for u in T.serial(TPT):
+                    s += sqp[tx * TPT + u]
+                if fused:
+                    s = T.rsqrt(s / K + eps)
+                    rs[tx] = s
+                    if bx * bt + tx < Tn:
+                        rstd[bx * bt + tx] = s
+                else:
+                    if bx * bt + tx < Tn:
+                        part_sq[bs, bx * bt + tx] = s
+            T.sync_threads()
+            for it in T.serial(OL):
+                if it * threads + tx < bt * m:
+                    if bx * bt + (it * threads + tx) // m < Tn:
+                        if x_split:
+                            s = ((cs[(it * threads + tx) // m, (it * threads + tx) % m]
+                                  + cs[(it * threads + tx) // m, MP + (it * threads + tx) % m])
+                                 + cs[bt + (it * threads + tx) // m, (it * threads + tx) % m]) \
+                                + cs[bt + (it * threads + tx) // m, MP + (it * threads + tx) % m]
+                        elif split:
+                            s = cs[(it * threads + tx) // m, (it * threads + tx) % m] \
+                                + cs[(it * threads + tx) // m, MP + (it * threads + tx) % m]
+                        else:
+                            s = cs[(it * threads + tx) // m, (it * threads + tx) % m]
+                        if fused:
+                            mixes[bx * bt + (it * threads + tx) // m, (it * threads + tx) % m] = \
+                                s * rs[(it * threads + tx) // m]
+                        else:
+                            part_mix[bs, bx * bt + (it * threads + tx) // m, (it * threads + tx) % m] = s
+
+    return norm_fn_fwd_mma
+
+
 def _build_fwd_fused(n, C, dtype, cfg, rows=None):
-    return _build_fwd(n, C, dtype, dict(cfg, splits=1), fused=True, rows=rows)
+    cfg = dict(cfg, splits=1)
+    if cfg.get("mma", "fma") != "fma":
+        return _build_fwd_mma(n, C, dtype, cfg, fused=True, rows=rows)
+    return _build_fwd(n, C, dtype, cfg, fused=True, rows=rows)
 
 
 def _build_fwd_splitk(n, C, dtype, cfg, rows=None):
-    return _build_fwd(n, C, dtype, dict(cfg, splits=max(2, cfg["splits"])), fused=False, rows=rows)
+    cfg = dict(cfg, splits=max(2, cfg["splits"]))
+    if cfg.get("mma", "fma") != "fma":
+        return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows)
+    return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows)
 
 
 def _build_fwd_finalize(n, C, dtype, cfg, rows=None):
@@ -399,6 +679,7 @@ def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config=None):
     if Tt == 0:
         return mixes, rstd
     cfg = _cfg("norm_fn", residual, Tt, n, C, residual.dtype, config)
+    _check_mode(cfg["mma"])
     x = residual.view(Tt, n * C)
     f = _fold(fn, norm_weight)
     S = cfg["splits"]
