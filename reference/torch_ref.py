@@ -73,7 +73,8 @@ def _norm_fn_bwd_acc(grad_mixes, x, fn, norm_weight, mixes, rstd):
     K = x.shape[1]
     g_r = grad_mixes * rstd[:, None]
     coef = (rstd * rstd / K) * torch.linalg.vecdot(grad_mixes, mixes)
-    d_x = torch.addcmul(g_r @ _folded(fn, norm_weight), coef[:, None], x, value=-1.0)
+    d_x = g_r @ _folded(fn, norm_weight)
+    d_x.addcmul_(coef[:, None], x, value=-1.0)  # in place: on CPU a fresh full-size tensor costs its page faults
     d_fn = g_r.T @ x
     return d_x, d_fn
 
@@ -211,11 +212,13 @@ def mhc_pre_bwd(grad_layer_input, grad_post, grad_comb, residual, fn, scale, bas
     T, n, C = residual.shape
     x = _acc(residual, fn.dtype)
     pre = torch.sigmoid(torch.addcmul(base[:n], mixes[:, :n], scale[0])) + pre_eps
-    d_x, d_pre = _pre_apply_mix_bwd_acc(grad_layer_input, x, pre)
+    g = _acc(grad_layer_input, pre.dtype)
+    d_pre = torch.bmm(x, g.unsqueeze(-1)).squeeze(-1)
     d_mixes, d_scale, d_base = split_mixes_bwd(d_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters,
                                                sinkhorn_eps)
-    d_x_norm, d_fn = _norm_fn_bwd_acc(d_mixes, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
-    d_x += d_x_norm.reshape(d_x.shape)
+    d_x, d_fn = _norm_fn_bwd_acc(d_mixes, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
+    d_x = d_x.view(T, n, C)
+    d_x.addcmul_(pre.unsqueeze(-1), g.unsqueeze(1))  # + pre_apply_mix's term, accumulated in place
     if grad_residual is not None:
         d_x += grad_residual
     return d_x.to(residual.dtype), d_fn, d_scale, d_base
@@ -246,10 +249,12 @@ def mhc_head_bwd(grad, residual, fn, scale, base, norm_weight, mixes, rstd, pre_
     T, n, C = residual.shape
     x = _acc(residual, fn.dtype)
     z = torch.addcmul(base, mixes, scale)
-    d_x, d_w = _pre_apply_mix_bwd_acc(grad, x, torch.sigmoid(z) + pre_eps)
-    d_z = d_w * _dsigmoid(z)
-    d_x_norm, d_fn = _norm_fn_bwd_acc(d_z * scale, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
-    d_x += d_x_norm.reshape(d_x.shape)
+    w = torch.sigmoid(z) + pre_eps
+    g = _acc(grad, w.dtype)
+    d_z = torch.bmm(x, g.unsqueeze(-1)).squeeze(-1) * _dsigmoid(z)
+    d_x, d_fn = _norm_fn_bwd_acc(d_z * scale, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
+    d_x = d_x.view(T, n, C)
+    d_x.addcmul_(w.unsqueeze(-1), g.unsqueeze(1))  # + the collapse's term, accumulated in place
     d_scale = (d_z * mixes).sum().reshape(1)
     return d_x.to(residual.dtype), d_fn, d_scale, d_z.sum(0)
 
