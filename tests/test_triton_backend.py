@@ -162,6 +162,21 @@ def test_forced_triton_refuses_float64_and_wide_n_with_reasons():
         mk.pre_apply_mix(y, torch.rand(2, 16, device=DEVICE))
 
 
+def test_sinkhorn_ops_refuse_n_that_is_not_a_power_of_two_but_mixing_ops_serve_it(served):
+    d = cases.make_inputs("mhc_pre", (3,), 3, 16, torch.float32, DEVICE)
+    args = (d["residual"], d["fn"], d["scale"], d["base"])
+    with mk.use_backend("triton"), pytest.raises(BackendError, match=r"triton.*power-of-two.*n=3"):
+        mk.mhc_pre(*args)
+    with mk.use_backend("triton"), pytest.raises(BackendError, match=r"n=3"):
+        mk.sinkhorn(torch.randn(2, 3, 3, device=DEVICE))
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    with mk.use_backend("triton"):  # the streaming kernels pad n to a power of two with masks
+        _assert_ok(cases.check_forward(mk, "post", cases.make_inputs("post", (2,), 3, 8, torch.float32, DEVICE)),
+                   "post n=3")
+        mk.pre_apply_mix(x, torch.rand(2, 3, device=DEVICE))
+    assert served.get("post") == {"triton"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU probe")
 def test_triton_does_not_serve_cpu_without_the_interpreter():
     code = ("import mhc_kernels as mk; s = mk.available_backends('cpu')['triton']; "

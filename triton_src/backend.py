@@ -37,13 +37,15 @@ _KERNELS = {
 KERNEL_MODULES = (norm_fn, sinkhorn, mix, fused)
 
 
-def _supports(module, owner):
-    extra = getattr(module, "supports", None)
+# ops whose kernels (or parts) run the Sinkhorn iterations, and so share its limits on n
+_RUN_SINKHORN = {"split_mixes", "split_mixes_bwd", "sinkhorn", "sinkhorn_bwd", "mhc_pre", "mhc_pre_bwd", "post_pre"}
 
+
+def _supports(op):
     def supports(call):
         reason = common.supports_call(call)
-        if reason is None and extra is not None:
-            reason = extra(call)
+        if reason is None and op in _RUN_SINKHORN:
+            reason = sinkhorn.supports(call)
         return reason
 
     return supports
@@ -52,7 +54,7 @@ def _supports(module, owner):
 for _op, (_mod, _fn_name, _owner) in _KERNELS.items():
     register_kernel(
         _op, "triton", getattr(_mod, _fn_name),
-        supports=_supports(_mod, _owner),
+        supports=_supports(_op),
         config_space=getattr(_mod, f"{_owner}_config_space", None) if _owner else None,
         default_config=getattr(_mod, f"{_owner}_default_config", None) if _owner else None,
     )
@@ -60,4 +62,4 @@ for _op, (_mod, _fn_name, _owner) in _KERNELS.items():
 # DESIGN 2.7's forward-only multilayer_recompute (op registered by mhc_kernels.recompute), composed
 # from the post and pre_apply_mix kernels writing straight into the per-layer output slices.
 register_kernel("multilayer_recompute", "triton", recompute.composed_kernel(mix.post_fwd, mix.pre_apply_mix_fwd),
-                supports=_supports(mix, None))
+                supports=_supports("multilayer_recompute"))

@@ -309,6 +309,14 @@ def _stream_count(m: int) -> int:
     return int(round((m + 1) ** 0.5)) - 1
 
 
+def supports(call) -> Optional[str]:
+    """None when these kernels serve ``call``'s n, else why not (the registry then falls back)."""
+    if call.n is not None and call.n not in (1, 2, 4, 8):
+        return (f"the Triton Sinkhorn kernels keep the n x n matrix as a power-of-two register tile "
+                f"(n in 1, 2, 4, 8); got n={call.n} -- the tilelang or reference backend serves it")
+    return None
+
+
 def _check_n(op: str, n: int):
     if n not in (1, 2, 4, 8):
         raise ValueError(f"triton {op}: n must be 1, 2, 4 or 8 (the n x n tile is a power-of-two register "
