@@ -152,26 +152,26 @@ def test_non_default_configs_agree_with_default(n):
     small = dict(BLOCK_C=64, num_warps=2)
 
     fwd_cases = [
-        ("pre_apply_mix", lambda cfg: mix.pre_apply_mix_fwd(x, p, config=cfg), mix.pre_apply_mix_config_space),
-        ("post", lambda cfg: mix.post_fwd(y, x, p, cm, config=cfg), mix.post_config_space),
-        ("expand", lambda cfg: mix.expand_fwd(y, n, config=cfg), mix.expand_config_space),
-        ("expand_bwd", lambda cfg: mix.expand_bwd(g, config=cfg), mix.expand_bwd_config_space),
+        ("pre_apply_mix", lambda cfg: mix.pre_apply_mix_fwd(x, p, config=cfg)),
+        ("post", lambda cfg: mix.post_fwd(y, x, p, cm, config=cfg)),
+        ("expand", lambda cfg: mix.expand_fwd(y, n, config=cfg)),
+        ("expand_bwd", lambda cfg: mix.expand_bwd(g, config=cfg)),
     ]
-    for name, f, space in fwd_cases:
+    for name, f in fwd_cases:
         ref = f(None)
-        for cfg in (_pick(space(call), BLOCK_T=4, **small), _pick(space(call), BLOCK_T=1, BLOCK_C=128)):
+        space = mix.config_space(name, call)
+        for cfg in (_pick(space, BLOCK_T=4, **small), _pick(space, BLOCK_T=1, BLOCK_C=128)):
             _agree(f"{name} {cfg}", f(cfg), ref, exact=True)
 
     bwd_cases = [
-        ("pre_apply_mix_bwd", lambda cfg: mix.pre_apply_mix_bwd(gy, x, p, config=cfg),
-         mix.pre_apply_mix_bwd_config_space),
-        ("post_bwd", lambda cfg: mix.post_bwd(g, y, x, p, cm, config=cfg), mix.post_bwd_config_space),
+        ("pre_apply_mix_bwd", lambda cfg: mix.pre_apply_mix_bwd(gy, x, p, config=cfg)),
+        ("post_bwd", lambda cfg: mix.post_bwd(g, y, x, p, cm, config=cfg)),
     ]
-    for name, f, space in bwd_cases:
+    for name, f in bwd_cases:
         ref = f(None)
         configs = [dict(BLOCK_T=2, BLOCK_C=64, SPLIT_C=1, num_warps=2, num_stages=1),
                    dict(BLOCK_T=4, BLOCK_C=64, SPLIT_C=3, num_warps=4, num_stages=2)]
-        configs.append(_pick(space(call), BLOCK_T=1))
+        configs.append(_pick(mix.config_space(name, call), BLOCK_T=1))
         for cfg in configs:
             for k, (a, b) in enumerate(zip(f(cfg), ref)):
                 # full-size gradients do not reduce over C: bitwise equal; the mix gradients are sums
@@ -182,8 +182,8 @@ def test_config_functions_and_defaults():
     for T, n, C in [(1, 4, 4096), (4096, 4, 4096), (37, 8, 33), (0, 1, 1), (5, 3, 7168)]:
         call = _Call(T, n, C, BF16)
         for op in ("pre_apply_mix", "pre_apply_mix_bwd", "post", "post_bwd", "expand", "expand_bwd"):
-            default = getattr(mix, f"{op}_default_config")(call)
-            space = getattr(mix, f"{op}_config_space")(call)
+            default = mix.default_config(op, call)
+            space = mix.config_space(op, call)
             assert default in space, (op, T, n, C)
             for cfg in space:
                 for k in ("BLOCK_T", "BLOCK_C"):
@@ -192,8 +192,8 @@ def test_config_functions_and_defaults():
                 if op in ("pre_apply_mix_bwd", "post_bwd"):
                     assert cfg["SPLIT_C"] >= 1
     # few tokens: the backward splits C so that the GPU has enough programs
-    assert mix.post_bwd_default_config(_Call(1, 4, 4096, BF16))["SPLIT_C"] > 1
-    assert mix.post_bwd_default_config(_Call(4096, 4, 4096, BF16))["SPLIT_C"] == 1
+    assert mix.default_config("post_bwd", _Call(1, 4, 4096, BF16))["SPLIT_C"] > 1
+    assert mix.default_config("post_bwd", _Call(4096, 4, 4096, BF16))["SPLIT_C"] == 1
     with pytest.raises(ValueError, match="power of two"):
         mix.pre_apply_mix_fwd(torch.randn(2, 2, 8), torch.rand(2, 2),
                               config=dict(BLOCK_T=3, BLOCK_C=16, num_warps=1, num_stages=1))

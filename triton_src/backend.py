@@ -7,31 +7,33 @@ them, and CPU tensors when ``TRITON_INTERPRET=1`` (the probe in ``__init__``).
 
 from __future__ import annotations
 
+import functools
+
 from mhc_kernels import recompute
 from mhc_kernels.registry import register_kernel
 
 from . import common, fused, mix, norm_fn, sinkhorn
 
-# op -> (module, wrapper name, name of the config-space owner or None)
+# op -> (module, wrapper name, tuned: the module declares the op's config space and default)
 _KERNELS = {
-    "norm_fn": (norm_fn, "norm_fn_fwd", "norm_fn"),
-    "norm_fn_bwd": (norm_fn, "norm_fn_bwd", "norm_fn_bwd"),
-    "split_mixes": (sinkhorn, "split_mixes_fwd", "split_mixes"),
-    "split_mixes_bwd": (sinkhorn, "split_mixes_bwd", "split_mixes_bwd"),
-    "sinkhorn": (sinkhorn, "sinkhorn_fwd", "sinkhorn"),
-    "sinkhorn_bwd": (sinkhorn, "sinkhorn_bwd", "sinkhorn_bwd"),
-    "pre_apply_mix": (mix, "pre_apply_mix_fwd", "pre_apply_mix"),
-    "pre_apply_mix_bwd": (mix, "pre_apply_mix_bwd", "pre_apply_mix_bwd"),
-    "post": (mix, "post_fwd", "post"),
-    "post_bwd": (mix, "post_bwd", "post_bwd"),
-    "expand": (mix, "expand_fwd", "expand"),
-    "expand_bwd": (mix, "expand_bwd", "expand_bwd"),
+    "norm_fn": (norm_fn, "norm_fn_fwd", True),
+    "norm_fn_bwd": (norm_fn, "norm_fn_bwd", True),
+    "split_mixes": (sinkhorn, "split_mixes_fwd", True),
+    "split_mixes_bwd": (sinkhorn, "split_mixes_bwd", True),
+    "sinkhorn": (sinkhorn, "sinkhorn_fwd", True),
+    "sinkhorn_bwd": (sinkhorn, "sinkhorn_bwd", True),
+    "pre_apply_mix": (mix, "pre_apply_mix_fwd", True),
+    "pre_apply_mix_bwd": (mix, "pre_apply_mix_bwd", True),
+    "post": (mix, "post_fwd", True),
+    "post_bwd": (mix, "post_bwd", True),
+    "expand": (mix, "expand_fwd", True),
+    "expand_bwd": (mix, "expand_bwd", True),
     # compositions (their parts are tuned individually)
-    "mhc_pre": (fused, "mhc_pre_fwd", None),
-    "mhc_pre_bwd": (fused, "mhc_pre_bwd", None),
-    "mhc_head": (fused, "mhc_head_fwd", None),
-    "mhc_head_bwd": (fused, "mhc_head_bwd", None),
-    "post_pre": (fused, "post_pre_fwd", None),
+    "mhc_pre": (fused, "mhc_pre_fwd", False),
+    "mhc_pre_bwd": (fused, "mhc_pre_bwd", False),
+    "mhc_head": (fused, "mhc_head_fwd", False),
+    "mhc_head_bwd": (fused, "mhc_head_bwd", False),
+    "post_pre": (fused, "post_pre_fwd", False),
 }
 
 KERNEL_MODULES = (norm_fn, sinkhorn, mix, fused)
@@ -51,12 +53,12 @@ def _supports(op):
     return supports
 
 
-for _op, (_mod, _fn_name, _owner) in _KERNELS.items():
+for _op, (_mod, _fn_name, _tuned) in _KERNELS.items():
     register_kernel(
         _op, "triton", getattr(_mod, _fn_name),
         supports=_supports(_op),
-        config_space=getattr(_mod, f"{_owner}_config_space", None) if _owner else None,
-        default_config=getattr(_mod, f"{_owner}_default_config", None) if _owner else None,
+        config_space=functools.partial(_mod.config_space, _op) if _tuned else None,
+        default_config=functools.partial(_mod.default_config, _op) if _tuned else None,
     )
 
 # DESIGN 2.7's forward-only multilayer_recompute (op registered by mhc_kernels.recompute), composed

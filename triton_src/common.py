@@ -5,7 +5,7 @@ Every Triton kernel module exposes, for each op it implements:
 * a launch wrapper with the same signature and outputs as the matching function of
   :mod:`mhc_kernels.reference.torch_ref` plus a keyword-only ``config: dict | None``
   (``None``: the tuned config if one is stored, else the default heuristic);
-* ``<op>_config_space(call) -> list[dict]`` and ``<op>_default_config(call) -> dict``;
+* ``config_space(op, call) -> list[dict]`` and ``default_config(op, call) -> dict`` for its ops;
 * ``aot_specs(n, C, dtype) -> list[AotSpec]``: the kernels at their default configs
   for a representative shape, which ``mhc-kernels compile`` builds for real GPU
   targets without a GPU.

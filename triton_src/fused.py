@@ -68,18 +68,6 @@ def stream_weight_grad_default_config(T: int, n: int, C: int) -> dict:
     return {"BLOCK_T": 1, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 2}
 
 
-def stream_weight_grad_config_space(call) -> list[dict]:
-    block_n = common.next_pow2(call.n)
-    out = []
-    for bt in (1, 2, 4):
-        for bc in (64, 128, 256, 512):
-            if bt * block_n * bc > 8192:
-                continue
-            for w in (2, 4, 8):
-                out.append({"BLOCK_T": bt, "BLOCK_C": bc, "num_warps": w, "num_stages": 2})
-    return out
-
-
 def stream_weight_grad(grad: Tensor, residual: Tensor, *, config=None) -> Tensor:
     """d_w[t, i] = <grad[t], residual[t, i]>: grad (T, C), residual (T, n, C) -> (T, n) float32."""
     T, n, C = residual.shape

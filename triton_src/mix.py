@@ -260,7 +260,7 @@ def _defaults(op: str, T: int, n: int, C: int) -> dict:
     raise KeyError(op)
 
 
-def _space(op: str, call) -> list[dict]:
+def config_space(op: str, call) -> list[dict]:
     bn = common.next_pow2(call.n)
     rows = 1 if op in ("pre_apply_mix", "expand", "expand_bwd") else bn
     cmax = max(16, common.next_pow2(call.C))
@@ -286,52 +286,9 @@ def _space(op: str, call) -> list[dict]:
     return out
 
 
-def pre_apply_mix_default_config(call) -> dict:
-    return _defaults("pre_apply_mix", call.T, call.n, call.C)
-
-
-def pre_apply_mix_config_space(call) -> list[dict]:
-    return _space("pre_apply_mix", call)
-
-
-def pre_apply_mix_bwd_default_config(call) -> dict:
-    return _defaults("pre_apply_mix_bwd", call.T, call.n, call.C)
-
-
-def pre_apply_mix_bwd_config_space(call) -> list[dict]:
-    return _space("pre_apply_mix_bwd", call)
-
-
-def post_default_config(call) -> dict:
-    return _defaults("post", call.T, call.n, call.C)
-
-
-def post_config_space(call) -> list[dict]:
-    return _space("post", call)
-
-
-def post_bwd_default_config(call) -> dict:
-    return _defaults("post_bwd", call.T, call.n, call.C)
-
-
-def post_bwd_config_space(call) -> list[dict]:
-    return _space("post_bwd", call)
-
-
-def expand_default_config(call) -> dict:
-    return _defaults("expand", call.T, call.n, call.C)
-
-
-def expand_config_space(call) -> list[dict]:
-    return _space("expand", call)
-
-
-def expand_bwd_default_config(call) -> dict:
-    return _defaults("expand_bwd", call.T, call.n, call.C)
-
-
-def expand_bwd_config_space(call) -> list[dict]:
-    return _space("expand_bwd", call)
+def default_config(op: str, call) -> dict:
+    """The default config of ``op`` (pre_apply_mix[_bwd], post[_bwd], expand[_bwd]) for ``call``."""
+    return _defaults(op, call.T, call.n, call.C)
 
 
 def _config(op: str, like: Tensor, T: int, n: int, C: int, config) -> dict:

@@ -285,6 +285,14 @@ _FWD_KEYS = ("block_t", "block_k", "split_k", "num_warps", "num_stages", "precis
 _BWD_KEYS = ("block_t", "block_c", "split_t", "num_warps", "num_stages", "precision")
 
 
+def config_space(op: str, call) -> list[dict]:
+    return {"norm_fn": norm_fn_config_space, "norm_fn_bwd": norm_fn_bwd_config_space}[op](call)
+
+
+def default_config(op: str, call) -> dict:
+    return {"norm_fn": norm_fn_default_config, "norm_fn_bwd": norm_fn_bwd_default_config}[op](call)
+
+
 def _check_config(op: str, cfg: dict, keys, dot_dims, splits) -> dict:
     """Reject a config that would compile to a wrong or invalid kernel, with a message that says why."""
     missing = [k for k in keys if k not in cfg]

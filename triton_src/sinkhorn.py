@@ -239,51 +239,20 @@ def _is_cpu(call) -> bool:
     return dev is not None and torch.device(dev).type == "cpu"
 
 
-def _config_space(call) -> list[dict]:
+def config_space(op: str, call) -> list[dict]:
+    """Tunables of every op here (split_mixes[_bwd], sinkhorn[_bwd]): ``block_t`` tokens per program, ``num_warps``."""
     return [dict(block_t=bt, num_warps=nw) for bt in (8, 16, 32, 64, 128) for nw in (1, 2, 4, 8)
             if bt * call.n * call.n >= 32 * nw]   # at least one matrix element per thread
 
 
-def _default(call, backward: bool) -> dict:
+def default_config(op: str, call) -> dict:
     if _is_cpu(call):
         return dict(block_t=64, num_warps=4)
     # the tile is block_t * n * n floats; these are spill-free with ptxas for sm_80/90/100
+    backward = op.endswith("_bwd")
     block_t, num_warps = {1: (128, 2), 2: (128, 2), 4: (32, 4) if backward else (64, 4),
                           8: (16, 4) if backward else (32, 8)}.get(call.n, (16, 4))
     return dict(block_t=block_t, num_warps=num_warps)
-
-
-def split_mixes_config_space(call) -> list[dict]:
-    """Tunables: ``block_t`` tokens per program, ``num_warps``."""
-    return _config_space(call)
-
-
-def split_mixes_default_config(call) -> dict:
-    return _default(call, backward=False)
-
-
-def split_mixes_bwd_config_space(call) -> list[dict]:
-    return _config_space(call)
-
-
-def split_mixes_bwd_default_config(call) -> dict:
-    return _default(call, backward=True)
-
-
-def sinkhorn_config_space(call) -> list[dict]:
-    return _config_space(call)
-
-
-def sinkhorn_default_config(call) -> dict:
-    return _default(call, backward=False)
-
-
-def sinkhorn_bwd_config_space(call) -> list[dict]:
-    return _config_space(call)
-
-
-def sinkhorn_bwd_default_config(call) -> dict:
-    return _default(call, backward=True)
 
 
 def _check_config(op: str, cfg: dict) -> dict:
@@ -300,9 +269,9 @@ def _check_config(op: str, cfg: dict) -> dict:
     return cfg
 
 
-def _resolve(op, t: torch.Tensor, T: int, n: int, config, default) -> dict:
+def _resolve(op, t: torch.Tensor, T: int, n: int, config) -> dict:
     call = SimpleNamespace(T=T, n=n, C=None, dtype=t.dtype, device=t.device)
-    return _check_config(op, common.resolve_config(op, t, n, 1, T, config, lambda: default(call)))
+    return _check_config(op, common.resolve_config(op, t, n, 1, T, config, lambda: default_config(op, call)))
 
 
 def _stream_count(m: int) -> int:
@@ -334,7 +303,7 @@ def sinkhorn_fwd(logits, iters, eps, *, config: Optional[dict] = None):
     out = _alloc((T, n, n), torch.float32, logits.device)
     if T == 0:
         return out
-    cfg = _resolve("sinkhorn", logits, T, n, config, sinkhorn_default_config)
+    cfg = _resolve("sinkhorn", logits, T, n, config)
     _sinkhorn_fwd_kernel[(triton.cdiv(T, cfg["block_t"]),)](
         logits, out, T, int(iters), float(eps), N=n, BLOCK_T=cfg["block_t"], num_warps=cfg["num_warps"])
     return out
@@ -350,7 +319,7 @@ def sinkhorn_bwd(grad, logits, iters, eps, *, config: Optional[dict] = None):
     out = _alloc((T, n, n), torch.float32, logits.device)
     if T == 0:
         return out
-    cfg = _resolve("sinkhorn_bwd", logits, T, n, config, sinkhorn_bwd_default_config)
+    cfg = _resolve("sinkhorn_bwd", logits, T, n, config)
     _sinkhorn_bwd_kernel[(triton.cdiv(T, cfg["block_t"]),)](
         grad, logits, out, T, int(iters), float(eps), N=n, BLOCK_T=cfg["block_t"], num_warps=cfg["num_warps"])
     return out
@@ -371,7 +340,7 @@ def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
     comb = _alloc((T, n, n), torch.float32, dev)
     if T == 0:
         return pre, post, comb
-    cfg = _resolve("split_mixes", mixes, T, n, config, split_mixes_default_config)
+    cfg = _resolve("split_mixes", mixes, T, n, config)
     _split_mixes_fwd_kernel[(triton.cdiv(T, cfg["block_t"]),)](
         mixes, scale, base, pre, post, comb, T, float(pre_eps), float(post_mult), int(iters), float(sinkhorn_eps),
         N=n, BLOCK_T=cfg["block_t"], num_warps=cfg["num_warps"])
@@ -396,7 +365,7 @@ def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mul
     if T == 0:
         return d_mixes, torch.zeros(3, dtype=torch.float32, device=dev), torch.zeros(m, dtype=torch.float32,
                                                                                       device=dev)
-    cfg = _resolve("split_mixes_bwd", mixes, T, n, config, split_mixes_bwd_default_config)
+    cfg = _resolve("split_mixes_bwd", mixes, T, n, config)
     programs = triton.cdiv(T, cfg["block_t"])
     part_scale = _alloc((programs, 3), torch.float32, dev)
     part_base = _alloc((programs, m), torch.float32, dev)
@@ -412,7 +381,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
     """The four kernels at their default GPU configs for a T=4096 call with n streams (C and the
     residual dtype do not enter these kernels: the mixes are fp32)."""
     call = SimpleNamespace(T=T, n=n, C=C, dtype=dtype, device=torch.device("cuda"))
-    f, b = _default(call, backward=False), _default(call, backward=True)
+    f, b = default_config("sinkhorn", call), default_config("sinkhorn_bwd", call)
     ce = lambda cfg: dict(N=n, BLOCK_T=cfg["block_t"])  # noqa: E731
     sk = {"T": "i32", "iters": "i32", "eps": "fp32", "N": "constexpr", "BLOCK_T": "constexpr"}
     return [
