@@ -119,21 +119,21 @@ def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_w
                                      sinkhorn_iters, sinkhorn_eps)
 
 
-def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, store=None):
+def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, stored=None):
     """DESIGN 2.7: -> (residuals (L, ..., n, C), layer_inputs (L, ..., C)).
 
     ``residuals[l] = x_l`` with ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``;
-    ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])``. ``store`` (optional) maps each new
-    float64 residual to the values a backend stores (e.g. rounding to bf16) before it is read
-    again, as in :func:`post_pre`.
+    ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])``. ``stored`` (optional, like ``residuals``)
+    holds the residuals as a backend stored them: each layer then reads ``stored[l]`` instead of
+    the exact x_l, so every layer is the exact function of what the backend's previous layer
+    produced (and checked on its own).
     """
     ys, pre, post_m, comb = f64(layer_outputs), f64(pre_mix), f64(post_mix), f64(comb_mix)
     x = f64(residual)
     residuals, inputs = [], []
     for layer in range(ys.shape[0]):
         residuals.append(x)
-        inputs.append(pre_apply_mix(x, pre[layer]))
-        x = post(ys[layer], x, post_m[layer], comb[layer])
-        if store is not None:
-            x = f64(store(x))
+        read = x if stored is None or layer == 0 else f64(stored[layer])
+        inputs.append(pre_apply_mix(read, pre[layer]))
+        x = post(ys[layer], read, post_m[layer], comb[layer])
     return np.stack(residuals), np.stack(inputs)

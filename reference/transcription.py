@@ -86,12 +86,15 @@ def mhc_site(residual, sublayer, fn, scale, base, norm_weight=None, **consts):
     return post(sublayer(layer_input), residual, post_mix, comb_mix)
 
 
-def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix):
-    """L sites of pre_apply_mix/post from x_0: -> (residuals (L, ..., n, C), layer_inputs (L, ..., C))."""
+def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, stored=None):
+    """L sites of pre_apply_mix/post from x_0: -> (residuals (L, ..., n, C), layer_inputs (L, ..., C)).
+
+    ``stored`` (optional): read ``stored[l]`` as layer l's residual (as in the oracle)."""
     x = residual
     residuals, inputs = [], []
     for layer in range(layer_outputs.shape[0]):
         residuals.append(x)
-        inputs.append(pre_apply_mix(x, pre_mix[layer]))
-        x = post(layer_outputs[layer], x, post_mix[layer], comb_mix[layer])
+        read = x if stored is None or layer == 0 else stored[layer]
+        inputs.append(pre_apply_mix(read, pre_mix[layer]))
+        x = post(layer_outputs[layer], read, post_mix[layer], comb_mix[layer])
     return torch.stack(residuals), torch.stack(inputs)
