@@ -4,6 +4,7 @@
   switched on before triton is first imported.
 * TileLang prints every compilation unless told not to.
 * Every test gets a seed derived from its node id, so failures reproduce in isolation.
+* ``served``: which backend served each op during a test.
 """
 
 import hashlib
@@ -31,3 +32,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The backends that served each op during the test: ``{op: {backend, ...}}`` (spies on registry.select)."""
+    from mhc_kernels import registry
+
+    seen: dict[str, set] = {}
+    select = registry.select
+
+    def spy(call):
+        k = select(call)
+        seen.setdefault(call.spec.name, set()).add(k.backend)
+        return k
+
+    monkeypatch.setattr(registry, "select", spy)
+    return seen

@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (TileLang kernels run on CUDA only)", allow_module_level=True)
 
 import mhc_kernels as mk  # noqa: E402
-from mhc_kernels import registry  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -36,28 +35,14 @@ def _assert_ok(results, ctx):
     assert not bad, f"{ctx}: " + "; ".join(f"{r.name}: ratio {r.worst_ratio:.3g} ({r.detail})" for r in bad)
 
 
-def _served_by_tilelang(monkeypatch):
-    seen = {}
-    select = registry.select
-
-    def spy(call):
-        k = select(call)
-        seen.setdefault(call.spec.name, set()).add(k.backend)
-        return k
-
-    monkeypatch.setattr(registry, "select", spy)
-    return seen
-
-
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n,C,T", SHAPES, ids=lambda v: str(v))
-def test_forward_backward_bf16(op, n, C, T, monkeypatch):
-    seen = _served_by_tilelang(monkeypatch)
+def test_forward_backward_bf16(op, n, C, T, served):
     inputs = cases.make_inputs(op, (T,), n, C, torch.bfloat16, "cuda", norm_weight=(n % 2 == 0))
     with mk.use_backend("tilelang"):
         _assert_ok(cases.check_forward(mk, op, inputs), f"{op} fwd n={n} C={C} T={T}")
         _assert_ok(cases.check_backward(mk, op, inputs), f"{op} bwd n={n} C={C} T={T}")
-    assert all(b == {"tilelang"} for b in seen.values()), seen
+    assert all(b == {"tilelang"} for b in served.values()), served
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -165,11 +150,10 @@ def test_sinkhorn_bwd_direct_matches_reference():
 
 @pytest.mark.parametrize("n,C,T,L", [(4, 4096, 4096, 3), (8, 200, 13, 2), (1, 1280, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_multilayer_recompute(n, C, T, L, dtype, monkeypatch):
+def test_multilayer_recompute(n, C, T, L, dtype, served):
     from mhc_kernels.recompute import multilayer_recompute
 
-    seen = _served_by_tilelang(monkeypatch)
     inputs = cases.make_recompute_inputs((T,), n, C, L, dtype, "cuda")
     with mk.use_backend("tilelang"), torch.no_grad():
         _assert_ok(cases.check_recompute(multilayer_recompute, inputs), f"multilayer_recompute n={n} C={C} L={L}")
-    assert seen == {"multilayer_recompute": {"tilelang"}}, seen
+    assert served == {"multilayer_recompute": {"tilelang"}}, served
