@@ -36,8 +36,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALL = aot.kernel_names()
 ACT = [k for k in ALL if common.KERNELS[k].act_dependent]
 C_SWEEP_MAIN = ["pre_apply_mix_fwd", "pre_apply_mix_bwd", "post_fwd", "post_bwd", "expand_fwd", "expand_bwd",
-                "norm_fn_fwd", "norm_fn_bwd_dx", "norm_fn_bwd_dfn"]
-OTHER_ARCH = ["post_fwd", "post_bwd", "pre_apply_mix_fwd", "norm_fn_fwd", "split_mixes_bwd", "sinkhorn_bwd"]
+                "norm_fn_fwd", "norm_fn_bwd_dx", "norm_fn_bwd_dfn", "mhc_pre_tail", "mhc_pre_project", "post_project"]
+OTHER_ARCH = ["post_fwd", "post_bwd", "pre_apply_mix_fwd", "norm_fn_fwd", "split_mixes_bwd", "sinkhorn_bwd",
+              "mhc_pre_tail", "post_project"]
 
 
 def _cases():
@@ -48,7 +49,8 @@ def _cases():
     for C in (1280, 7168):
         cases += [(k, "sm_90a", 4, C, "bf16", False) for k in C_SWEEP_MAIN]
     cases += [(k, "sm_90a", 4, 200, "bf16", False) for k in ACT]
-    cases += [(k, "sm_90a", 4, 201, "bf16", False) for k in ("pre_apply_mix_fwd", "post_fwd", "norm_fn_fwd")]
+    cases += [(k, "sm_90a", 4, 201, "bf16", False) for k in ("pre_apply_mix_fwd", "post_fwd", "norm_fn_fwd",
+                                                                         "mhc_pre_tail", "post_project")]
     for dt in ("fp16", "fp32"):
         cases += [(k, "sm_90a", 4, 4096, dt, False) for k in ACT if k != "norm_fn_finalize"]
     for arch in ("sm_80", "sm_100a"):
@@ -72,12 +74,15 @@ def _build(case):
     return aot.compile_one(k, arch, n, C, DTYPES[dt], full=full)
 
 
-def _build_sinkhorn(iters):
+def _build_sinkhorn(iters, kernel="sinkhorn_fwd"):
+    """Generated source of ``kernel`` (sinkhorn_fwd, or the fused mhc_pre tail) at a non-default ``iters``."""
     os.environ.setdefault("TILELANG_PRINT_ON_COMPILATION", "0")
-    from mhc_kernels.tilelang_src import mixes  # noqa: F401
-
-    kdef = common.KERNELS["sinkhorn_fwd"]
-    prim = kdef.build(4, 1, torch.float32, {"block_T": 128}, iters=iters)
+    aot.kernel_names()  # registers every kernel (this runs in a fresh worker process)
+    kdef = common.KERNELS[kernel]
+    if kernel == "sinkhorn_fwd":
+        prim = kdef.build(4, 1, torch.float32, {"block_T": 128}, iters=iters)
+    else:
+        prim = kdef.build(4, 4096, torch.bfloat16, aot._config_for(kdef, 4, 4096, torch.bfloat16), iters=iters)
     return aot._lower_to_ptx(prim, "sm_90a")[0]
 
 
@@ -135,6 +140,7 @@ def records():
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         recs = dict(zip(CASES, pool.map(_build, CASES)))
         recs["sinkhorn_iters7"] = pool.submit(_build_sinkhorn, 7).result()
+        recs["tail_iters7"] = pool.submit(_build_sinkhorn, 7, "mhc_pre_tail").result()
         recs.update(zip(SEGMENTED, pool.map(_build_segmented, SEGMENTED)))
         recs.update(zip(MMA_CASES, pool.map(_build_mma, MMA_CASES)))
     return recs
@@ -191,6 +197,55 @@ def test_sinkhorn_iteration_loops(records):
     assert len(re.findall(loop19, _src(records, "split_mixes_bwd"))) == 2
     src7 = records["sinkhorn_iters7"]
     assert len(re.findall(r"for \(int \w+ = 0; \w+ < 6; \+\+\w+\)", src7)) == 1
+
+
+def test_fused_pre_tail_overlaps_sinkhorn_with_the_collapse(records):
+    loop19 = r"for \(int \w+ = 0; \w+ < 19; \+\+\w+\)"
+    for n in (1, 2, 4, 8):
+        src = _src(records, "mhc_pre_tail", n=n)
+        # the configured Sinkhorn (iters=20: 19 rounds after the first), once
+        assert len(re.findall(loop19, src)) == 1, n
+        # the residual is read at one site (the collapse), 16 bytes at a time
+        assert _global_load_sites(src, "x") == 1, n
+        assert "uint4" in src
+        # roles: threads below the collapse count stream, the extra warp runs the Sinkhorn; the only barrier
+        # is the one publishing pre, before the roles split, so nothing serialises the two
+        assert re.search(r"if \(\(\(int\)threadIdx.x\) < 128\) \{", src), n
+        # a register budget that leaves room for 8 CTAs per SM (2 at n = 8); spills are checked above
+        assert f"__launch_bounds__(160, {8 if n <= 4 else 2})" in src, n
+        assert src.count("__syncthreads()") == 1, n
+        sync, branch = src.index("__syncthreads()"), src.index("if (((int)threadIdx.x) < 128) {")
+        assert sync < branch
+        assert src.index("rsqrtf", branch) > 0  # the Sinkhorn warp finalises rstd/mixes after the split
+    assert len(re.findall(r"for \(int \w+ = 0; \w+ < 6; \+\+\w+\)", records["tail_iters7"])) == 1
+
+
+def test_fused_post_project_reads_and_writes_the_residual_once(records):
+    for n in (1, 2, 4, 8):
+        src = _src(records, "post_project", n=n)
+        # residual and layer output read at one site each, the new residual stored at one site and never
+        # read back (the projection takes it from the staged tile)
+        assert _global_load_sites(src, "residual") == 1, n
+        assert _global_load_sites(src, "y") == 1, n
+        assert _global_load_sites(src, "out") == 0, n
+        assert len(re.findall(r"\*\(uint4\*\)\(out \+", src)) == 1, n
+        assert _global_load_sites(src, "fn") == 1, n
+        assert "rsqrtf" not in src, "partials only: the tail finalises"
+
+
+def test_fused_pre_tail_deals_every_token_to_one_sinkhorn_lane():
+    from mhc_kernels.tilelang_src import composite, fused
+
+    for C in (1, 200, 201, 1280, 4096, 7168):
+        for T in (1, 13, 4096):
+            for dt in DTYPES.values():
+                for cfg in composite.config_space("mhc_pre", common.Shape(T, 4, C, dt)):
+                    bt, ncb = cfg["tail_block_T"], common.cdiv(C, cfg["tail_block_C"])
+                    hits = [fused.sinkhorn_token(cb, lane, q, ncb)
+                            for cb in range(ncb) for lane in range(fused.SINKHORN_WARP)
+                            for q in range(fused.sinkhorn_passes(bt, ncb))]
+                    hits = sorted(t for t in hits if t < bt)
+                    assert hits == list(range(bt)), (C, T, cfg)
 
 
 @pytest.mark.parametrize("case", SEGMENTED, ids=lambda c: f"{c[0]}-n{c[1]}-iters{c[2]}")

@@ -68,6 +68,51 @@ def test_every_config_in_the_space_is_correct():
             torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=str(cfg))
 
 
+@pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 2), (1, 201, 1, 1),
+                                          (2, 1280, 1000, 4)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_mhc_pre_equals_the_kernel_chain_bitwise(n, C, T, splits, dtype):
+    """The fused tail (fused.py) does the chain's arithmetic operation for operation, so mhc_pre through it
+    equals norm_fn -> split_mixes -> pre_apply_mix exactly, for the same projection config."""
+    from mhc_kernels.tilelang_src import composite, mixes, norm, streaming
+
+    inputs = cases.make_inputs("mhc_pre", (T,), n, C, dtype, "cuda", norm_weight=True)
+    x, fn, nw, scale, base = (inputs[k] for k in ("residual", "fn", "norm_weight", "scale", "base"))
+    consts = {k: inputs[k] for k in ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")}
+    cfg = dict(composite.default_config("mhc_pre", norm.Shape(T, n, C, dtype)), splits=splits)
+    fused = composite.mhc_pre_fwd(x, fn, scale, base, nw, *consts.values(), config=cfg)
+    mixes_, rstd = norm.norm_fn_fwd(x, fn, nw, consts["norm_eps"], config=composite._plain(cfg))
+    pre, post, comb = mixes.split_mixes_fwd(mixes_, scale, base, consts["pre_eps"], consts["post_mult"],
+                                            consts["sinkhorn_iters"], consts["sinkhorn_eps"])
+    layer_input = streaming.pre_apply_mix_fwd(x, pre)
+    for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), fused,
+                          (layer_input, post, comb, mixes_, rstd)):
+        assert torch.equal(a, b), f"{name} differs from the chain (max |diff| {(a.float() - b.float()).abs().max()})"
+
+
+@pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 8), (4, 7168, 13, 1), (8, 200, 37, 3), (1, 201, 1, 2)],
+                         ids=str)
+@pytest.mark.parametrize("mma", ["fma", "3xtf32"])
+def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma):
+    """post fused into the projection (mma="fma"; a tensor-core config runs post, then mhc_pre): the new
+    residual is post's bit for bit, the rest agrees with post -> mhc_pre to float32 accumulation error."""
+    from mhc_kernels.tilelang_src import composite, norm, streaming
+
+    inputs = cases.make_inputs("post_pre", (T,), n, C, torch.bfloat16, "cuda", norm_weight=True)
+    names = ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight", "norm_eps",
+             "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
+    args = [inputs[k] for k in names]
+    cfg = dict(composite.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16)), splits=splits, mma=mma)
+    if mma != "fma":
+        cfg.update(block_T=32, block_K=128)
+    got = composite.post_pre_fwd(*args, config=cfg)
+    new_res = streaming.post_fwd(*args[:4])
+    want = (new_res,) + composite.mhc_pre_fwd(new_res, *args[4:], config=cfg)
+    assert torch.equal(got[0], want[0])
+    for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), got[1:], want[1:]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 7])
 def test_norm_fn_split_k_paths_agree(splits):
     from mhc_kernels.tilelang_src import norm

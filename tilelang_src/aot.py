@@ -24,7 +24,7 @@ AOT_T = 4096  # token count the default configs are chosen for (the kernels them
 
 
 def _load_all():
-    from . import mixes, norm, streaming  # noqa: F401  (fill common.KERNELS)
+    from . import fused, mixes, norm, streaming  # noqa: F401  (fill common.KERNELS)
 
 
 def kernel_names() -> list[str]:

@@ -500,6 +500,14 @@ def _build_fwd_splitk(n, C, dtype, cfg, rows=None):
     return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows)
 
 
+def _build_fwd_partials(n, C, dtype, cfg, rows=None):
+    """The main loop writing split partials for any ``splits`` (1 included): ``mhc_pre``'s projection,
+    whose reduce stage is the fused tail kernel (``fused.py``)."""
+    if cfg.get("mma", "fma") != "fma":
+        return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows)
+    return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows)
+
+
 def _build_fwd_finalize(n, C, dtype, cfg, rows=None):
     import tilelang.language as T
 
@@ -653,6 +661,7 @@ def _build_bwd_dfn(n, C, dtype, cfg, rows=None):
 
 kernel_def(KernelDef("norm_fn_fwd", "norm_fn", _build_fwd_fused, FUSED_KEYS, aot_T=65536))
 kernel_def(KernelDef("norm_fn_fwd_splitk", "norm_fn", _build_fwd_splitk, FWD_KEYS, aot_T=16))
+kernel_def(KernelDef("mhc_pre_project", "mhc_pre", _build_fwd_partials, FWD_KEYS))
 kernel_def(KernelDef("norm_fn_finalize", "norm_fn", _build_fwd_finalize, FIN_KEYS, aot_T=16))
 kernel_def(KernelDef("norm_fn_bwd_dx", "norm_fn_bwd", _build_bwd_dx, DX_KEYS))
 kernel_def(KernelDef("mhc_pre_bwd_dx", "norm_fn_bwd", _build_bwd_dx, DX_KEYS,
@@ -695,6 +704,24 @@ def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config=None):
             x, f, mixes, rstd, pm, ps, float(norm_eps))
         get_kernel("norm_fn_finalize", n, C, residual.dtype, cfg, dev, rows=rows)(pm, ps, mixes, rstd, float(norm_eps))
     return mixes, rstd
+
+
+def norm_fn_partials(residual, fn, norm_weight, *, config=None):
+    """-> (part_mix (S, T, m), part_sq (S, T)): the projection's per-split partial dot products and sums of
+    squares, unnormalised (``config``: mhc_pre's, whose ``splits`` may be 1); ``fused.mhc_pre_tail`` reduces them."""
+    Tt, n, C = residual.shape
+    m = fn.shape[0]
+    cfg = _cfg("norm_fn", residual, Tt, n, C, residual.dtype, config)
+    _check_mode(cfg["mma"])
+    S = cfg["splits"]
+    pm = fn.new_empty((S, Tt, m))
+    ps = fn.new_empty((S, Tt))
+    if Tt == 0:
+        return pm, ps
+    unused = fn.new_empty((Tt, m)), fn.new_empty((Tt,))  # the finalised outputs, which this kernel leaves alone
+    get_kernel("mhc_pre_project", n, C, residual.dtype, cfg, residual.device)(
+        residual.view(Tt, n * C), _fold(fn, norm_weight), *unused, pm, ps, 0.0)
+    return pm, ps
 
 
 def norm_fn_bwd_fused(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, apply_w=None, apply_grad=None,

@@ -1,0 +1,391 @@
+"""Fused kernels of the composite ops: ``mhc_pre``'s tail and ``post_pre``'s post + projection.
+
+``mhc_pre`` on the TileLang backend is two launches:
+
+1. the projection main loop (``norm.py``) writes per-split partial dot products
+   ``part_mix (S, T, m)`` and sums of squares ``part_sq (S, T)`` -- the residual's first pass;
+2. :func:`_build_pre_tail` (this file), per CTA of ``block_T`` tokens x ``block_C`` columns:
+
+   * all threads: ``r = rsqrt(sum_s part_sq / K + norm_eps)``, and for every token of the block
+     ``pre_i = sigmoid(r * sum_s part_mix[s, :, i] * scale[0] + base[i]) + pre_eps`` into shared
+     memory (a few hundred bytes);
+   * threads ``0 .. threads-1`` (the *collapse warps*): ``layer_input[t, c] = sum_i pre_i x[t, i, c]``
+     over the CTA's tile, one 16-byte vector per thread per step, float32 accumulation in stream
+     order, one rounding -- the residual's second and last pass;
+   * one extra warp (the *Sinkhorn warp*, threads ``threads .. threads+31``): for the block's tokens
+     ``t`` with ``t % n_cblocks == bx`` (the Sinkhorn work of a token block is spread over the CTAs
+     that share it), one lane per token: ``mixes = r * sum_s part_mix``, ``rstd``, ``post``, and the
+     ``iters``-round Sinkhorn of the comb logits in registers, written as ``comb``.
+
+   The two roles are different warps of one CTA, so the serial, latency-bound Sinkhorn chain issues
+   while the collapse warps wait on HBM; nothing synchronises them after ``pre`` is shared.
+
+``post_pre`` is :func:`_build_post_project` (the new residual computed, written once and projected in
+the same main loop) followed by the same tail, which reads the new residual back once.
+
+Memory traffic of the pair (bf16 residual, per token): the residual is read twice (``2 * n * C * 2``
+bytes: the projection needs every column of a token before ``pre`` exists, and a token's row does not
+fit in shared memory next to a useful token block at C >= 4096), ``layer_input`` written once
+(``C * 2``), ``fn`` from L2; the partials, mixes, rstd, post and comb are ``O(S * m)`` floats per token.
+The unfused chain (projection -> finalize -> split_mixes -> pre_apply_mix) moves the same residual
+bytes in four launches, with the Sinkhorn kernel serialised between the residual's two passes.
+
+The arithmetic is the unfused chain's, operation for operation (split partials summed in split order
+from 0.0, ``rsqrt(s / K + eps)``, ``mixes * scale + base`` then the sigmoid, the same Sinkhorn macro,
+the collapse's stream-order float32 sum), so the fused and the chained ``mhc_pre`` agree bit for bit.
+
+Config keys of the tail (prefixed ``tail_`` in ``mhc_pre``'s and ``post_pre``'s configs; ``splits`` is
+the projection's): ``block_T``, ``block_C``, ``threads`` (collapse threads; the CTA has one more warp),
+``vec`` -- the layout of ``pre_apply_mix``'s forward kernel. The post + projection kernel takes the
+projection's keys (``block_T``, ``block_K``, ``thread_T``, ``thread_M``, ``splits``; ``mma`` must be "fma").
+"""
+
+import torch
+
+from . import streaming
+from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec
+from .mixes import _macros
+
+TAIL_KEYS = ("tail_block_T", "tail_block_C", "tail_threads", "tail_vec", "splits")
+SINKHORN_WARP = 32
+
+
+def default_tail_config(s: Shape) -> dict:
+    """``pre_apply_mix``'s streaming layout, keys prefixed ``tail_``."""
+    return {f"tail_{k}": v for k, v in streaming.default_config("pre_apply_mix", s).items()}
+
+
+def tail_threads(cfg: dict) -> int:
+    """Threads per CTA of the tail kernel: the collapse threads plus the Sinkhorn warp."""
+    return cfg["tail_threads"] + SINKHORN_WARP
+
+
+def sinkhorn_passes(block_T: int, n_cblocks: int) -> int:
+    """Tokens per Sinkhorn-warp lane: a token block's tokens are dealt round-robin over the ``n_cblocks``
+    CTAs that share it, then over the warp's lanes."""
+    return cdiv(cdiv(block_T, n_cblocks), SINKHORN_WARP)
+
+
+def sinkhorn_token(cblock, lane, q, n_cblocks):
+    """Block-local token that lane ``lane`` of the Sinkhorn warp of hidden block ``cblock`` takes on pass ``q``
+    (valid when below ``block_T``). Works on ints and on TIR expressions alike (the kernel uses it)."""
+    return cblock + n_cblocks * (q * SINKHORN_WARP + lane)
+
+
+def tail_min_blocks(n: int, threads: int) -> int:
+    """CTAs per SM the tail kernel asks ptxas to fit (``__launch_bounds__``' second argument).
+
+    Left alone, ptxas gives the kernel ~125 registers at n = 4 (the collapse alone needs 40, the Sinkhorn
+    warp alone 56), which would cap an SM at 3 CTAs = 12 collapse warps -- too few bytes in flight for a
+    memory-bound stream. Asking for a register budget of 48 (n <= 4) keeps them spill-free (checked by
+    the compile tests) at 8 CTAs of 160 threads; n = 8's 64-float Sinkhorn matrix needs ~144.
+    """
+    budget = 48 if n <= 4 else 144
+    return max(1, min(65536 // (budget * threads), 2048 // threads))
+
+
+def _build_pre_tail(n, C, dtype, cfg, iters=20):
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["tail_block_T"], cfg["tail_block_C"], cfg["tail_threads"], cfg["tail_vec"]
+    S = cfg["splits"]
+    if bc % V or (bt * (bc // V)) % th:
+        raise ValueError(f"mhc_pre tail: block_T={bt}, block_C={bc}, vec={V} must tile threads={th} exactly")
+    m = n * (n + 2)
+    nn = n * n
+    K = n * C
+    NV = bc // V
+    NIT = (bt * NV) // th           # collapse steps per thread
+    NCB = cdiv(C, bc)               # CTAs sharing a token block (its Sinkhorn work is spread over them)
+    NSK = sinkhorn_passes(bt, NCB)  # Sinkhorn tokens per lane
+    NPRE = cdiv(bt * n, th + SINKHORN_WARP)
+    Tn = T.dynamic("T")
+    sk_fwd, _ = _macros(n)
+
+    @T.prim_func
+    def mhc_pre_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
+                     scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                     x: T.Tensor((Tn, n, C), dt), layer_input: T.Tensor((Tn, C), dt),
+                     post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                     mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
+                     norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32, sinkhorn_eps: T.float32):
+        with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=th + SINKHORN_WARP) as (bx, by):
+            T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))
+            tx = T.get_thread_binding(0)
+            pre_s = T.alloc_shared((bt, n), "float32")
+            s = T.alloc_var("float32")
+            r = T.alloc_var("float32")
+            # -- every thread: pre for the block's tokens (into shared memory) ---------------------------
+            for q in T.serial(NPRE):
+                idx = q * (th + SINKHORN_WARP) + tx
+                if idx < bt * n:
+                    tok = by * bt + idx // n
+                    i = idx % n
+                    if tok < Tn:
+                        s = 0.0
+                        for sp in T.serial(S):
+                            s += part_sq[sp, tok]
+                        r = T.rsqrt(s / K + norm_eps)
+                        s = 0.0
+                        for sp in T.serial(S):
+                            s += part_mix[sp, tok, i]
+                        pre_s[idx // n, i] = T.sigmoid(s * r * scale[0] + base[i]) + pre_eps
+            T.sync_threads()
+            if tx < th:
+                # -- collapse warps: layer_input = sum_i pre_i x_i over this CTA's tile ---------------------
+                xv = T.alloc_local((V,), dt)
+                acc = T.alloc_local((V,), "float32")
+                ov = T.alloc_local((V,), dt)
+                for it in T.serial(NIT):
+                    idx = it * th + tx
+                    tok = by * bt + idx // NV
+                    col = bx * bc + (idx % NV) * V
+                    if tok < Tn and col < C:
+                        for v in T.vectorized(V):
+                            acc[v] = 0.0
+                        for i in T.unroll(n):
+                            for v in T.vectorized(V):
+                                xv[v] = x[tok, i, col + v]
+                            for v in T.vectorized(V):
+                                acc[v] += pre_s[idx // NV, i] * T.cast(xv[v], "float32")
+                        for v in T.vectorized(V):
+                            ov[v] = T.cast(acc[v], dt)
+                        for v in T.vectorized(V):
+                            layer_input[tok, col + v] = ov[v]
+            else:
+                # -- Sinkhorn warp: mixes, rstd, post and comb for tokens t = bx + NCB * j of the block -----
+                P = T.alloc_local((nn,), "float32")
+                den = T.alloc_local((n,), "float32")
+                for q in T.serial(NSK):
+                    t = sinkhorn_token(bx, tx - th, q, NCB)
+                    tok = by * bt + t
+                    if t < bt and tok < Tn:
+                        s = 0.0
+                        for sp in T.serial(S):
+                            s += part_sq[sp, tok]
+                        r = T.rsqrt(s / K + norm_eps)
+                        rstd[tok] = r
+                        for j in T.serial(m):
+                            s = 0.0
+                            for sp in T.serial(S):
+                                s += part_mix[sp, tok, j]
+                            mixes[tok, j] = s * r
+                        for i in T.unroll(n):
+                            post[tok, i] = T.sigmoid(mixes[tok, n + i] * scale[1] + base[n + i]) * post_mult
+                        for e in T.unroll(nn):
+                            P[e] = mixes[tok, 2 * n + e] * scale[2] + base[2 * n + e]
+                        sk_fwd(P, den, sinkhorn_eps, iters)
+                        for e in T.unroll(nn):
+                            comb[tok, e // n, e % n] = P[e]
+
+    return mhc_pre_tail
+
+
+def post_cols(n: int, C: int, dtype, block_K: int) -> int:
+    """Columns of each stream per main-loop chunk of the fused post + projection kernel: ``block_K / n``
+    (the staged tile keeps ``block_K`` rows, as the plain projection's), at least two 16-byte vectors so
+    every row segment read is a whole 32-byte sector."""
+    return max(block_K // n, 2 * max_vec(dtype, C))
+
+
+def _build_post_project(n, C, dtype, cfg, rows=None):
+    """``post`` fused into the projection main loop (``post_pre``'s first kernel; "fma" projection only).
+
+    Shapes: ``y (T, C)``, ``residual (T, n, C)`` (residual dtype), ``post (T, n)``, ``comb (T, n, n)``,
+    ``fn (m, n*C)`` float32 -> ``out (T, n, C)`` (the new residual), ``part_mix (S, T, m)``,
+    ``part_sq (S, T)`` float32 (reduced by :func:`_build_pre_tail`).
+
+    A CTA owns ``block_T`` tokens and one column range (``splits`` ranges of ``C``, all ``n`` streams).
+    Per chunk of ``post_cols`` columns each staging thread takes one (token, vector) item: it reads
+    ``y`` and the ``n`` residual vectors once, forms ``out_i = post_i y + sum_j comb[j, i] x_j`` in
+    float32, rounds once, writes ``out`` (every element by exactly one thread of one CTA) and stages the
+    *rounded* values as float32 (the projection sees the stored residual, as the chain's does) in the
+    same ``[k, token]`` tile the plain projection uses; the ``thread_T x thread_M`` register tile then
+    accumulates dot products and sums of squares from it. Traffic per token: ``y`` and the residual
+    read once, the new residual written once -- the chain (post, then the projection) reads the new
+    residual back once more (``n * C`` elements). Summation order over K differs from the chain's
+    (chunks interleave the streams), so the result agrees to float32 accumulation error, not bit for bit.
+    """
+    import tilelang.language as T
+
+    from .norm import mix_rows
+
+    dt = dtype_name(dtype)
+    m = rows or mix_rows(n)
+    K = n * C
+    bt, bk, TT, TM, S = cfg["block_T"], cfg["block_K"], cfg["thread_T"], cfg["thread_M"], cfg["splits"]
+    if cfg.get("mma", "fma") != "fma":
+        raise ValueError("the fused post + projection kernel has the FMA main loop only (mma='fma'); "
+                         "post_pre with a tensor-core projection runs post and the projection separately")
+    RG = cdiv(m, TM)
+    MP = RG * TM
+    TG = bt // TT
+    threads = TG * RG
+    V = max_vec(dtype, C)
+    BC = post_cols(n, C, dtype, bk)          # columns per chunk (per stream)
+    KR = n * BC                              # staged rows per chunk
+    VF = 4 if C % 4 == 0 and BC % 4 == 0 else (2 if C % 2 == 0 and BC % 2 == 0 else 1)
+    CS = cdiv(cdiv(C, S), BC) * BC           # columns per split, whole chunks
+    NCH = CS // BC
+    NVC = BC // V                            # vectors per stream row per chunk
+    XL = cdiv(bt * NVC, threads)
+    FL = cdiv(MP * n * (BC // VF), threads)
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def post_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),
+                     post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                     fn: T.Tensor((m, K), "float32"), out: T.Tensor((Tn, n, C), dt),
+                     part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32")):
+        with T.Kernel(T.ceildiv(Tn, bt), S, threads=threads) as (bx, bs):
+            tx = T.get_thread_binding(0)
+            xs = T.alloc_shared((KR, bt), "float32")   # transposed: [stream * BC + column, token]
+            fs = T.alloc_shared((KR, MP), "float32")   # transposed: [stream * BC + column, row]
+            acc = T.alloc_local((TT * TM,), "float32")
+            sq = T.alloc_local((TT,), "float32")
+            xr = T.alloc_local((TT,), "float32")
+            fr = T.alloc_local((TM,), "float32")
+            xv = T.alloc_local((n, V), dt)
+            yv = T.alloc_local((V,), dt)
+            yf = T.alloc_local((V,), "float32")
+            nv = T.alloc_local((V,), "float32")
+            ov = T.alloc_local((V,), dt)
+            fv = T.alloc_local((VF,), "float32")
+            rg = tx % RG
+            tg = tx // RG
+            for e in T.unroll(TT * TM):
+                acc[e] = 0.0
+            for e in T.unroll(TT):
+                sq[e] = 0.0
+            for ch in T.serial(NCH):
+                c0 = bs * CS + ch * BC
+                # post: new residual for (token, vector) items, written once and staged rounded
+                for it in T.serial(XL):
+                    idx = it * threads + tx
+                    if idx < bt * NVC:
+                        t = idx % bt
+                        cv = idx // bt
+                        tok = bx * bt + t
+                        col = c0 + cv * V
+                        if tok < Tn and col < C:
+                            for v in T.vectorized(V):
+                                yv[v] = y[tok, col + v]
+                            for j in T.unroll(n):
+                                for v in T.vectorized(V):
+                                    xv[j, v] = residual[tok, j, col + v]
+                            for v in T.vectorized(V):
+                                yf[v] = T.cast(yv[v], "float32")
+                            for i in T.unroll(n):
+                                for v in T.vectorized(V):
+                                    nv[v] = post[tok, i] * yf[v]
+                                for j in T.unroll(n):
+                                    for v in T.vectorized(V):
+                                        nv[v] += comb[tok, j, i] * T.cast(xv[j, v], "float32")
+                                for v in T.vectorized(V):
+                                    ov[v] = T.cast(nv[v], dt)
+                                for v in T.vectorized(V):
+                                    out[tok, i, col + v] = ov[v]
+                                for v in T.unroll(V):
+                                    xs[i * BC + cv * V + v, t] = T.cast(ov[v], "float32")
+                        else:
+                            for i in T.unroll(n):
+                                for v in T.unroll(V):
+                                    xs[i * BC + cv * V + v, t] = 0.0
+                # fn's rows for the same columns of every stream (zero past C and in the padded rows)
+                for it in T.serial(FL):
+                    idx = it * threads + tx
+                    if idx < MP * n * (BC // VF):
+                        kv = idx % (n * (BC // VF))
+                        j = idx // (n * (BC // VF))
+                        i = kv // (BC // VF)
+                        cc = (kv % (BC // VF)) * VF
+                        if j < m and c0 + cc < C:
+                            for v in T.vectorized(VF):
+                                fv[v] = fn[j, i * C + c0 + cc + v]
+                            for v in T.unroll(VF):
+                                fs[i * BC + cc + v, j] = fv[v]
+                        else:
+                            for v in T.unroll(VF):
+                                fs[i * BC + cc + v, j] = 0.0
+                T.sync_threads()
+                for kk in T.serial(KR):
+                    for a in T.unroll(TT):
+                        xr[a] = xs[kk, tg * TT + a]
+                    for b in T.unroll(TM):
+                        fr[b] = fs[kk, rg * TM + b]
+                    for a in T.unroll(TT):
+                        sq[a] += xr[a] * xr[a]
+                        for b in T.unroll(TM):
+                            acc[a * TM + b] += xr[a] * fr[b]
+                T.sync_threads()
+            for a in T.unroll(TT):
+                tok = bx * bt + tg * TT + a
+                if tok < Tn:
+                    if rg == 0:
+                        part_sq[bs, tok] = sq[a]
+                    for b in T.unroll(TM):
+                        if rg * TM + b < m:
+                            part_mix[bs, tok, rg * TM + b] = acc[a * TM + b]
+
+    return post_project
+
+
+def _iters(s: Shape) -> dict:
+    return {"iters": 20}
+
+
+kernel_def(KernelDef("mhc_pre_tail", "mhc_pre", _build_pre_tail, TAIL_KEYS, _iters))
+kernel_def(KernelDef("post_project", "post_pre", _build_post_project, ("block_T", "block_K", "thread_T", "thread_M",
+                                                                      "splits", "mma")))
+
+
+# -- launch wrapper --------------------------------------------------------------------------------------
+def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
+                 config=None):
+    """-> (layer_input, post, comb, mixes, rstd) from the projection's split partials.
+
+    ``config``: mhc_pre's config (its ``tail_*`` keys are used; missing ones take the default), or None.
+    The split count is the partials' own, so it always matches the projection that wrote them.
+    """
+    from .common import get_kernel
+
+    Tt, n, C = residual.shape
+    S, _, m = part_mix.shape
+    layer_input = residual.new_empty((Tt, C))
+    post = part_mix.new_empty((Tt, n))
+    comb = part_mix.new_empty((Tt, n, n))
+    mixes = part_mix.new_empty((Tt, m))
+    rstd = part_mix.new_empty((Tt,))
+    if Tt == 0:
+        return layer_input, post, comb, mixes, rstd
+    cfg = default_tail_config(Shape(Tt, n, C, residual.dtype))
+    cfg.update({k: v for k, v in (config or {}).items() if k.startswith("tail_")})
+    cfg["splits"] = S
+    get_kernel("mhc_pre_tail", n, C, residual.dtype, cfg, residual.device, iters=int(iters))(
+        part_mix, part_sq, scale, base, residual, layer_input, post, comb, mixes, rstd,
+        float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps))
+    return layer_input, post, comb, mixes, rstd
+
+
+def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *, config=None):
+    """-> (new_residual, part_mix (S, T, m), part_sq (S, T)), or None when the resolved projection config
+    is not "fma" (the caller then runs post and the projection as two kernels). ``config``: the
+    projection's keys (post_pre's config without its part prefixes), or None."""
+    from . import norm
+    from .common import get_kernel
+
+    Tt, n, C = residual.shape
+    m = fn.shape[0]
+    cfg = norm._cfg("norm_fn", residual, Tt, n, C, residual.dtype, config)
+    if cfg["mma"] != "fma":
+        return None
+    S = cfg["splits"]
+    out = torch.empty_like(residual)
+    pm = fn.new_empty((S, Tt, m))
+    ps = fn.new_empty((S, Tt))
+    if Tt == 0:
+        return out, pm, ps
+    get_kernel("post_project", n, C, residual.dtype, cfg, residual.device)(
+        layer_output, residual, post_mix, comb_mix, norm._fold(fn, norm_weight), out, pm, ps)
+    return out, pm, ps
