@@ -568,24 +568,24 @@ def _build_bwd_dx(n, C, dtype, cfg, rows=None, apply=False, residual_grad=False)
             acc = T.alloc_var("float32")
             q = bx * bq + tx
             if q < K:
-                for k in T.unroll(m):
-                    f[k] = fn[k, q]
+                for j in T.unroll(m):
+                    f[j] = fn[j, q]
             for it in T.serial(GL):
                 idx = it * threads + tx
                 if idx < bt * m:
                     t = idx // m
-                    k = idx % m
+                    row = idx % m   # (distinct names: TileLang binds each once; m = 1 folds the loops above)
                     tok = by * bt + t
                     if tok < Tn:
-                        grs[t, k] = g[tok, k] * rstd[tok]
+                        grs[t, row] = g[tok, row] * rstd[tok]
                     else:
-                        grs[t, k] = 0.0
+                        grs[t, row] = 0.0
             if tx < bt:
                 tok = by * bt + tx
                 if tok < Tn:
                     acc = 0.0
-                    for k in T.serial(m):
-                        acc += g[tok, k] * mixes[tok, k]
+                    for jm in T.serial(m):
+                        acc += g[tok, jm] * mixes[tok, jm]
                     coef[tx] = rstd[tok] * rstd[tok] / K * acc
                 else:
                     coef[tx] = 0.0
@@ -595,8 +595,8 @@ def _build_bwd_dx(n, C, dtype, cfg, rows=None, apply=False, residual_grad=False)
                     tok = by * bt + t
                     if tok < Tn:
                         acc = 0.0
-                        for k in T.unroll(m):
-                            acc += grs[t, k] * f[k]
+                        for jf in T.unroll(m):
+                            acc += grs[t, jf] * f[jf]
                         acc = acc - coef[t] * T.cast(x[tok, q], "float32")
                         if apply:
                             acc += w[tok, q // C] * T.cast(g_apply[tok, q % C], "float32")
@@ -631,30 +631,30 @@ def _build_bwd_dfn(n, C, dtype, cfg, rows=None):
             nblk = T.ceildiv(Tn, bt)
             b0 = (nblk * bs) // S
             b1 = (nblk * (bs + 1)) // S
-            for k in T.unroll(m):
-                acc[k] = 0.0
+            for j in T.unroll(m):
+                acc[j] = 0.0
             for blk in T.serial(b1 - b0):
                 tok0 = (b0 + blk) * bt
                 for it in T.serial(GL):
                     idx = it * threads + tx
                     if idx < bt * m:
                         t = idx // m
-                        k = idx % m
+                        row = idx % m   # (distinct names: TileLang binds each once; m = 1 folds the loops)
                         if tok0 + t < Tn:
-                            grs[t, k] = g[tok0 + t, k] * rstd[tok0 + t]
+                            grs[t, row] = g[tok0 + t, row] * rstd[tok0 + t]
                         else:
-                            grs[t, k] = 0.0
+                            grs[t, row] = 0.0
                 T.sync_threads()
                 if q < K:
                     for t in T.serial(bt):
                         if tok0 + t < Tn:
                             xq = T.cast(x[tok0 + t, q], "float32")
-                            for k in T.unroll(m):
-                                acc[k] += grs[t, k] * xq
+                            for ja in T.unroll(m):
+                                acc[ja] += grs[t, ja] * xq
                 T.sync_threads()
             if q < K:
-                for k in T.unroll(m):
-                    part_dfn[bs, k, q] = acc[k]
+                for jo in T.unroll(m):
+                    part_dfn[bs, jo, q] = acc[jo]
 
     return norm_fn_bwd_dfn
 
