@@ -37,6 +37,7 @@ def test_wheel_maps_every_folder_as_a_subpackage(wheel):
     for sub in ("reference", "triton_src", "tilelang_src", "autotune", "bench", "commands"):
         assert f"mhc_kernels/{sub}/__init__.py" in names, sub
     assert "mhc_kernels/reference/oracle.py" in names
+    assert "mhc_kernels/tilelang_src/cuda_emu.h" in names, "the TileLang CPU emulator needs its header"
     assert not any(n.startswith("mhc_kernels/tests") for n in names)
 
 

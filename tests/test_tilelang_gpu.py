@@ -109,8 +109,11 @@ def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma):
     new_res = streaming.post_fwd(*args[:4])
     want = (new_res,) + composite.mhc_pre_fwd(new_res, *args[4:], config=cfg)
     assert torch.equal(got[0], want[0])
-    for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), got[1:], want[1:]):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4, msg=name)
+    # float32 outputs to accumulation error; the bf16 layer input to one rounding step (its float32 value
+    # moves by that error too, which can flip the last bit)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2 ** -7, atol=1e-5, msg="layer_input")
+    for name, a, b in zip(("post", "comb", "mixes", "rstd"), got[2:], want[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 7])

@@ -22,6 +22,8 @@ import torch
 
 from mhc_kernels import tuned
 
+from . import emulation_enabled
+
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 MAX_N = 8  # the n x n mixing matrices and per-stream accumulators live in registers
 
@@ -34,7 +36,7 @@ PASS_CONFIGS = {
 
 def supports_call(call) -> Optional[str]:
     """None when the TileLang kernels can serve ``call`` (a validated Call), else why not."""
-    if call.device.type != "cuda":
+    if call.device.type != "cuda" and not (call.device.type == "cpu" and emulation_enabled()):
         return f"TileLang kernels run on CUDA devices only; got {call.device.type}"
     if call.dtype not in DTYPES:
         return (f"TileLang kernels take bf16/fp16/fp32 residuals (float32 mixes); got {call.dtype} "
@@ -105,7 +107,12 @@ def _freeze(d: dict) -> tuple:
     return tuple(sorted(d.items()))
 
 
-def runtime_target(device: torch.device) -> dict:
+EMULATED = "emulated"  # the "target" of CPU tensors under MHC_TILELANG_EMULATE=1 (emulate.py)
+
+
+def runtime_target(device: torch.device):
+    if device.type == "cpu":
+        return EMULATED
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"sm_{major}{minor}" + ("a" if major in (9, 10) else "")
     return {"kind": "cuda", "arch": arch}
@@ -117,6 +124,10 @@ def _compiled(kdef_name: str, n: int, C: int, dtype: torch.dtype, cfg: tuple, co
 
     kdef = KERNELS[kdef_name]
     prim = kdef.build(n, C, dtype, dict(cfg), **dict(consts))
+    if target == repr(EMULATED):
+        from .emulate import EmulatedKernel
+
+        return EmulatedKernel(prim)
     return tilelang.compile(prim, target=eval(target), pass_configs=dict(PASS_CONFIGS))  # noqa: S307 (our own repr)
 
 

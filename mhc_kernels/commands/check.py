@@ -12,7 +12,9 @@ the shape unsupported. Exit status 1 when anything failed (or a backend named wi
 ``--backends`` cannot run on the device), else 0.
 
 Shapes are small where kernels are slow: on CPU the Triton backend runs only under
-``TRITON_INTERPRET=1`` (set before triton is imported) and gets a couple of tokens per case.
+``TRITON_INTERPRET=1`` (set before triton is imported), the TileLang backend only under
+``MHC_TILELANG_EMULATE=1`` (its generated CUDA compiled as host C++ on CPU threads), and
+both get a couple of tokens per case.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _CPU_CASES = [
     ((2, 3), 4, 7, FP32, False, cases.LOUD_CONSTS),
     ((3,), 2, 33, FP16, True, {"sinkhorn_iters": 2}),
 ]
-_INTERPRETER_CASES = [  # the Triton interpreter costs tens of ms per program instance
+_INTERPRETER_CASES = [  # the Triton interpreter / TileLang emulator cost ms per program instance
     ((2,), 4, 40, BF16, True, {}),
     ((1, 3), 2, 7, FP32, False, cases.LOUD_CONSTS),
 ]
@@ -128,7 +130,7 @@ def _run_case(backend, op, device, spec) -> Outcome:
 def _cases_for(backend: str, device: torch.device):
     if device.type == "cuda":
         return _CUDA_CASES
-    if backend == "triton":
+    if backend in ("triton", "tilelang"):
         return _INTERPRETER_CASES
     return _CPU_CASES
 

@@ -1,0 +1,205 @@
+"""Run TileLang kernels on the CPU by compiling their *generated CUDA source* as host C++.
+
+This is a test device, not a backend: it lets the numerics of the CUDA code TileLang
+emits for our kernels be checked against the float64 oracle on a machine without a
+GPU (CI). Enabled by ``MHC_TILELANG_EMULATE=1``; the TileLang backend then also serves
+CPU tensors, like the Triton backend under ``TRITON_INTERPRET=1``.
+
+How: the kernel is lowered for ``sm_90a`` exactly as for the GPU (same passes, same
+generated ``kernel_source``); preprocessor lines are dropped, ``extern __shared__``
+arrays become views of a per-launch buffer, and the source is compiled with ``g++``
+against ``cuda_emu.h`` (threadIdx/blockIdx, ``__syncthreads``, bf16/fp16 storage types
+with round-to-nearest-even conversions, the vector types, ``tl::AllReduce``). Each CUDA
+thread is an OS thread, CTAs run one after another. Grid, block and dynamic shared
+memory sizes are read from the host module's launch call and evaluated at the actual
+token count.
+
+What it proves and what it does not: the index arithmetic, masking, loop bounds,
+shared-memory staging, barriers and the float32 math of the generated code (rsqrtf is
+``1/sqrt`` here, ``__expf``-style fast math is not used by these kernels). It cannot
+run inline PTX or tensor-core MMA (the ``mma`` projection variants are refused), and it
+says nothing about memory-model races beyond what barriers order, timing or occupancy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import subprocess
+
+import torch
+
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu.h")
+TARGET = {"kind": "cuda", "arch": "sm_90a"}
+
+
+class EmulationError(RuntimeError):
+    """The kernel cannot be run by the CPU emulator (or the emulator's toolchain is missing)."""
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("MHC_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mhc_kernels")
+    path = os.path.join(root, "tilelang_emu")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+_SIG = re.compile(r'extern "C" __global__ void __launch_bounds__\([^)]*\) (\w+)\(([^)]*)\) \{')
+_SHARED = re.compile(r"extern __shared__ __align__\(\d+\) (\w+) (\w+)\[\];")
+
+
+def _host_source(kernel_source: str):
+    """-> (C++ source with an ``emu_entry`` function, kernel name, [(c type, name) of its params])."""
+    if re.search(r"\basm\b|tl::gemm|\bmma\b|ldmatrix|tl::ptx", kernel_source):
+        raise EmulationError("the kernel uses inline PTX / tensor-core MMA, which the CPU emulator cannot run")
+    sig = _SIG.search(kernel_source)
+    if sig is None:
+        raise EmulationError("no kernel definition found in the generated source")
+    name = sig.group(1)
+    params = []
+    for p in sig.group(2).split(","):
+        p = p.replace("__restrict__", " ").strip()
+        ctype, pname = p.rsplit(None, 1)
+        params.append((" ".join(ctype.split()), pname))
+    body = "\n".join(line for line in kernel_source.splitlines() if not line.lstrip().startswith("#"))
+    body = _SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)emu::smem;", body)
+    call = ", ".join(f"({t})args[{i}]" if t.endswith("*") else f"*({t}*)args[{i}]"
+                     for i, (t, _) in enumerate(params))
+    src = (f'#define EMU_IMPLEMENTATION\n#include "{HEADER}"\n{body}\n'
+           f'extern "C" void emu_entry(void** args, int gx, int gy, int gz, int bx, int by, int bz, long smem) {{\n'
+           f'  emu::launch(gx, gy, gz, bx, by, bz, smem, [&] {{ {name}({call}); }});\n}}\n')
+    return src, name, params
+
+
+@functools.lru_cache(maxsize=None)
+def _build_library(src: str) -> ctypes.CDLL:
+    with open(HEADER) as f:
+        key = hashlib.sha256((src + f.read()).encode()).hexdigest()[:24]
+    lib = os.path.join(_cache_dir(), f"k_{key}.so")
+    if not os.path.exists(lib):
+        cpp = lib[:-3] + ".cpp"
+        with open(cpp, "w") as f:
+            f.write(src)
+        tmp = f"{lib}.{os.getpid()}.tmp"
+        cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+               "-fno-strict-aliasing", "-w", cpp, "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise EmulationError(f"g++ could not build the emulated kernel ({cpp}):\n{res.stderr[-3000:]}")
+        os.replace(tmp, lib)
+    dll = ctypes.CDLL(lib)
+    dll.emu_entry.restype = None
+    dll.emu_entry.argtypes = [ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_int] * 6 + [ctypes.c_long]
+    return dll
+
+
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                 "int32": torch.int32, "int64": torch.int64}
+
+
+class EmulatedKernel:
+    """Callable like a compiled TileLang kernel: positional tensors and scalars in the prim_func's order."""
+
+    def __init__(self, prim):
+        import tilelang
+        from tilelang import tvm
+
+        from .common import PASS_CONFIGS
+
+        with tvm.transform.PassContext(opt_level=3, config=dict(PASS_CONFIGS)), tvm.target.Target(TARGET):
+            art = tilelang.lower(prim, target=TARGET)
+        self.source, self.name, self.params = _host_source(art.kernel_source)
+        self.lib = _build_library(self.source)
+        tirx = __import__(type(prim).__module__.rsplit(".", 1)[0], fromlist=["stmt_functor"])
+        self._tirx = tirx
+        self.arg_names = []   # prim_func parameter -> name in the kernel signature
+        self.buffers = {}     # name -> (dtype, shape exprs)
+        for p in prim.params:
+            buf = prim.buffer_map.get(p)
+            if buf is not None:
+                self.arg_names.append(buf.data.name)
+                self.buffers[buf.data.name] = (str(buf.dtype), list(buf.shape))
+            else:
+                self.arg_names.append(p.name)
+        calls = []
+
+        def visit(node):
+            if (isinstance(node, tirx.Call) and node.args and isinstance(node.args[0], tirx.StringImm)
+                    and node.args[0].value == self.name):
+                calls.append(node)
+
+        for _, f in art.host_mod.functions.items():
+            if hasattr(f, "body"):
+                tirx.stmt_functor.post_order_visit(f.body, visit)
+        if len(calls) != 1:
+            raise EmulationError(f"expected one launch of {self.name} in the host module, found {len(calls)}")
+        args = list(calls[0].args[1:])
+        self.call_args = args[:len(self.params)]
+        gfun = [f for _, f in art.device_mod.functions.items()][0]
+        key = [k for k in gfun.attrs.keys() if str(k).endswith("kernel_launch_params")]
+        # (blockIdx.x, blockIdx.y, threadIdx.x, threadIdx.y, threadIdx.z[, *.use_dyn_shared_memory])
+        self.launch_names = [str(v) for v in gfun.attrs[key[0]]] if key else []
+        self.launch = args[len(self.params):]
+        if not key or len(self.launch) != len(self.launch_names):
+            raise EmulationError(f"{self.name}: launch parameters {self.launch} do not match {self.launch_names}")
+
+    def _eval(self, expr, sizes) -> int:
+        """An integer expression of the symbolic sizes (the token count), at ``sizes``."""
+        from tilelang import tvm
+
+        found = {}
+        self._tirx.stmt_functor.post_order_visit(
+            expr, lambda n: found.setdefault(n, None) if isinstance(n, self._tirx.Var) else None)
+        sub = {v: self._tirx.IntImm(v.dtype, sizes[v.name]) for v in found}
+        return int(tvm.arith.Analyzer().simplify(self._tirx.stmt_functor.substitute(expr, sub)).value)
+
+    def _launch_dims(self, sizes):
+        dims = {k: self._eval(e, sizes) for k, e in zip(self.launch_names, self.launch)}
+        grid = [dims.get(f"blockIdx.{a}", 1) for a in "xyz"]
+        block = [dims.get(f"threadIdx.{a}", 1) for a in "xyz"]
+        smem = sum(v for k, v in dims.items() if k.endswith("use_dyn_shared_memory"))
+        return grid, block, smem
+
+    def __call__(self, *args):
+        if len(args) != len(self.arg_names):
+            raise TypeError(f"{self.name}: expected {len(self.arg_names)} arguments, got {len(args)}")
+        values, sizes, keep, derived = {}, {}, [], []
+        for name, a in zip(self.arg_names, args):
+            if name in self.buffers:
+                dtype, shape = self.buffers[name]
+                if not isinstance(a, torch.Tensor) or a.device.type != "cpu" or not a.is_contiguous():
+                    raise EmulationError(f"{self.name}: argument {name!r} must be a contiguous CPU tensor")
+                if a.dtype != _TORCH_DTYPES[dtype] or a.dim() != len(shape):
+                    raise EmulationError(f"{self.name}: argument {name!r} must be {dtype} with {len(shape)} dims, "
+                                         f"got {a.dtype} with {a.dim()}")
+                for d, (want, got) in enumerate(zip(shape, a.shape)):
+                    if isinstance(want, self._tirx.Var):
+                        if sizes.setdefault(want.name, int(got)) != int(got):
+                            raise EmulationError(f"{self.name}: {name!r} dim {d} is {got}, expected {sizes[want.name]}")
+                    else:
+                        derived.append((name, d, want, int(got)))  # checked once the symbolic sizes are known
+                values[name] = ctypes.c_void_p(a.data_ptr())
+            else:
+                values[name] = a
+        for name, d, want, got in derived:
+            if self._eval(want, sizes) != got:
+                raise EmulationError(f"{self.name}: {name!r} dim {d} is {got}, expected {self._eval(want, sizes)}")
+        ptrs = []
+        for (ctype, pname), expr in zip(self.params, self.call_args):
+            key = expr.name if isinstance(expr, self._tirx.Var) else pname
+            if ctype.endswith("*"):
+                ptrs.append(values[key].value)
+                continue
+            v = sizes[key] if key in sizes else values[key]
+            box = (ctypes.c_int if ctype in ("int", "int32_t") else
+                   ctypes.c_long if ctype == "int64_t" else ctypes.c_float)(v)
+            keep.append(box)
+            ptrs.append(ctypes.addressof(box))
+        (gx, gy, gz), (bx, by, bz), smem = self._launch_dims(sizes)
+        if gx * gy * gz == 0:
+            return
+        arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self.lib.emu_entry(arr, gx, gy, gz, bx, by, bz, smem)
