@@ -26,6 +26,8 @@ import mhc_kernels as mk  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
 from mhc_kernels.tilelang_src import EMULATE_ENV  # noqa: E402
 
+import tilelang_checks  # noqa: E402
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _emulate():
@@ -82,48 +84,15 @@ def test_multilayer_recompute(n, C, lead, L, dtype, served):
     assert served == {"multilayer_recompute": {"tilelang"}}, served
 
 
-def _pre_inputs(op, n, C, T, dtype):
-    inputs = cases.make_inputs(op, (T,), n, C, dtype, "cpu", norm_weight=True)
-    consts = [inputs[k] for k in ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")]
-    return inputs, consts
-
-
 @pytest.mark.parametrize("n,C,T,splits", [(4, 64, 37, 1), (4, 33, 5, 3), (8, 16, 9, 2), (1, 7, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_fused_mhc_pre_equals_the_kernel_chain_bitwise(n, C, T, splits, dtype):
-    """The fused tail does the chain's arithmetic operation for operation (fused.py's claim)."""
-    from mhc_kernels.tilelang_src import composite, mixes, norm, streaming
-
-    inputs, consts = _pre_inputs("mhc_pre", n, C, T, dtype)
-    x, fn, nw, scale, base = (inputs[k] for k in ("residual", "fn", "norm_weight", "scale", "base"))
-    cfg = dict(composite.default_config("mhc_pre", norm.Shape(T, n, C, dtype)), splits=splits)
-    fused = composite.mhc_pre_fwd(x, fn, scale, base, nw, *consts, config=cfg)
-    mixes_, rstd = norm.norm_fn_fwd(x, fn, nw, consts[0], config=composite._plain(cfg))
-    pre, post, comb = mixes.split_mixes_fwd(mixes_, scale, base, *consts[1:])
-    layer_input = streaming.pre_apply_mix_fwd(x, pre)
-    for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), fused,
-                          (layer_input, post, comb, mixes_, rstd)):
-        assert torch.equal(a, b), f"{name}: max |diff| {(a.float() - b.float()).abs().max()}"
+    tilelang_checks.fused_mhc_pre_equals_the_chain("cpu", n, C, T, splits, dtype)
 
 
 @pytest.mark.parametrize("n,C,T,splits", [(4, 64, 37, 2), (4, 33, 5, 1), (8, 16, 9, 4), (2, 1, 3, 1)], ids=str)
 def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits):
-    from mhc_kernels.tilelang_src import composite, norm, streaming
-
-    inputs = cases.make_inputs("post_pre", (T,), n, C, torch.bfloat16, "cpu", norm_weight=True)
-    names = ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight", "norm_eps",
-             "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
-    args = [inputs[k] for k in names]
-    cfg = dict(composite.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16)), splits=splits)
-    got = composite.post_pre_fwd(*args, config=cfg)
-    new_res = streaming.post_fwd(*args[:4])
-    want = (new_res,) + composite.mhc_pre_fwd(new_res, *args[4:], config=cfg)
-    assert torch.equal(got[0], want[0]), "the new residual is post's, bit for bit"
-    # float32 outputs to accumulation error; the bf16 layer input to one rounding step (its float32 value
-    # moves by that error too, which can flip the last bit)
-    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2 ** -7, atol=1e-5, msg="layer_input")
-    for name, a, b in zip(("post", "comb", "mixes", "rstd"), got[2:], want[2:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cpu", n, C, T, splits)
 
 
 def test_configs_in_the_spaces_are_correct():
@@ -139,8 +108,8 @@ def test_configs_in_the_spaces_are_correct():
         for cfg in space[::max(1, len(space) // 6)]:
             out = backend.OPS[op].fn(*args, config=cfg)
             torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=str(cfg))
-    inputs, consts = _pre_inputs("mhc_pre", 4, 24, 7, torch.float32)
-    args = [inputs[k] for k in ("residual", "fn", "scale", "base", "norm_weight")] + consts
+    inputs = cases.make_inputs("mhc_pre", (7,), 4, 24, torch.float32, "cpu", norm_weight=True)
+    args = [inputs[k] for k in ("residual", "fn", "scale", "base", "norm_weight") + tilelang_checks.PRE_CONSTS]
     ref = torch_ref.mhc_pre_fwd(*args)
     space = composite.config_space("mhc_pre", common.Shape(7, 4, 24, torch.float32))
     for cfg in space[::max(1, len(space) // 6)]:
@@ -150,15 +119,7 @@ def test_configs_in_the_spaces_are_correct():
 
 @pytest.mark.parametrize("splits", [1, 2, 7])
 def test_norm_fn_split_k_paths_agree(splits):
-    from mhc_kernels.tilelang_src import norm
-
-    inputs = cases.make_inputs("norm_fn", (9,), 4, 40, torch.bfloat16, "cpu")
-    x, fn = inputs["residual"], inputs["fn"]
-    ref_m, ref_r = torch_ref.norm_fn_fwd(x, fn, None, 1e-6)
-    cfg = dict(norm.default_config("norm_fn", norm.Shape(9, 4, 40, torch.bfloat16)), splits=splits)
-    m, r = norm.norm_fn_fwd(x, fn, None, 1e-6, config=cfg)
-    torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(r, ref_r, rtol=1e-5, atol=1e-6)
+    tilelang_checks.norm_fn_split_k_paths_agree("cpu", 9, 40, splits)
 
 
 @pytest.mark.parametrize("op", ["sinkhorn_bwd", "split_mixes_bwd"])

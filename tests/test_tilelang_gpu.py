@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
 
+import tilelang_checks  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 OPS = tuple(cases.CASES)  # norm_fn, split_mixes, sinkhorn, pre_apply_mix, post, mhc_pre, expand, mhc_head, post_pre
@@ -72,61 +74,19 @@ def test_every_config_in_the_space_is_correct():
                                           (2, 1280, 1000, 4)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_mhc_pre_equals_the_kernel_chain_bitwise(n, C, T, splits, dtype):
-    """The fused tail (fused.py) does the chain's arithmetic operation for operation, so mhc_pre through it
-    equals norm_fn -> split_mixes -> pre_apply_mix exactly, for the same projection config."""
-    from mhc_kernels.tilelang_src import composite, mixes, norm, streaming
-
-    inputs = cases.make_inputs("mhc_pre", (T,), n, C, dtype, "cuda", norm_weight=True)
-    x, fn, nw, scale, base = (inputs[k] for k in ("residual", "fn", "norm_weight", "scale", "base"))
-    consts = {k: inputs[k] for k in ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")}
-    cfg = dict(composite.default_config("mhc_pre", norm.Shape(T, n, C, dtype)), splits=splits)
-    fused = composite.mhc_pre_fwd(x, fn, scale, base, nw, *consts.values(), config=cfg)
-    mixes_, rstd = norm.norm_fn_fwd(x, fn, nw, consts["norm_eps"], config=composite._plain(cfg))
-    pre, post, comb = mixes.split_mixes_fwd(mixes_, scale, base, consts["pre_eps"], consts["post_mult"],
-                                            consts["sinkhorn_iters"], consts["sinkhorn_eps"])
-    layer_input = streaming.pre_apply_mix_fwd(x, pre)
-    for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), fused,
-                          (layer_input, post, comb, mixes_, rstd)):
-        assert torch.equal(a, b), f"{name} differs from the chain (max |diff| {(a.float() - b.float()).abs().max()})"
+    tilelang_checks.fused_mhc_pre_equals_the_chain("cuda", n, C, T, splits, dtype)
 
 
 @pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 8), (4, 7168, 13, 1), (8, 200, 37, 3), (1, 201, 1, 2)],
                          ids=str)
 @pytest.mark.parametrize("mma", ["fma", "3xtf32"])
 def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma):
-    """post fused into the projection (mma="fma"; a tensor-core config runs post, then mhc_pre): the new
-    residual is post's bit for bit, the rest agrees with post -> mhc_pre to float32 accumulation error."""
-    from mhc_kernels.tilelang_src import composite, norm, streaming
-
-    inputs = cases.make_inputs("post_pre", (T,), n, C, torch.bfloat16, "cuda", norm_weight=True)
-    names = ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight", "norm_eps",
-             "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
-    args = [inputs[k] for k in names]
-    cfg = dict(composite.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16)), splits=splits, mma=mma)
-    if mma != "fma":
-        cfg.update(block_T=32, block_K=128)
-    got = composite.post_pre_fwd(*args, config=cfg)
-    new_res = streaming.post_fwd(*args[:4])
-    want = (new_res,) + composite.mhc_pre_fwd(new_res, *args[4:], config=cfg)
-    assert torch.equal(got[0], want[0])
-    # float32 outputs to accumulation error; the bf16 layer input to one rounding step (its float32 value
-    # moves by that error too, which can flip the last bit)
-    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2 ** -7, atol=1e-5, msg="layer_input")
-    for name, a, b in zip(("post", "comb", "mixes", "rstd"), got[2:], want[2:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cuda", n, C, T, splits, mma)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 7])
 def test_norm_fn_split_k_paths_agree(splits):
-    from mhc_kernels.tilelang_src import norm
-
-    inputs = cases.make_inputs("norm_fn", (300,), 4, 1280, torch.bfloat16, "cuda")
-    x, fn = inputs["residual"], inputs["fn"]
-    ref_m, ref_r = torch_ref.norm_fn_fwd(x, fn, None, 1e-6)
-    cfg = dict(norm.default_config("norm_fn", norm.Shape(300, 4, 1280, torch.bfloat16)), splits=splits)
-    m, r = norm.norm_fn_fwd(x, fn, None, 1e-6, config=cfg)
-    torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(r, ref_r, rtol=1e-5, atol=1e-6)
+    tilelang_checks.norm_fn_split_k_paths_agree("cuda", 300, 1280, splits)
 
 
 # The tensor-core projection (config key mma): explicit configs, every path (fused and split-K, token and

@@ -209,7 +209,7 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
     """
     import tilelang.language as T
 
-    from .norm import mix_rows
+    from .norm import fma_tile_macros, mix_rows
 
     dt = dtype_name(dtype)
     m = rows or mix_rows(n)
@@ -232,6 +232,7 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
     XL = cdiv(bt * NVC, threads)
     FL = cdiv(MP * n * (BC // VF), threads)
     Tn = T.dynamic("T")
+    accumulate, store_partials = fma_tile_macros(TT, TM, m, Tn)
 
     @T.prim_func
     def post_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),
@@ -309,24 +310,9 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
                             for v in T.unroll(VF):
                                 fs[i * BC + cc + v, j] = 0.0
                 T.sync_threads()
-                for kk in T.serial(KR):
-                    for a in T.unroll(TT):
-                        xr[a] = xs[kk, tg * TT + a]
-                    for b in T.unroll(TM):
-                        fr[b] = fs[kk, rg * TM + b]
-                    for a in T.unroll(TT):
-                        sq[a] += xr[a] * xr[a]
-                        for b in T.unroll(TM):
-                            acc[a * TM + b] += xr[a] * fr[b]
+                accumulate(xs, fs, KR, xr, fr, acc, sq, tg, rg)
                 T.sync_threads()
-            for a in T.unroll(TT):
-                tok = bx * bt + tg * TT + a
-                if tok < Tn:
-                    if rg == 0:
-                        part_sq[bs, tok] = sq[a]
-                    for b in T.unroll(TM):
-                        if rg * TM + b < m:
-                            part_mix[bs, tok, rg * TM + b] = acc[a * TM + b]
+            store_partials(part_mix, part_sq, acc, sq, bx * bt, bs, tg, rg)
 
     return post_project
 

@@ -158,6 +158,42 @@ def config_space(op: str, s: Shape) -> list[dict]:
 
 
 # -- forward -------------------------------------------------------------------------------------
+def fma_tile_macros(TT: int, TM: int, m: int, Tn):
+    """The FMA projection's register tile, shared by the plain main loop and the fused post + projection
+    (``fused.py``): each thread owns ``TT`` tokens x ``TM`` rows of fn (token group ``tg``, row group ``rg``).
+
+    ``accumulate(xs, fs, nk, ...)``: for each of ``nk`` staged rows k of ``xs [k, token]`` and ``fs [k, row]``,
+    ``TT + TM`` shared loads feed ``TT * TM`` FMAs into ``acc`` and ``TT`` into the sums of squares ``sq``.
+    ``store_partials(...)``: the unnormalised dots and sums of squares of split ``bs``. ``Tn`` (the kernel's
+    symbolic token count) is closed over, not passed: a macro parameter would rename it in the source."""
+    import tilelang.language as T
+
+    @T.macro
+    def accumulate(xs, fs, nk, xr, fr, acc, sq, tg, rg):
+        for kk in T.serial(nk):
+            for a in T.unroll(TT):
+                xr[a] = xs[kk, tg * TT + a]
+            for b in T.unroll(TM):
+                fr[b] = fs[kk, rg * TM + b]
+            for a in T.unroll(TT):
+                sq[a] += xr[a] * xr[a]
+                for b in T.unroll(TM):
+                    acc[a * TM + b] += xr[a] * fr[b]
+
+    @T.macro
+    def store_partials(part_mix, part_sq, acc, sq, tok0, bs, tg, rg):
+        for a in T.unroll(TT):
+            tok = tok0 + tg * TT + a
+            if tok < Tn:
+                if rg == 0:
+                    part_sq[bs, tok] = sq[a]
+                for b in T.unroll(TM):
+                    if rg * TM + b < m:
+                        part_mix[bs, tok, rg * TM + b] = acc[a * TM + b]
+
+    return accumulate, store_partials
+
+
 def _build_fwd(n, C, dtype, cfg, fused, rows=None):
     """Main loop. ``fused``: one K range (splits == 1), finalise in place; else write partials."""
     import tilelang.language as T
@@ -180,6 +216,7 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
     XL = cdiv(bt * (bk // V), threads)
     FL = cdiv(MP * (bk // VF), threads)
     Tn = T.dynamic("T")
+    accumulate, store_partials = fma_tile_macros(TT, TM, m, Tn)
 
     @T.prim_func
     def norm_fn_fwd(x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),
@@ -237,20 +274,12 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
                             for v in T.unroll(VF):
                                 fs[kv * VF + v, j] = 0.0
                 T.sync_threads()
-                for kk in T.serial(bk):
-                    for a in T.unroll(TT):
-                        xr[a] = xs[kk, tg * TT + a]
-                    for b in T.unroll(TM):
-                        fr[b] = fs[kk, rg * TM + b]
-                    for a in T.unroll(TT):
-                        sq[a] += xr[a] * xr[a]
-                        for b in T.unroll(TM):
-                            acc[a * TM + b] += xr[a] * fr[b]
+                accumulate(xs, fs, bk, xr, fr, acc, sq, tg, rg)
                 T.sync_threads()
-            for a in T.unroll(TT):
-                tok = bx * bt + tg * TT + a
-                if tok < Tn:
-                    if fused:
+            if fused:
+                for a in T.unroll(TT):
+                    tok = bx * bt + tg * TT + a
+                    if tok < Tn:
                         r = T.alloc_var("float32")
                         r = T.rsqrt(sq[a] / K + eps)
                         if rg == 0:
@@ -258,12 +287,8 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
                         for b in T.unroll(TM):
                             if rg * TM + b < m:
                                 mixes[tok, rg * TM + b] = acc[a * TM + b] * r
-                    else:
-                        if rg == 0:
-                            part_sq[bs, tok] = sq[a]
-                        for b in T.unroll(TM):
-                            if rg * TM + b < m:
-                                part_mix[bs, tok, rg * TM + b] = acc[a * TM + b]
+            else:
+                store_partials(part_mix, part_sq, acc, sq, bx * bt, bs, tg, rg)
 
     return norm_fn_fwd
 

@@ -1,0 +1,63 @@
+"""Checks of the TileLang backend's kernel-level paths, shared by the GPU tests and the CPU-emulated tests.
+
+Each takes the device (``"cuda"``, or ``"cpu"`` under ``MHC_TILELANG_EMULATE=1``) and the shape, so
+the GPU file runs them at production sizes and the emulated file at sizes CPU threads can afford.
+"""
+
+import torch
+
+from mhc_kernels.reference import cases, torch_ref
+
+PRE_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
+POST_PRE_ARGS = ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight") + PRE_CONSTS
+
+
+def fused_mhc_pre_equals_the_chain(device, n, C, T, splits, dtype):
+    """The fused tail does the chain's arithmetic operation for operation (fused.py's claim): mhc_pre through
+    it equals norm_fn -> split_mixes -> pre_apply_mix bit for bit, for the same projection config."""
+    from mhc_kernels.tilelang_src import composite, mixes, norm, streaming
+
+    inputs = cases.make_inputs("mhc_pre", (T,), n, C, dtype, device, norm_weight=True)
+    x, fn, nw, scale, base = (inputs[k] for k in ("residual", "fn", "norm_weight", "scale", "base"))
+    consts = [inputs[k] for k in PRE_CONSTS]
+    cfg = dict(composite.default_config("mhc_pre", norm.Shape(T, n, C, dtype)), splits=splits)
+    fused = composite.mhc_pre_fwd(x, fn, scale, base, nw, *consts, config=cfg)
+    mixes_, rstd = norm.norm_fn_fwd(x, fn, nw, consts[0], config=composite._plain(cfg))
+    pre, post, comb = mixes.split_mixes_fwd(mixes_, scale, base, *consts[1:])
+    layer_input = streaming.pre_apply_mix_fwd(x, pre)
+    for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), fused,
+                          (layer_input, post, comb, mixes_, rstd)):
+        assert torch.equal(a, b), f"{name} differs from the chain (max |diff| {(a.float() - b.float()).abs().max()})"
+
+
+def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma"):
+    """post fused into the projection (mma="fma"; a tensor-core config runs post, then mhc_pre): the new
+    residual is post's bit for bit, the rest agrees with post -> mhc_pre to float32 accumulation error."""
+    from mhc_kernels.tilelang_src import composite, norm, streaming
+
+    inputs = cases.make_inputs("post_pre", (T,), n, C, torch.bfloat16, device, norm_weight=True)
+    args = [inputs[k] for k in POST_PRE_ARGS]
+    cfg = dict(composite.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16)), splits=splits, mma=mma)
+    if mma != "fma":
+        cfg.update(block_T=32, block_K=128)
+    got = composite.post_pre_fwd(*args, config=cfg)
+    new_res = streaming.post_fwd(*args[:4])
+    want = (new_res,) + composite.mhc_pre_fwd(new_res, *args[4:], config=cfg)
+    assert torch.equal(got[0], want[0]), "the new residual is post's, bit for bit"
+    # float32 outputs to accumulation error; the bf16 layer input to one rounding step (its float32 value
+    # moves by that error too, which can flip the last bit)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2 ** -7, atol=1e-5, msg="layer_input")
+    for name, a, b in zip(("post", "comb", "mixes", "rstd"), got[2:], want[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def norm_fn_split_k_paths_agree(device, T, C, splits):
+    from mhc_kernels.tilelang_src import norm
+
+    inputs = cases.make_inputs("norm_fn", (T,), 4, C, torch.bfloat16, device)
+    x, fn = inputs["residual"], inputs["fn"]
+    ref_m, ref_r = torch_ref.norm_fn_fwd(x, fn, None, 1e-6)
+    cfg = dict(norm.default_config("norm_fn", norm.Shape(T, 4, C, torch.bfloat16)), splits=splits)
+    m, r = norm.norm_fn_fwd(x, fn, None, 1e-6, config=cfg)
+    torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r, ref_r, rtol=1e-5, atol=1e-6)
