@@ -162,3 +162,58 @@ def test_cpu_refused_without_emulation(monkeypatch):
     x = torch.randn(2, 4, 8)
     with mk.use_backend("tilelang"), pytest.raises(mk.BackendError, match=EMULATE_ENV):
         mk.pre_apply_mix(x, torch.rand(2, 4))
+
+
+MUTATIONS = {  # post_fwd's source, broken three ways: each must be caught
+    "transposed comb": ("acc[v] += comb[tok, j, i] * xf[j, v]", "acc[v] += comb[tok, i, j] * xf[j, v]"),
+    "read the next token": ("yv[v] = y[tok, col + v]\n                    for j in T.unroll(n):",
+                            "yv[v] = y[tok + 1, col + v]\n                    for j in T.unroll(n):"),
+    "write the wrong stream": ("out[tok, i, col + v] = ov[v]\n\n    return post_fwd",
+                               "out[tok, (i + 1) % n, col + v] = ov[v]\n\n    return post_fwd"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_emulator_catches_kernel_mistakes(mutation, tmp_path, monkeypatch):
+    """The emulated tests can fail: post_fwd with a wrong index or a wrong store runs and misses the oracle."""
+    import importlib.util
+
+    from mhc_kernels.tilelang_src import aot, common, streaming
+
+    aot.kernel_names()
+    src = open(streaming.__file__).read().replace("from .common", "from mhc_kernels.tilelang_src.common")
+    src = src.replace("    kernel_def(KernelDef(_name", "    (KernelDef(_name")  # do not re-register
+    old, new = MUTATIONS[mutation]
+    assert src.count(old) == 1, mutation
+    path = tmp_path / "streaming_mutant.py"
+    path.write_text(src.replace(old, new))
+    spec = importlib.util.spec_from_file_location("streaming_mutant", path)
+    mutant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutant)
+    monkeypatch.setattr(common.KERNELS["post_fwd"], "build", mutant._build_post_fwd)
+    common._compiled.cache_clear()
+    try:
+        inputs = cases.make_inputs("post", (5,), 4, 33, torch.float32, "cpu")
+        with mk.use_backend("tilelang"):
+            res = cases.check_forward(mk, "post", inputs)
+        assert not all(r.ok for r in res), f"{mutation} went unnoticed"
+    finally:
+        common._compiled.cache_clear()
+
+
+def test_guard_zones_catch_out_of_bounds_writes_and_poison_reads():
+    """TileLang already bounds every global access by the declared buffer shape (and the emulator checks the
+    tensors against those shapes); the guard zones are the net under that: checked here directly."""
+    from mhc_kernels.tilelang_src import emulate
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a = torch.randn(3, 5).to(dtype)
+        buf = emulate._guarded(a)
+        assert torch.equal(buf[emulate.GUARD:emulate.GUARD + a.numel()].view(3, 5), a)
+        assert buf[:emulate.GUARD].isnan().all() and buf[-emulate.GUARD:].isnan().all(), "reads past an end: NaN"
+        assert emulate._guard_intact(buf)
+        buf[emulate.GUARD + a.numel()] = 0.0       # one element past the end
+        assert not emulate._guard_intact(buf)
+        buf = emulate._guarded(a)
+        buf[emulate.GUARD - 1] = float("nan")      # a computed NaN is not the guard's payload
+        assert not emulate._guard_intact(buf)

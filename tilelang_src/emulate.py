@@ -16,7 +16,12 @@ token count.
 
 What it proves and what it does not: the index arithmetic, masking, loop bounds,
 shared-memory staging, barriers and the float32 math of the generated code (rsqrtf is
-``1/sqrt`` here, ``__expf``-style fast math is not used by these kernels). It cannot
+``1/sqrt`` here, ``__expf``-style fast math is not used by these kernels). TileLang
+itself bounds every global access by the declared buffer shape, so each tensor is
+checked against those shapes here (dtype, rank, every static and symbolic dim), and is
+passed inside a copy with NaN guard zones on both sides (``GUARD`` elements) as a net
+under that: an out-of-bounds write there raises :class:`EmulationError`, an
+out-of-bounds read feeds a NaN into the result. It cannot
 run inline PTX or tensor-core MMA (the ``mma`` projection variants are refused), and it
 says nothing about memory-model races beyond what barriers order, timing or occupancy.
 """
@@ -99,6 +104,30 @@ def _build_library(src: str) -> ctypes.CDLL:
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                  "int32": torch.int32, "int64": torch.int64}
 
+# Guard zones: every tensor is handed to the kernel inside a copy with GUARD elements before and after,
+# filled with a NaN of a distinctive payload (bit patterns per element size). A write out of bounds (within
+# the guard) changes a pattern and raises; a read out of bounds feeds a NaN into the result, which the
+# comparison with the oracle then fails.
+GUARD = 1024
+_GUARD_BITS = {torch.float32: (torch.int32, 0x7FA5A5A5), torch.bfloat16: (torch.int16, 0x7FA5),
+               torch.float16: (torch.int16, 0x7E5A), torch.int32: (torch.int32, 0x5A5A5A5A),
+               torch.int64: (torch.int64, 0x5A5A5A5A5A5A5A5A)}
+
+
+def _guarded(a: torch.Tensor) -> torch.Tensor:
+    """A flat copy of ``a`` with GUARD pattern elements on each side."""
+    itype, bits = _GUARD_BITS[a.dtype]
+    buf = torch.empty(a.numel() + 2 * GUARD, dtype=a.dtype)
+    buf.view(itype).fill_(bits)
+    buf[GUARD:GUARD + a.numel()] = a.reshape(-1)
+    return buf
+
+
+def _guard_intact(buf: torch.Tensor) -> bool:
+    itype, bits = _GUARD_BITS[buf.dtype]
+    raw = buf.view(itype)
+    return bool((raw[:GUARD] == bits).all() and (raw[-GUARD:] == bits).all())
+
 
 class EmulatedKernel:
     """Callable like a compiled TileLang kernel: positional tensors and scalars in the prim_func's order."""
@@ -166,7 +195,7 @@ class EmulatedKernel:
     def __call__(self, *args):
         if len(args) != len(self.arg_names):
             raise TypeError(f"{self.name}: expected {len(self.arg_names)} arguments, got {len(args)}")
-        values, sizes, keep, derived = {}, {}, [], []
+        values, sizes, keep, derived, guarded = {}, {}, [], [], []
         for name, a in zip(self.arg_names, args):
             if name in self.buffers:
                 dtype, shape = self.buffers[name]
@@ -181,7 +210,9 @@ class EmulatedKernel:
                             raise EmulationError(f"{self.name}: {name!r} dim {d} is {got}, expected {sizes[want.name]}")
                     else:
                         derived.append((name, d, want, int(got)))  # checked once the symbolic sizes are known
-                values[name] = ctypes.c_void_p(a.data_ptr())
+                buf = _guarded(a)
+                guarded.append((name, a, buf))
+                values[name] = ctypes.c_void_p(buf[GUARD:].data_ptr())
             else:
                 values[name] = a
         for name, d, want, got in derived:
@@ -203,3 +234,8 @@ class EmulatedKernel:
             return
         arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.lib.emu_entry(arr, gx, gy, gz, bx, by, bz, smem)
+        for name, a, buf in guarded:
+            if not _guard_intact(buf):
+                raise EmulationError(f"{self.name}: out-of-bounds write around argument {name!r} "
+                                     f"(shape {tuple(a.shape)}): the guard zone was overwritten")
+            a.view(-1).copy_(buf[GUARD:GUARD + a.numel()])
