@@ -3,6 +3,7 @@ timing, records, and the ``mhc-kernels bench`` command end to end (no assertions
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -318,3 +319,17 @@ def test_cpu_allocator_note_only_without_allocator_settings():
     assert note and "MALLOC_MMAP_THRESHOLD_=" in note and "jemalloc" in note
     assert devmod.cpu_allocator_note(dict(devmod.ALLOCATOR_ENV)) is None
     assert devmod.cpu_allocator_note({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
+
+
+def test_default_backends_on_cpu_leave_out_interpreted_and_emulated_kernels(monkeypatch):
+    """Timing the Triton interpreter or the TileLang CPU-thread emulator would mean nothing: on CPU only the
+    reference is benchmarked by default, and the notes say why the others are left out."""
+    import shutil
+
+    from mhc_kernels.commands.bench import default_backends
+
+    monkeypatch.setenv("MHC_TILELANG_EMULATE", "1")
+    chosen, notes = default_backends(torch.device("cpu"))
+    assert chosen == ["reference"]
+    if shutil.which("g++") and importlib.util.find_spec("tilelang"):
+        assert any(n.startswith("tilelang: left out on CPU") and "emulator" in n for n in notes), notes

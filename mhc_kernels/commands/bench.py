@@ -61,9 +61,10 @@ def default_backends(device: torch.device) -> tuple[list, list]:
     for name, st in registry.available_backends(device).items():
         if not st.available:
             notes.append(f"{name}: {st.reason}")
-        elif name == "triton" and device.type != "cuda":
-            notes.append("triton: left out on CPU (it would run under the interpreter, which times nothing "
-                         "meaningful); pass --backends triton to force it")
+        elif name in ("triton", "tilelang") and device.type != "cuda":
+            how = "the interpreter" if name == "triton" else "the CPU-thread emulator"
+            notes.append(f"{name}: left out on CPU (it would run under {how}, which times nothing "
+                         f"meaningful); pass --backends {name} to force it")
         else:
             chosen.append(name)
     return chosen, notes
