@@ -217,3 +217,13 @@ def test_guard_zones_catch_out_of_bounds_writes_and_poison_reads():
         buf = emulate._guarded(a)
         buf[emulate.GUARD - 1] = float("nan")      # a computed NaN is not the guard's payload
         assert not emulate._guard_intact(buf)
+
+
+def test_check_command_covers_tilelang_on_cpu():
+    """`MHC_TILELANG_EMULATE=1 mhc-kernels check --device cpu --backends tilelang` runs the TileLang cases."""
+    from mhc_kernels.commands.check import run_checks
+
+    summaries, unavailable, requested = run_checks("cpu", ["tilelang"], ["post", "mhc_pre"])
+    assert requested and not unavailable
+    assert [(s.backend, s.op, s.status) for s in summaries] == [("tilelang", "post", "pass"),
+                                                                ("tilelang", "mhc_pre", "pass")]
