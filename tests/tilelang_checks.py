@@ -61,3 +61,24 @@ def norm_fn_split_k_paths_agree(device, T, C, splits):
     m, r = norm.norm_fn_fwd(x, fn, None, 1e-6, config=cfg)
     torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(r, ref_r, rtol=1e-5, atol=1e-6)
+
+
+def configs_in_the_space_are_correct(device, T, C, take):
+    """The tuner's candidates (``take`` picks which of each space) run correctly: the streaming kernels and
+    mhc_pre's fused tail, against the PyTorch reference."""
+    from mhc_kernels.tilelang_src import backend, common, composite
+
+    for op, names in (("post", ("layer_output", "residual", "post_mix", "comb_mix")),
+                      ("pre_apply_mix", ("residual", "pre_mix"))):
+        inputs = cases.make_inputs(op, (T,), 4, C, torch.bfloat16, device)
+        args = [inputs[k] for k in names]
+        ref = getattr(torch_ref, f"{op}_fwd")(*args)
+        for cfg in take(backend.OPS[op].space(common.Shape(T, 4, C, torch.bfloat16))):
+            out = backend.OPS[op].fn(*args, config=cfg)
+            torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=str(cfg))
+    inputs = cases.make_inputs("mhc_pre", (T,), 4, C, torch.float32, device, norm_weight=True)
+    args = [inputs[k] for k in ("residual", "fn", "scale", "base", "norm_weight") + PRE_CONSTS]
+    ref = torch_ref.mhc_pre_fwd(*args)
+    for cfg in take(composite.config_space("mhc_pre", common.Shape(T, 4, C, torch.float32))):
+        for a, b in zip(composite.mhc_pre_fwd(*args, config=cfg), ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(cfg))
