@@ -233,6 +233,29 @@ def test_fused_post_project_reads_and_writes_the_residual_once(records):
         assert "rsqrtf" not in src, "partials only: the tail finalises"
 
 
+def test_fused_tail_takes_its_tuned_layout_from_the_store(monkeypatch):
+    """The tuner's mhc_pre / post_pre candidates vary the tail_* keys: a stored entry must reach the kernel."""
+    from mhc_kernels import tuned
+    from mhc_kernels.tilelang_src import fused
+
+    s = common.Shape(4096, 4, 4096, torch.bfloat16)
+    best = {"tail_block_T": 2, "tail_block_C": 2048, "tail_threads": 256, "tail_vec": 8}
+    asked = []
+
+    def lookup(op, backend, device, dtype, n, C, T):
+        asked.append((op, backend, n, C, T))
+        return best if op == "post_pre" else None
+
+    monkeypatch.setattr(tuned, "lookup", lookup)
+    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    assert fused.tail_config("post_pre", on_gpu, s, None) == best
+    assert fused.tail_config("mhc_pre", on_gpu, s, None) == fused.default_tail_config(s)
+    assert [a[0] for a in asked] == ["post_pre", "mhc_pre"] and asked[0][1:] == ("tilelang", 4, 4096, 4096)
+    explicit = dict(best, tail_block_T=1)
+    assert fused.tail_config("post_pre", on_gpu, s, explicit) == explicit  # an explicit config wins, no lookup
+    assert len(asked) == 2
+
+
 def test_fused_pre_tail_deals_every_token_to_one_sinkhorn_lane():
     from mhc_kernels.tilelang_src import composite, fused
 

@@ -126,4 +126,4 @@ def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, no
                                              post_mult, iters, sinkhorn_eps, config=config)
     new_residual, part_mix, part_sq = fused
     return (new_residual,) + _fused.mhc_pre_tail(part_mix, part_sq, scale, base, new_residual, norm_eps, pre_eps,
-                                                 post_mult, iters, sinkhorn_eps, config=config)
+                                                 post_mult, iters, sinkhorn_eps, config=config, op="post_pre")

@@ -92,6 +92,7 @@ template <int all_threads> struct NamedBarrier {};
 template <class Reducer, int threads, int scale, int thread_offset, class Barrier, int batch = 1, int stride = 0>
 struct AllReduce {
   template <typename T> static T run(T x, T *red_buf = nullptr) {
+    static_assert(sizeof(T) <= 16, "the exchange buffer holds 16 bytes per thread");
     (void)red_buf;
     for (int offset = threads / 2; offset >= scale; offset /= 2) {
       int me = threadIdx.x - thread_offset;

@@ -153,6 +153,9 @@ class EmulatedKernel:
                 self.buffers[buf.data.name] = (str(buf.dtype), list(buf.shape))
             else:
                 self.arg_names.append(p.name)
+        if len(set(self.arg_names)) != len(self.arg_names):
+            # arguments are bound to the kernel signature by name: two alike would bind silently wrong
+            raise EmulationError(f"{self.name}: parameter names are not unique ({self.arg_names})")
         calls = []
 
         def visit(node):

@@ -30,9 +30,10 @@ fit in shared memory next to a useful token block at C >= 4096), ``layer_input``
 The unfused chain (projection -> finalize -> split_mixes -> pre_apply_mix) moves the same residual
 bytes in four launches, with the Sinkhorn kernel serialised between the residual's two passes.
 
-The arithmetic is the unfused chain's, operation for operation (split partials summed in split order
-from 0.0, ``rsqrt(s / K + eps)``, ``mixes * scale + base`` then the sigmoid, the same Sinkhorn macro,
-the collapse's stream-order float32 sum), so the fused and the chained ``mhc_pre`` agree bit for bit.
+The arithmetic is the unfused chain's, written once: the split reduction (``norm.split_reduce_macros``,
+as the finalize kernel), post and the Sinkhorn (``mixes.split_post_comb_macro``, as split_mixes_fwd) and
+the collapse (``streaming.collapse_macro``, as pre_apply_mix_fwd) are the same macros, so the fused and
+the chained ``mhc_pre`` agree bit for bit.
 
 Config keys of the tail (prefixed ``tail_`` in ``mhc_pre``'s and ``post_pre``'s configs; ``splits`` is
 the projection's): ``block_T``, ``block_C``, ``threads`` (collapse threads; the CTA has one more warp),
@@ -43,8 +44,9 @@ projection's keys (``block_T``, ``block_K``, ``thread_T``, ``thread_M``, ``split
 import torch
 
 from . import streaming
-from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec
-from .mixes import _macros
+from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec, resolve_config
+from .mixes import split_post_comb_macro
+from .norm import split_reduce_macros
 
 TAIL_KEYS = ("tail_block_T", "tail_block_C", "tail_threads", "tail_vec", "splits")
 SINKHORN_WARP = 32
@@ -53,11 +55,6 @@ SINKHORN_WARP = 32
 def default_tail_config(s: Shape) -> dict:
     """``pre_apply_mix``'s streaming layout, keys prefixed ``tail_``."""
     return {f"tail_{k}": v for k, v in streaming.default_config("pre_apply_mix", s).items()}
-
-
-def tail_threads(cfg: dict) -> int:
-    """Threads per CTA of the tail kernel: the collapse threads plus the Sinkhorn warp."""
-    return cfg["tail_threads"] + SINKHORN_WARP
 
 
 def sinkhorn_passes(block_T: int, n_cblocks: int) -> int:
@@ -101,7 +98,9 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
     NSK = sinkhorn_passes(bt, NCB)  # Sinkhorn tokens per lane
     NPRE = cdiv(bt * n, th + SINKHORN_WARP)
     Tn = T.dynamic("T")
-    sk_fwd, _ = _macros(n)
+    split_sum, split_rstd = split_reduce_macros(S, K)        # as norm_fn's finalize kernel
+    split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
+    collapse = streaming.collapse_macro(n, V, dt)            # as pre_apply_mix_fwd
 
     @T.prim_func
     def mhc_pre_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
@@ -114,7 +113,6 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
             T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))
             tx = T.get_thread_binding(0)
             pre_s = T.alloc_shared((bt, n), "float32")
-            s = T.alloc_var("float32")
             r = T.alloc_var("float32")
             # -- every thread: pre for the block's tokens (into shared memory) ---------------------------
             for q in T.serial(NPRE):
@@ -123,14 +121,8 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
                     tok = by * bt + idx // n
                     i = idx % n
                     if tok < Tn:
-                        s = 0.0
-                        for sp in T.serial(S):
-                            s += part_sq[sp, tok]
-                        r = T.rsqrt(s / K + norm_eps)
-                        s = 0.0
-                        for sp in T.serial(S):
-                            s += part_mix[sp, tok, i]
-                        pre_s[idx // n, i] = T.sigmoid(s * r * scale[0] + base[i]) + pre_eps
+                        r = split_rstd(part_sq, tok, norm_eps)
+                        pre_s[idx // n, i] = T.sigmoid(split_sum(part_mix, tok, i) * r * scale[0] + base[i]) + pre_eps
             T.sync_threads()
             if tx < th:
                 # -- collapse warps: layer_input = sum_i pre_i x_i over this CTA's tile ---------------------
@@ -142,17 +134,7 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
                     tok = by * bt + idx // NV
                     col = bx * bc + (idx % NV) * V
                     if tok < Tn and col < C:
-                        for v in T.vectorized(V):
-                            acc[v] = 0.0
-                        for i in T.unroll(n):
-                            for v in T.vectorized(V):
-                                xv[v] = x[tok, i, col + v]
-                            for v in T.vectorized(V):
-                                acc[v] += pre_s[idx // NV, i] * T.cast(xv[v], "float32")
-                        for v in T.vectorized(V):
-                            ov[v] = T.cast(acc[v], dt)
-                        for v in T.vectorized(V):
-                            layer_input[tok, col + v] = ov[v]
+                        collapse(x, layer_input, pre_s, idx // NV, tok, col, xv, acc, ov)
             else:
                 # -- Sinkhorn warp: mixes, rstd, post and comb for tokens t = bx + NCB * j of the block -----
                 P = T.alloc_local((nn,), "float32")
@@ -161,23 +143,11 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
                     t = sinkhorn_token(bx, tx - th, q, NCB)
                     tok = by * bt + t
                     if t < bt and tok < Tn:
-                        s = 0.0
-                        for sp in T.serial(S):
-                            s += part_sq[sp, tok]
-                        r = T.rsqrt(s / K + norm_eps)
+                        r = split_rstd(part_sq, tok, norm_eps)
                         rstd[tok] = r
                         for j in T.serial(m):
-                            s = 0.0
-                            for sp in T.serial(S):
-                                s += part_mix[sp, tok, j]
-                            mixes[tok, j] = s * r
-                        for i in T.unroll(n):
-                            post[tok, i] = T.sigmoid(mixes[tok, n + i] * scale[1] + base[n + i]) * post_mult
-                        for e in T.unroll(nn):
-                            P[e] = mixes[tok, 2 * n + e] * scale[2] + base[2 * n + e]
-                        sk_fwd(P, den, sinkhorn_eps, iters)
-                        for e in T.unroll(nn):
-                            comb[tok, e // n, e % n] = P[e]
+                            mixes[tok, j] = split_sum(part_mix, tok, j) * r
+                        split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, sinkhorn_eps, iters)
 
     return mhc_pre_tail
 
@@ -327,12 +297,19 @@ kernel_def(KernelDef("post_project", "post_pre", _build_post_project, ("block_T"
 
 
 # -- launch wrapper --------------------------------------------------------------------------------------
+def tail_config(op: str, like, shape: Shape, config) -> dict:
+    """The tail's config for composite ``op`` ("mhc_pre" or "post_pre"): ``config`` if given, else the entry
+    the tuner stored for ``op`` (its candidates vary the ``tail_*`` keys), else the default layout."""
+    return resolve_config(op, like, shape, config, default_tail_config)
+
+
 def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
-                 config=None):
+                 config=None, op="mhc_pre"):
     """-> (layer_input, post, comb, mixes, rstd) from the projection's split partials.
 
-    ``config``: mhc_pre's config (its ``tail_*`` keys are used; missing ones take the default), or None.
-    The split count is the partials' own, so it always matches the projection that wrote them.
+    ``config``: the composite's config (its ``tail_*`` keys are used; missing ones take the default), or
+    None (:func:`tail_config`). The split count is the partials' own, so it always matches the projection
+    that wrote them.
     """
     from .common import get_kernel
 
@@ -345,9 +322,7 @@ def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, po
     rstd = part_mix.new_empty((Tt,))
     if Tt == 0:
         return layer_input, post, comb, mixes, rstd
-    cfg = default_tail_config(Shape(Tt, n, C, residual.dtype))
-    cfg.update({k: v for k, v in (config or {}).items() if k.startswith("tail_")})
-    cfg["splits"] = S
+    cfg = dict(tail_config(op, residual, Shape(Tt, n, C, residual.dtype), config), splits=S)
     get_kernel("mhc_pre_tail", n, C, residual.dtype, cfg, residual.device, iters=int(iters))(
         part_mix, part_sq, scale, base, residual, layer_input, post, comb, mixes, rstd,
         float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps))

@@ -222,6 +222,26 @@ def _macros(n: int):
     return sinkhorn_fwd, sinkhorn_bwd
 
 
+def split_post_comb_macro(n: int):
+    """``post`` and the Sinkhorn ``comb`` of one token from its mixes row (DESIGN 2.3), shared by
+    ``split_mixes_fwd`` and the fused ``mhc_pre`` tail (``fused.py``)."""
+    import tilelang.language as T
+
+    sk_fwd, _ = _macros(n)
+
+    @T.macro
+    def split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, eps, iters):
+        for i in T.unroll(n):
+            post[tok, i] = T.sigmoid(mixes[tok, n + i] * scale[1] + base[n + i]) * post_mult
+        for e in T.unroll(n * n):
+            P[e] = mixes[tok, 2 * n + e] * scale[2] + base[2 * n + e]
+        sk_fwd(P, den, eps, iters)
+        for e in T.unroll(n * n):
+            comb[tok, e // n, e % n] = P[e]
+
+    return split_post_comb
+
+
 # -- kernels ------------------------------------------------------------------------------------------
 def _build_sinkhorn_fwd(n, C, dtype, cfg, iters):
     import tilelang.language as T
@@ -287,7 +307,7 @@ def _build_split_fwd(n, C, dtype, cfg, iters):
     nn = n * n
     m = n * (n + 2)
     Tn = T.dynamic("T")
-    sk_fwd, _ = _macros(n)
+    split_post_comb = split_post_comb_macro(n)
 
     @T.prim_func
     def split_mixes_fwd(mixes: T.Tensor((Tn, m), "float32"), scale: T.Tensor((3,), "float32"),
@@ -302,12 +322,7 @@ def _build_split_fwd(n, C, dtype, cfg, iters):
             if tok < Tn:
                 for i in T.unroll(n):
                     pre[tok, i] = T.sigmoid(mixes[tok, i] * scale[0] + base[i]) + pre_eps
-                    post[tok, i] = T.sigmoid(mixes[tok, n + i] * scale[1] + base[n + i]) * post_mult
-                for e in T.unroll(nn):
-                    P[e] = mixes[tok, 2 * n + e] * scale[2] + base[2 * n + e]
-                sk_fwd(P, den, eps, iters)
-                for e in T.unroll(nn):
-                    comb[tok, e // n, e % n] = P[e]
+                split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, eps, iters)
 
     return split_mixes_fwd
 

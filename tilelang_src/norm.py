@@ -533,6 +533,31 @@ def _build_fwd_partials(n, C, dtype, cfg, rows=None):
     return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows)
 
 
+def split_reduce_macros(S: int, K: int):
+    """How the ``S`` split partials become one token's values, shared by :func:`_build_fwd_finalize` and the
+    fused ``mhc_pre`` tail (``fused.py``) so the two round identically: sums in split order from 0.0, and
+    ``rstd = rsqrt(sum / K + norm_eps)``."""
+    import tilelang.language as T
+
+    @T.macro
+    def split_sum(part_mix, tok, j):
+        acc = T.alloc_var("float32")
+        acc = 0.0
+        for sp in T.serial(S):
+            acc += part_mix[sp, tok, j]
+        return acc
+
+    @T.macro
+    def split_rstd(part_sq, tok, norm_eps):
+        acc = T.alloc_var("float32")
+        acc = 0.0
+        for sp in T.serial(S):
+            acc += part_sq[sp, tok]
+        return T.rsqrt(acc / K + norm_eps)
+
+    return split_sum, split_rstd
+
+
 def _build_fwd_finalize(n, C, dtype, cfg, rows=None):
     import tilelang.language as T
 
@@ -541,6 +566,7 @@ def _build_fwd_finalize(n, C, dtype, cfg, rows=None):
     S = cfg["splits"]
     bt = 128
     Tn = T.dynamic("T")
+    split_sum, split_rstd = split_reduce_macros(S, K)
 
     @T.prim_func
     def norm_fn_finalize(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
@@ -548,19 +574,12 @@ def _build_fwd_finalize(n, C, dtype, cfg, rows=None):
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
             r = T.alloc_var("float32")
-            s = T.alloc_var("float32")
             tok = bx * bt + tx
             if tok < Tn:
-                s = 0.0
-                for sp in T.serial(S):
-                    s += part_sq[sp, tok]
-                r = T.rsqrt(s / K + eps)
+                r = split_rstd(part_sq, tok, eps)
                 rstd[tok] = r
                 for j in T.serial(m):
-                    s = 0.0
-                    for sp in T.serial(S):
-                        s += part_mix[sp, tok, j]
-                    mixes[tok, j] = s * r
+                    mixes[tok, j] = split_sum(part_mix, tok, j) * r
 
     return norm_fn_finalize
 

@@ -75,6 +75,29 @@ def config_space(op: str, s: Shape) -> list[dict]:
 
 
 # -- kernels ---------------------------------------------------------------------------------
+def collapse_macro(n: int, V: int, dt: str):
+    """``out[tok, col:col+V] = sum_i w[wrow, i] * x[tok, i, col:col+V]`` for one vector: float32 in stream
+    order, one rounding. Shared by ``pre_apply_mix_fwd`` (``w`` = the mix, row ``tok``) and the fused
+    ``mhc_pre`` tail (``w`` = pre in shared memory, its block row)."""
+    import tilelang.language as T
+
+    @T.macro
+    def collapse(x, out, w, wrow, tok, col, xv, acc, ov):
+        for v in T.vectorized(V):
+            acc[v] = 0.0
+        for i in T.unroll(n):
+            for v in T.vectorized(V):
+                xv[v] = x[tok, i, col + v]
+            for v in T.vectorized(V):
+                acc[v] += w[wrow, i] * T.cast(xv[v], "float32")
+        for v in T.vectorized(V):
+            ov[v] = T.cast(acc[v], dt)
+        for v in T.vectorized(V):
+            out[tok, col + v] = ov[v]
+
+    return collapse
+
+
 def _build_pre_apply_fwd(n, C, dtype, cfg):
     import tilelang.language as T
 
@@ -83,6 +106,7 @@ def _build_pre_apply_fwd(n, C, dtype, cfg):
     NV = bc // V
     NIT = (bt * NV) // th
     Tn = T.dynamic("T")
+    collapse = collapse_macro(n, V, dt)
 
     @T.prim_func
     def pre_apply_mix_fwd(x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),
@@ -98,17 +122,7 @@ def _build_pre_apply_fwd(n, C, dtype, cfg):
                 tok = by * bt + idx // NV
                 col = bx * bc + (idx % NV) * V
                 if tok < Tn and col < C:
-                    for v in T.vectorized(V):
-                        acc[v] = 0.0
-                    for i in T.unroll(n):
-                        for v in T.vectorized(V):
-                            xv[v] = x[tok, i, col + v]
-                        for v in T.vectorized(V):
-                            acc[v] += mix[tok, i] * T.cast(xv[v], "float32")
-                    for v in T.vectorized(V):
-                        ov[v] = T.cast(acc[v], dt)
-                    for v in T.vectorized(V):
-                        out[tok, col + v] = ov[v]
+                    collapse(x, out, mix, tok, tok, col, xv, acc, ov)
 
     return pre_apply_mix_fwd
 
