@@ -210,3 +210,21 @@ def test_check_command_covers_tilelang_on_cpu():
     assert requested and not unavailable
     assert [(s.backend, s.op, s.status) for s in summaries] == [("tilelang", "post", "pass"),
                                                                 ("tilelang", "mhc_pre", "pass")]
+
+
+def test_emulator_leaves_inputs_untouched_so_chained_ops_backpropagate():
+    """Regression: the emulator used to copy every argument back after a launch, which bumped the autograd
+    version of inputs an earlier op had saved ("modified by an inplace operation" in backward)."""
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    pre, post, comb = torch.rand(2, 4), torch.rand(2, 4), torch.rand(2, 4, 4)
+    version = x._version
+    with mk.use_backend("tilelang"):
+        li = mk.pre_apply_mix(x, pre)
+        out = mk.mhc_post(li, x, post, comb)
+        assert x._version == version
+        (li.sum() + out.sum()).backward()
+    ref = x.detach().clone().requires_grad_()
+    with mk.use_backend("reference"):
+        li_r = mk.pre_apply_mix(ref, pre)
+        (li_r.sum() + mk.mhc_post(li_r, ref, post, comb).sum()).backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,10 @@ itself bounds every global access by the declared buffer shape, so each tensor i
 checked against those shapes here (dtype, rank, every static and symbolic dim), and is
 passed inside a copy with NaN guard zones on both sides (``GUARD`` elements) as a net
 under that: an out-of-bounds write there raises :class:`EmulationError`, an
-out-of-bounds read feeds a NaN into the result. It cannot
+out-of-bounds read feeds a NaN into the result. After the launch only the buffers the
+kernel stores to (read off the lowered device code) are copied back; an input is never
+written, so autograd's version counters of saved tensors stay as they were (a changed
+input raises). It cannot
 run inline PTX or tensor-core MMA (the ``mma`` projection variants are refused), and it
 says nothing about memory-model races beyond what barriers order, timing or occupancy.
 """
@@ -129,6 +132,26 @@ def _guard_intact(buf: torch.Tensor) -> bool:
     return bool((raw[:GUARD] == bits).all() and (raw[-GUARD:] == bits).all())
 
 
+def _stored_buffers(device_mod, tirx) -> set:
+    """Names of the buffers that a store in any device function of ``device_mod`` writes."""
+    names = set()
+
+    def visit(node):
+        if isinstance(node, tirx.BufferStore):
+            names.add(node.buffer.data.name)
+
+    for _, f in device_mod.functions.items():
+        if hasattr(f, "body"):
+            tirx.stmt_functor.post_order_visit(f.body, visit)
+    return names
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads included) of two tensors of one dtype and size."""
+    itype = _GUARD_BITS[a.dtype][0]
+    return bool(torch.equal(a.reshape(-1).view(itype), b.reshape(-1).view(itype)))
+
+
 class EmulatedKernel:
     """Callable like a compiled TileLang kernel: positional tensors and scalars in the prim_func's order."""
 
@@ -156,6 +179,9 @@ class EmulatedKernel:
         if len(set(self.arg_names)) != len(self.arg_names):
             # arguments are bound to the kernel signature by name: two alike would bind silently wrong
             raise EmulationError(f"{self.name}: parameter names are not unique ({self.arg_names})")
+        # the buffers the kernel may write: only these are copied back after a launch (an input's storage,
+        # and so its autograd version counter, is never touched)
+        self.written = _stored_buffers(art.device_mod, tirx) & set(self.buffers)
         calls = []
 
         def visit(node):
@@ -241,4 +267,9 @@ class EmulatedKernel:
             if not _guard_intact(buf):
                 raise EmulationError(f"{self.name}: out-of-bounds write around argument {name!r} "
                                      f"(shape {tuple(a.shape)}): the guard zone was overwritten")
-            a.view(-1).copy_(buf[GUARD:GUARD + a.numel()])
+            inner = buf[GUARD:GUARD + a.numel()]
+            if name in self.written:
+                a.view(-1).copy_(inner)
+            elif not _same_bits(inner, a):
+                raise EmulationError(f"{self.name}: argument {name!r} changed although the kernel has no store "
+                                     f"to it (the emulator copies back only the buffers a kernel writes)")
