@@ -4,9 +4,8 @@ For one call shape of one (op, backend) kernel, :meth:`Tuner.tune`:
 
 1. enumerates ``kernel.config_space(call)`` and prunes what cannot run on the
    target arch (:mod:`.space`);
-2. compiles the survivors -- in parallel through ``executor`` when the kernel has
-   a thread-safe ahead-of-time hook ``kernel.meta["compile"](call, config)``,
-   otherwise by a first launch, one at a time; a failure rejects that config;
+2. compiles the survivors by a first launch, one at a time (the JIT caches of Triton
+   and TileLang are not all thread-safe); a failure rejects that config;
 3. checks every compiled candidate's outputs against the reference backend
    before timing it (so a fast but wrong config can never win). The expectation
    is the reference at float64 and the allowance is the project's rule
@@ -17,15 +16,14 @@ For one call shape of one (op, backend) kernel, :meth:`Tuner.tune`:
 4. times the survivors with ``timer`` (median of the samples) and keeps the
    fastest; the kernel's default config is timed too, for the speedup.
 
-The timer and the executor are injected, so all of this runs without a GPU in
-tests. :class:`CudaTimer` is the real one: CUDA events around each launch after
-warm-up, with the L2 cache flushed (a large buffer is overwritten) before each.
+Every launch is ``kernel(*call.args, config=candidate)``: the path the runtime takes with
+the config the core resolved (``mhc_kernels.registry.config_for``), so what is timed is what
+runs. The timer is injected, so all of this runs without a GPU in tests. :class:`CudaTimer`
+is the real one: the benchmark's clock (:mod:`mhc_kernels.bench.timing`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -43,41 +41,21 @@ from .inputs import make_call
 
 
 class CudaTimer:
-    """CUDA-event timing: ``warmup`` launches, then ``repeats`` samples, L2 flushed before each."""
+    """The benchmark's clock (:func:`mhc_kernels.bench.timing.samples`: CUDA events per call, L2 flushed
+    before each), ``warmup`` launches, then ``repeats`` samples in µs."""
 
-    def __init__(self, warmup: int = 10, repeats: int = 50, flush_bytes: int = 256 << 20):
-        self.warmup, self.repeats, self.flush_bytes = warmup, repeats, flush_bytes
-        self._flush = None
-        self.method = (f"cuda events, median of {repeats} after {warmup} warm-up launches, "
-                       f"L2 flushed ({flush_bytes >> 20} MiB overwrite) before each")
+    def __init__(self, warmup: int = 10, repeats: int = 50):
+        from mhc_kernels.bench import timing
+
+        self.warmup, self.repeats = warmup, repeats
+        self._samples = timing.samples
+        self.method = f"{timing.method_name(torch.device('cuda'))}; median of {repeats} after {warmup} warm-up launches"
 
     def __call__(self, fn: Callable[[], Any], config: dict) -> list[float]:
-        if self._flush is None:
-            self._flush = torch.empty(self.flush_bytes, dtype=torch.uint8, device="cuda")
         for _ in range(self.warmup):
             fn()
         torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        for s, e in zip(starts, ends):
-            self._flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-
-
-class _InlineExecutor(concurrent.futures.Executor):
-    """Runs each task at submission (no threads): for tests and one-worker runs."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        f = concurrent.futures.Future()
-        try:
-            f.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # noqa: BLE001  (handed to the caller through the future)
-            f.set_exception(e)
-        return f
+        return [t * 1e6 for t in self._samples(fn, "cuda", self.repeats)]
 
 
 # --------------------------------------------------------------------------- results
@@ -136,26 +114,9 @@ def _to64(v):
 
 def _max_ratio(actual: torch.Tensor, expected: torch.Tensor, naive: Optional[torch.Tensor], dtype,
                factor: float = 1.0) -> tuple[float, str]:
-    """max |a - e| / allowed (<= 1 passes) with the rule of ``cases.compare``, on the tensors' device."""
-    if actual.shape != expected.shape:
-        return float("inf"), f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if actual.numel() == 0:
-        return 0.0, ""
-    a = actual.to(torch.float64)
-    e = expected.to(torch.float64)
-    if not bool(torch.isfinite(a).all()):
-        return float("inf"), "non-finite values"
-    rtol, atol = cases.TOLERANCES.get(dtype, cases.TOLERANCES[torch.float32])
-    rtol, atol = rtol * factor, atol * factor
-    slack = 0.0
-    if naive is not None:
-        nv = naive.to(torch.float64)
-        if bool(torch.isfinite(nv).all()):
-            slack = cases.SLACK * float((nv - e).abs().max())
-    scale = float(e.abs().max()) or 1.0
-    ratio = (a - e).abs() / (atol * scale + rtol * e.abs() + slack)
-    worst = float(ratio.max())
-    return worst, f"max error {float((a - e).abs().max()):.3g} = {worst:.3g} x allowed"
+    """max |a - e| / allowed (<= 1 passes): the project's tolerance rule (``cases.error_ratio``), on the device."""
+    err, worst, idx, why = cases.error_ratio(actual, expected, dtype, naive=naive, factor=factor)
+    return worst, why or f"max error {err:.3g} = {worst:.3g} x allowed"
 
 
 @dataclass
@@ -205,19 +166,14 @@ class Tuner:
     Args:
         timer: ``timer(fn, config) -> list of µs samples``, with a ``method`` string
             attribute (default :class:`CudaTimer`).
-        executor: a :class:`concurrent.futures.Executor` for compile hooks (default:
-            a thread pool of ``workers``; inline when ``workers == 1``).
         arch: target compute capability as an int (default: the device's, else 90).
         reference: the kernel outputs are checked against (default: the ``reference``
             backend's kernel for the op).
         make_call: ``(op, T, n, C, dtype, device) -> Call`` (default :func:`.inputs.make_call`).
     """
 
-    def __init__(self, *, timer=None, executor=None, workers: Optional[int] = None, arch: Optional[int] = None,
-                 reference=None, make_call: Callable = make_call):
+    def __init__(self, *, timer=None, arch: Optional[int] = None, reference=None, make_call: Callable = make_call):
         self.timer = timer
-        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
-        self.executor = executor
         self.arch = arch
         self.reference = reference
         self.make_call = make_call
@@ -227,30 +183,10 @@ class Tuner:
             self.timer = CudaTimer()
         return self.timer
 
-    def _get_executor(self):
-        if self.executor is None:
-            self.executor = (_InlineExecutor() if self.workers == 1
-                             else concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="mhc-tune"))
-        return self.executor
-
-    def close(self):
-        if isinstance(self.executor, concurrent.futures.ThreadPoolExecutor):
-            self.executor.shutdown(wait=True)
-
     def _compile(self, kernel, call, cands: list[Candidate]) -> None:
-        hook = (kernel.meta or {}).get("compile")
-        if hook is not None:
-            ex = self._get_executor()
-            futs = [(c, ex.submit(hook, call, c.config)) for c in cands]
-            for c, f in futs:
-                try:
-                    f.result()
-                except Exception as e:  # noqa: BLE001
-                    c.status, c.reason = "compile-error", f"{type(e).__name__}: {e}"
-            return
         for c in cands:  # JIT on first launch: serial (JIT caches are not all thread-safe)
             try:
-                kernel.fn(*call.args, config=c.config)
+                kernel(*call.args, config=c.config)
                 _sync(call.device)
             except Exception as e:  # noqa: BLE001
                 c.status, c.reason = "compile-error", f"{type(e).__name__}: {e}"
@@ -258,7 +194,7 @@ class Tuner:
     def _check_and_time(self, kernel, call, c: Candidate, expected: Expected, timer) -> None:
         try:
             with torch.no_grad():
-                out = kernel.fn(*call.args, config=c.config)
+                out = kernel(*call.args, config=c.config)
             _sync(call.device)
             why = check_outputs(out, expected)
         except Exception as e:  # noqa: BLE001
@@ -267,10 +203,10 @@ class Tuner:
         if why is not None:
             c.status, c.reason = "wrong", why
             return
-        args, cfg, fn = call.args, c.config, kernel.fn
+        args, cfg = call.args, c.config
 
         def launch():
-            return fn(*args, config=cfg)
+            return kernel(*args, config=cfg)
 
         try:
             with torch.no_grad():

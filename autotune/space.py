@@ -7,15 +7,13 @@ A kernel (:class:`mhc_kernels.registry.Kernel`) declares its space with
 * configs over the target architecture's limits, judged from estimates a config
   may carry: ``smem_bytes`` (shared memory per block), ``num_warps`` or
   ``threads`` (threads per block), ``regs_per_thread`` (registers);
-* configs whose tile does not divide the problem, for kernels that declare it in
-  ``kernel.meta["divisibility"]``: ``{config key: size name}``, e.g.
-  ``{"BLOCK_C": "C"}`` means ``C % config["BLOCK_C"] == 0`` (sizes: ``T``, ``n``,
-  ``C``, ``K = n*C``);
 * tiles larger than the problem when the same config with the tile clamped to the
   problem (rounded up to a power of two) is also in the space -- they do the same
-  work with more masked lanes (keys ``BLOCK_T``, ``BLOCK_C``, ``BLOCK_K``, any case);
-* whatever the kernel's own hook rejects: ``kernel.meta["prune"](call, config,
-  arch) -> reason or None`` (``arch`` is an int such as 90).
+  work with more masked lanes (keys ``block_T``, ``block_C``, ``block_K``);
+* whatever the kernel's own check rejects: ``kernel.check_config(call, config) -> reason
+  or None`` (the same check the core applies to a stored config).
+
+A composite's config (a dict of its parts' configs) is judged part by part.
 
 Keys other than the kernel's parameters (the estimates) travel with the config;
 the launch wrappers ignore keys they do not use.
@@ -28,6 +26,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from mhc_kernels.specs import next_pow2
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ def _size(call, name: str) -> Optional[int]:
 
 def why_pruned(kernel, call, config: dict, arch: int) -> Optional[str]:
     """Why ``config`` cannot run ``call`` on ``arch``, or ``None`` if it may."""
+    for part, sub in config.items():  # a composite: each part's config against that part's call
+        if isinstance(sub, dict) and part in kernel.parts:
+            why = why_pruned(kernel.parts[part], _part_call(kernel, part, call), sub, arch)
+            if why is not None:
+                return f"{part}: {why}"
     lim = limits_for(arch)
     smem = config.get("smem_bytes")
     if smem is not None and smem > lim.smem_per_block:
@@ -92,15 +97,15 @@ def why_pruned(kernel, call, config: dict, arch: int) -> Optional[str]:
             return f"{regs} registers per thread > {lim.max_regs_per_thread}"
         if threads is not None and regs * threads > lim.regs_per_sm:
             return f"{regs} registers x {threads} threads > {lim.regs_per_sm} per SM"
-    meta = getattr(kernel, "meta", None) or {}
-    for key, size_name in (meta.get("divisibility") or {}).items():
-        v, size = config.get(key), _size(call, size_name)
-        if v is not None and size is not None and v > 0 and size % v != 0:
-            return f"{key}={v} does not divide {size_name}={size}"
-    hook = meta.get("prune")
-    if hook is not None:
-        return hook(call, config, arch)
+    if kernel.check_config is not None:
+        return kernel.check_config(call, config)
     return None
+
+
+def _part_call(kernel, part: str, call):
+    from mhc_kernels.composite import COMPOSITES
+
+    return next(p for p in COMPOSITES[kernel.op][1] if p.name == part).call(call)
 
 
 @dataclass
@@ -120,22 +125,33 @@ def enumerate_space(kernel, call) -> list[dict]:
     return [dict(c) for c in kernel.config_space(call)]
 
 
-_TILE_SIZES = {"block_t": "T", "block_c": "C", "block_k": "K"}
-
-
-def _pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+_TILE_SIZES = {"block_T": "T", "block_C": "C", "block_K": "K"}
 
 
 def _clamped(call, cfg: dict) -> Optional[dict]:
     """``cfg`` with every oversized tile clamped to its problem size (``None`` if none is oversized)."""
     out, changed = dict(cfg), False
     for key, v in cfg.items():
-        size_name = _TILE_SIZES.get(key.lower())
+        size_name = _TILE_SIZES.get(key)
         size = _size(call, size_name) if size_name else None
-        if size is not None and isinstance(v, int) and not isinstance(v, bool) and v > _pow2(size):
-            out[key], changed = _pow2(size), True
+        if size is not None and isinstance(v, int) and not isinstance(v, bool) and v > next_pow2(size):
+            out[key], changed = next_pow2(size), True
     return out if changed else None
+
+
+def _twins(kernel, call, cfg: dict) -> list[dict]:
+    """The configs that do ``cfg``'s work with smaller tiles: ``cfg`` clamped, or for a composite ``cfg`` with
+    one part's config clamped (against that part's call; the other parts as they are)."""
+    if not kernel.parts:
+        twin = _clamped(call, cfg)
+        return [] if twin is None else [twin]
+    out = []
+    for part, sub in cfg.items():
+        if isinstance(sub, dict) and part in kernel.parts:
+            twin = _clamped(_part_call(kernel, part, call), sub)
+            if twin is not None:
+                out.append(dict(cfg, **{part: twin}))
+    return out
 
 
 def prune(kernel, call, configs: list[dict], arch: int = DEFAULT_ARCH) -> Pruned:
@@ -149,15 +165,14 @@ def prune(kernel, call, configs: list[dict], arch: int = DEFAULT_ARCH) -> Pruned
         seen.add(ident)
         try:
             reason = why_pruned(kernel, call, cfg, arch)
-        except Exception as e:  # a broken hook rejects, it does not stop the sweep
-            reason = f"pruning hook failed: {type(e).__name__}: {e}"
+        except Exception as e:  # a broken check rejects, it does not stop the sweep
+            reason = f"config check failed: {type(e).__name__}: {e}"
         (kept if reason is None else dropped).append(cfg if reason is None else (cfg, reason))
     # oversized tiles: redundant when their clamped twin survived
     ids = {config_id(c) for c in kept}
     final = []
     for cfg in kept:
-        twin = _clamped(call, cfg)
-        if twin is not None and config_id(twin) in ids:
+        if any(config_id(twin) in ids for twin in _twins(kernel, call, cfg)):
             dropped.append((cfg, "tile larger than the problem (same as a smaller tile)"))
         else:
             final.append(cfg)

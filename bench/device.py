@@ -88,7 +88,7 @@ def lookup_peaks(name: str) -> Optional[PeakEntry]:
     """
     norm = normalise_name(name)
     best = None
-    for key, v in GPU_PEAKS.items():
+    for key in GPU_PEAKS:
         k = normalise_name(key)
         if norm == k or (norm.startswith(k) and not norm[len(k)].isalnum()):
             if best is None or len(k) > len(normalise_name(best)):

@@ -5,7 +5,7 @@ Run:  python -m mhc_kernels.bench.reference_site [--tokens 4096 --n 4 --hidden 1
 1. One mHC site (``mhc_pre`` then ``mhc_post``; the sublayer is the identity so only mHC
    work is timed), forward and forward+backward, for bf16 and fp32, through
    ``mhc_kernels`` (the reference backend with explicit backward) and through the plain
-   PyTorch transcription of DESIGN section 2 with autograd through the forward.
+   PyTorch transcription of the contract (reference/README.md) with autograd through the forward.
    Achieved GB/s uses the op specs' minimum byte counts: forward
    ``mhc_pre + post``; backward ``post_bwd + mhc_pre_bwd`` with the residual gradient
    accumulated in place (``grad_residual`` present).
@@ -30,9 +30,7 @@ from rich.table import Table
 import mhc_kernels as mk
 from mhc_kernels import ops
 from mhc_kernels.reference import cases, torch_ref, transcription
-from mhc_kernels.specs import SPECS
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from mhc_kernels.specs import DTYPES_BY_NAME, SPECS
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -110,7 +108,8 @@ def bench_overhead(repeats: int):
     finally:
         ops.set_eager_fastpath(was)
     direct = per_call(torch_ref.post_fwd)
-    return [("mhc_kernels.mhc_post (eager fast path)", fast), ("mhc_kernels.mhc_post via torch.ops.mhc.post", dispatcher),
+    return [("mhc_kernels.mhc_post (eager fast path)", fast),
+            ("mhc_kernels.mhc_post via torch.ops.mhc.post", dispatcher),
             ("reference post_fwd called directly", direct)]
 
 
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
     for col in ("dtype", "implementation", "fwd ms", "fwd GB/s", "fwd+bwd ms", "fwd+bwd GB/s"):
         tab.add_column(col, justify="right" if col != "implementation" else "left")
     for dt in a.dtypes.split(","):
-        for name, tf, gf, tfb, gfb in bench_site(T, n, C, DTYPES[dt], a.repeats):
+        for name, tf, gf, tfb, gfb in bench_site(T, n, C, DTYPES_BY_NAME[dt], a.repeats):
             tab.add_row(dt, name, f"{tf * 1e3:.2f}", f"{gf:.2f}", f"{tfb * 1e3:.2f}", f"{gfb:.2f}")
     con.print(tab)
     tab = Table(title="per-call overhead, mhc_post, T=1, n=4, C=64, bf16, CPU")

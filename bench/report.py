@@ -17,7 +17,7 @@ op                     target: an op of ``mhc_kernels.specs.SPECS`` or ``mhc_sit
 pass                   ``fwd`` (inference, no grad), ``bwd`` (backward op) or ``fwd+bwd``
 fused                  true for the fused paths: ``mhc_pre``, ``post_pre``, ``mhc_site``
 impl                   ``reference`` / ``triton`` / ``tilelang`` (a backend) or ``eager`` / ``compile``
-impl_kind              ``backend`` or ``baseline`` (the PyTorch transcription of DESIGN section 2)
+impl_kind              ``backend`` or ``baseline`` (the PyTorch transcription of the contract)
 T, n, C                tokens, streams, hidden width
 dtype                  residual dtype: ``bf16``, ``fp16`` or ``fp32``
 status                 ``ok``, ``skipped`` (cannot serve / does not fit) or ``error``
@@ -61,7 +61,9 @@ from typing import Optional
 
 import torch
 
-from .runner import BASELINES, DTYPE_NAMES, FUSED, TARGETS, Measurement, derive
+from mhc_kernels.specs import dtype_name
+
+from .runner import BASELINES, FUSED, TARGETS, Measurement, derive
 
 SCHEMA = 1
 _NUM = (int, float)
@@ -137,7 +139,7 @@ def run_info(dm, cfg, timing_method: str, argv: Optional[list] = None) -> dict:
         "peak_tflops_source": peak_src + ("; the mixing math of the contract is float32" if peak else ""),
         "config": {"targets": list(cfg.targets), "backends": list(cfg.backends), "baselines": list(cfg.baselines),
                    "tokens": list(cfg.tokens), "n": list(cfg.ns), "hidden": list(cfg.hiddens),
-                   "dtype": DTYPE_NAMES[cfg.dtype], "device": str(cfg.device)},
+                   "dtype": dtype_name(cfg.dtype), "device": str(cfg.device)},
     }
 
 
@@ -154,7 +156,7 @@ def build_records(measurements: list[Measurement], run: dict) -> list[dict]:
         rec = {
             "schema": SCHEMA, "run_id": run["run_id"], "op": m.target, "pass": TARGETS[m.target].pass_,
             "fused": m.target in FUSED, "impl": m.impl, "impl_kind": "baseline" if m.impl in BASELINES else "backend",
-            "T": m.T, "n": m.n, "C": m.C, "dtype": DTYPE_NAMES[m.dtype], "status": m.status, "note": m.note,
+            "T": m.T, "n": m.n, "C": m.C, "dtype": dtype_name(m.dtype), "status": m.status, "note": m.note,
             "bytes": int(m.bytes), "flops": float(m.flops), "intensity": d["intensity"],
             "median_us": d["median_us"], "p20_us": d["p20_us"], "p80_us": d["p80_us"],
             "repeats": m.timing.repeats if m.timing else None,

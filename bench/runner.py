@@ -13,14 +13,14 @@ Targets (:data:`TARGETS`):
 Implementations: each backend (forced with :func:`mhc_kernels.use_backend`, called
 through the op bodies / public functions exactly as users reach them, validation
 included), and two baselines built from the plain PyTorch transcription of
-DESIGN section 2 (``mhc_kernels.reference.transcription``): ``eager`` and ``compile``
+the contract (``mhc_kernels.reference.transcription``): ``eager`` and ``compile``
 (the same under ``torch.compile``). For a backward op the baselines run the
 transcription's forward once (outside the timed region) and time its autograd
 backward (``retain_graph=True``); for ``mhc_site`` they time forward + backward.
 
-Inputs come from :func:`mhc_kernels.reference.cases.make_inputs` for a small token
-tile (at most 64 tokens), tiled along the token dim to ``T`` on the device, so huge
-shapes cost no float64 staging. Bytes and FLOPs come from the op specs only
+Inputs come from the project's one input recipe (:func:`mhc_kernels.reference.cases.op_inputs`)
+for a small token tile (at most 64 tokens), tiled along the token dim to ``T`` on the
+device, so huge shapes cost no float64 staging. Bytes and FLOPs come from the op specs only
 (:mod:`mhc_kernels.specs`): ``mhc_site`` counts ``mhc_pre + post`` forward and
 ``post_bwd + mhc_pre_bwd`` (residual gradient accumulated in place) backward.
 
@@ -47,8 +47,6 @@ from .timing import Timing, time_fn
 
 BASELINES = ("eager", "compile")
 SITE = "mhc_site"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -64,6 +62,7 @@ for _op in FORWARD_OPS:
 for _op in BACKWARD_OPS:
     TARGETS[_op] = Target(_op, "bwd", _op[: -len("_bwd")])
 TARGETS[SITE] = Target(SITE, "fwd+bwd", "mhc_pre")
+# (multilayer_recompute, a forward op, runs with the recipe's cases.DEFAULT_LAYERS layers)
 
 FUSED = ("mhc_pre", "post_pre", SITE)
 
@@ -89,80 +88,32 @@ def site_flops(T: int, n: int, C: int, iters: int = 20) -> float:
 
 
 def target_cost(target: str, T: int, n: int, C: int, dtype: torch.dtype, present: tuple[str, ...] = (),
-                iters: int = 20) -> tuple[int, float]:
-    """(minimum bytes, FLOPs) of one call, from the op specs; ``dtype`` is the residual dtype of the sweep."""
+                iters: int = 20, L: int = cases.DEFAULT_LAYERS) -> tuple[int, float]:
+    """(minimum bytes, FLOPs) of one call, from the op specs; ``dtype`` is the residual dtype of the sweep,
+    ``L`` the layers of a multilayer_recompute call (the benchmark's inputs have the recipe's default)."""
     if target == SITE:
         return site_bytes(T, n, C, dtype), site_flops(T, n, C, iters)
     spec = SPECS[target]
     if not spec.has_act:  # split_mixes, sinkhorn (and backward): the spec's dtype is the mix dtype
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return spec.bytes(T, n, C, dtype, present), spec.flops(T, n, C, iters)
+    return spec.bytes(T, n, C, dtype, present, L=L), spec.flops(T, n, C, iters, L=L)
 
 
-# -- inputs -----------------------------------------------------------------------------------
+# -- inputs (the one recipe: mhc_kernels.reference.cases.op_inputs) ---------------------------------------------
 TILE = 64
-
-
-def _tile(t: torch.Tensor, T: int) -> torch.Tensor:
-    T0 = t.shape[0]
-    if T0 == T:
-        return t.contiguous()
-    reps = -(-T // T0)
-    return t.repeat((reps,) + (1,) * (t.dim() - 1))[:T].contiguous()
-
-
-def _per_token(op: str, name: str) -> bool:
-    spec = SPECS[op]
-    for a in tuple(spec.tensor_args) + tuple(spec.outputs):
-        if a.name == name:
-            return bool(a.shape) and a.shape[0] == "*"
-    return False
-
-
-def _to_device(d: dict, device, T: int, per_token) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if per_token(k):
-                v = _tile(v, T)
-        out[k] = v
-    return out
 
 
 def forward_inputs(op: str, T: int, n: int, C: int, dtype: torch.dtype, device, *, norm_weight: bool = False,
                    seed: int = 0) -> dict:
     """Named inputs of forward op ``op`` (schema argument names), ``T`` tokens, on ``device``."""
-    T0 = max(1, min(T, TILE))
-    d = cases.make_inputs(op, (T0,), n, C, dtype, "cpu", norm_weight=norm_weight, seed=seed)
-    return _to_device(d, device, T, lambda k: _per_token(op, k))
+    return cases.op_inputs(op, T, n, C, dtype, device, norm_weight=norm_weight, seed=seed, tile=TILE)
 
 
 def backward_pool(fwd_op: str, T: int, n: int, C: int, dtype: torch.dtype, device, *, norm_weight: bool = False,
                   seed: int = 0) -> dict:
-    """Forward inputs, the forward's outputs (by spec output name) and a random upstream
-    gradient ``grad_<output>`` for each non-auxiliary output, all with ``T`` tokens on ``device``."""
-    T0 = max(1, min(T, TILE))
-    d = cases.make_inputs(fwd_op, (T0,), n, C, dtype, "cpu", norm_weight=norm_weight, seed=seed)
-    spec = SPECS[fwd_op]
-    with torch.no_grad(), registry.use_backend("reference"):
-        outs = ops.BODIES[fwd_op](*[d[a] for a in spec.arg_names])
-    if isinstance(outs, torch.Tensor):
-        outs = (outs,)
-    gen = torch.Generator().manual_seed(seed + 1)
-    pool = dict(d)
-    per_tok = {k for k in d if _per_token(fwd_op, k)}
-    for o, t in zip(spec.outputs, outs):
-        pool[o.name] = t
-        per_tok.add(o.name)
-        if not o.aux:
-            pool["grad_" + o.name] = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype)
-            per_tok.add("grad_" + o.name)
-    return _to_device(pool, device, T, lambda k: k in per_tok)
-
-
-# Backward-op argument names that are not "grad_<forward output name>".
-_ALIASES = {("sinkhorn_bwd", "grad"): "grad_comb_mix"}
+    """Forward inputs, the forward's outputs (by spec output name) and a random upstream gradient
+    ``grad_<output>`` for each non-auxiliary output, all with ``T`` tokens on ``device``."""
+    return cases.backward_pool(fwd_op, T, n, C, dtype, device, norm_weight=norm_weight, seed=seed, tile=TILE)
 
 
 def backward_args(bwd_op: str, pool: dict) -> dict:
@@ -170,7 +121,7 @@ def backward_args(bwd_op: str, pool: dict) -> dict:
     spec = SPECS[bwd_op]
     out = {}
     for a in spec.arg_names:
-        key = _ALIASES.get((bwd_op, a), a)
+        key = cases.GRAD_ALIASES.get((bwd_op, a), a)
         if key in pool:
             out[a] = pool[key]
         elif a in [t.name for t in spec.tensor_args if t.optional]:
@@ -281,7 +232,7 @@ def prepare(target: str, T: int, n: int, C: int, dtype: torch.dtype, device, bac
     d = forward_inputs("mhc_pre", T, n, C, dtype, dev)
     nbytes, flops = target_cost(SITE, T, n, C, dtype)
     p = Prepared(nbytes, flops, ("grad_residual",))
-    g = _tile(torch.randn((min(T, TILE), n, C), generator=torch.Generator().manual_seed(7)).to(dtype).to(dev), T)
+    g = forward_inputs("mhc_pre", T, n, C, dtype, dev, seed=7)["residual"]  # a residual-shaped upstream gradient
     leaves = [d[k].detach().clone().requires_grad_() for k in ("residual", "fn", "scale", "base")]
 
     def site_runner(f):

@@ -12,6 +12,10 @@
 The number of timed calls adapts to the call's cost: enough to fill ``budget_s``
 seconds, within ``[min_repeats, max_repeats]``. :class:`Timing.method` names what
 was done, and the reports print it.
+
+This is the project's one clock: the tuner (``mhc_kernels.autotune.engine.CudaTimer``)
+times its candidates with :func:`samples`, so it picks configs by the same measurement
+the benchmark reports.
 """
 
 from __future__ import annotations
@@ -70,12 +74,34 @@ def method_name(device: torch.device) -> str:
     return "wall clock (time.perf_counter) per call, median/p20/p80"
 
 
+def samples(fn: Callable[[], object], device: torch.device | str, repeats: int) -> list[float]:
+    """``repeats`` timed calls of ``fn()`` on ``device`` (seconds each; see the module docstring), no warm-up."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return times
+    flush = _flush_buffer(device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    torch.cuda.synchronize(device)
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+
+
 def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 2, min_repeats: int = 5,
             max_repeats: int = 100, budget_s: float = 0.3, max_warmup_s: Optional[float] = None) -> Timing:
     """Time ``fn()`` (no arguments; its result is discarded) on ``device``."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    # warm-up (also estimates the cost of one call)
     # warm-up; the last warm-up call estimates the cost of one call (the first may compile)
     t_start = time.perf_counter()
     n_warm = 0
@@ -90,22 +116,4 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, warmup: int
         if max_warmup_s is not None and time.perf_counter() - t_start > max_warmup_s:
             break
     repeats = int(min(max_repeats, max(min_repeats, budget_s / max(per_call, 1e-7))))
-    if cuda:
-        flush = _flush_buffer(device)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        torch.cuda.synchronize(device)
-        for s, e in zip(starts, ends):
-            flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
-    else:
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return summarise(times, n_warm, method_name(device))
+    return summarise(samples(fn, device, repeats), n_warm, method_name(device))

@@ -19,13 +19,19 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "reference", "torch_ref.py")) and _root not in __path__:
     __path__.append(_root)
 
-from . import ops  # noqa: E402,F401  (registers torch.ops.mhc.*)
+from . import (  # noqa: E402,F401  (MHCSite & co, Amax gain, recompute)
+    diagnostics,
+    nn,
+    ops,  # noqa: E402,F401  (registers torch.ops.mhc.*)
+    recompute,
+)
 from .errors import BackendError, MHCDtypeError, MHCError, MHCInputError  # noqa: E402
 from .functional import (  # noqa: E402
     expand,
     mhc_head,
     mhc_post,
     mhc_pre,
+    multilayer_recompute,
     norm_fn,
     post_pre,
     pre_apply_mix,
@@ -35,12 +41,11 @@ from .functional import (  # noqa: E402
 from .ops import eager_fastpath_enabled, set_eager_fastpath  # noqa: E402
 from .registry import BACKENDS, BackendStatus, available_backends, use_backend, which_backend  # noqa: E402
 from .specs import SPECS  # noqa: E402
-from . import diagnostics, nn, recompute  # noqa: E402,F401  (MHCSite & co, Amax gain, recompute)
 
 __all__ = [
     "__version__",
     "mhc_pre", "mhc_post", "norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "expand", "mhc_head",
-    "post_pre",
+    "post_pre", "multilayer_recompute",
     "available_backends", "use_backend", "which_backend", "BACKENDS", "BackendStatus",
     "set_eager_fastpath", "eager_fastpath_enabled",
     "MHCError", "MHCInputError", "MHCDtypeError", "BackendError",

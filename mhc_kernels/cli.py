@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .specs import ACT_DTYPE_NAMES
+
 
 def _add_info(sub):
     sub.add_parser("info", help="versions, devices, backends and where tuned configs are read from")
@@ -17,7 +19,7 @@ def _add_example(sub):
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--n", type=int, default=4)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=list(ACT_DTYPE_NAMES), default="bf16")
     p.add_argument("--repeats", type=int, default=5)
 
 
@@ -30,7 +32,7 @@ def _add_autotune(sub):
     p.add_argument("--hidden", nargs="+", type=int, default=[4096, 7168], help="hidden widths C (default: 4096 7168)")
     p.add_argument("--tokens", nargs="+", type=int, default=[4 ** i for i in range(9)],
                    help="token counts, each tuned as its power-of-two bucket (default: 1 4 16 ... 65536)")
-    p.add_argument("--dtype", nargs="+", choices=["bf16", "fp16", "fp32"], default=["bf16"])
+    p.add_argument("--dtype", nargs="+", choices=list(ACT_DTYPE_NAMES), default=["bf16"])
     p.add_argument("--out", default=None, help="config directory (default: the user config dir)")
     p.add_argument("--resume", action="store_true", help="skip entries already in the store (and current)")
     p.add_argument("--dry-run", action="store_true",
@@ -38,7 +40,6 @@ def _add_autotune(sub):
     p.add_argument("--arch", type=int, default=None, help="target compute capability for pruning, e.g. 90 "
                                                           "(default: the device's, else 90)")
     p.add_argument("--device", default=None, help="CUDA device (default: the current one)")
-    p.add_argument("--workers", type=int, default=None, help="parallel compile workers")
     p.add_argument("--repeats", type=int, default=50, help="timed launches per config (median is kept)")
     p.add_argument("--warmup", type=int, default=10, help="untimed launches before timing")
 
@@ -53,7 +54,7 @@ def _add_bench(sub):
     p.add_argument("--tokens", nargs="+", default=None, help="token counts T (default: 1 16 256 ... 65536)")
     p.add_argument("--hidden", nargs="+", default=None, help="hidden widths C (default: 1280 4096 7168)")
     p.add_argument("--n", nargs="+", default=None, help="stream counts (default: 2 4 8)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=list(ACT_DTYPE_NAMES), default="bf16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--quick", action="store_true",
                    help="sub-minute run: T in {1, 1024}, n=4, C=1280 against the eager baseline; on CPU the "
@@ -73,7 +74,7 @@ def _add_compile(sub):
                    help="target architecture; repeat for several (default: sm_90a)")
     p.add_argument("--n", type=int, default=4, help="stream count (default: 4)")
     p.add_argument("--hidden", type=int, default=4096, help="hidden width C (default: 4096)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=list(ACT_DTYPE_NAMES), default="bf16")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
     p.add_argument("--emit-dir", default=None, metavar="DIR", help="write each kernel's PTX (and cubin) here")
 

@@ -15,7 +15,7 @@ Hyper-Connections they drift and compound across layers (the paper reports peaks
 ~3000 for HC against ~1.6 for mHC in a 27B model).
 
 Layout: this project's ``comb_mix[..., j, i]`` weights stream ``j`` into stream ``i``
-(DESIGN 2.4), so ``H = comb_mix^T``. Functions take ``layout="comb"`` (default: matrices
+(contract §5), so ``H = comb_mix^T``. Functions take ``layout="comb"`` (default: matrices
 as :class:`~mhc_kernels.nn.MHCSite` produces them) or ``layout="H"`` (``x_{l+1} = H x_l``).
 Matrices may carry any leading (token) dims; statistics are reported per token (max and mean).
 

@@ -1,4 +1,4 @@
-"""The public functional API: one function per mHC operator (DESIGN.md section 2).
+"""The public functional API: one function per mHC operator of the contract (reference/README.md).
 
 Each function validates its inputs, picks a backend (see :mod:`mhc_kernels.registry`)
 and runs the matching ``torch.ops.mhc`` custom op, or, in eager mode, the
@@ -29,8 +29,8 @@ def _float(v):
 
 def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None,
             norm_eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
-            sinkhorn_eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """Everything before the sublayer: projection, split, Sinkhorn and collapse (DESIGN 2.5).
+            sinkhorn_eps: float = 1e-6, return_mixes: bool = False) -> tuple[Tensor, ...]:
+    """Everything before the sublayer: projection, split, Sinkhorn and collapse (contract §6).
 
     Args:
         residual: ``(..., n, C)`` the n residual streams.
@@ -39,23 +39,36 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
         scale: ``(3,)`` float32 gains for the pre, post and residual-mix logits.
         base: ``(n*(n+2),)`` float32 biases.
         norm_weight: optional ``(n*C,)`` float32 RMSNorm gain, folded into ``fn``.
-        norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: the constants of DESIGN 2.
+        norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: the constants of the contract (§1).
+
+        return_mixes: also return the raw mixes ``(..., n*(n+2))`` (float32, not differentiable: the
+            projection before the gains, from which :func:`mhc_kernels.composite.pre_mix` recomputes the
+            pre-mix without touching the residual; activation recompute keeps them).
 
     Returns:
         ``(layer_input (..., C), post_mix (..., n), comb_mix (..., n, n))``: the sublayer
         input in the residual's dtype, and the float32 post and residual mixes to pass to
-        :func:`mhc_post`.
+        :func:`mhc_post`; with ``return_mixes`` the raw mixes fourth.
 
     In training nothing full-size is saved for backward: only the residual (by
     reference) and ``n*(n+2) + 1`` floats per token; the backward re-reads the residual.
+
+    Example::
+
+        >>> x = torch.randn(8, 4, 64, dtype=torch.bfloat16)            # T=8 tokens, n=4 streams, C=64
+        >>> fn, scale, base = torch.randn(24, 256) / 16, torch.full((3,), 0.01), torch.zeros(24)
+        >>> layer_input, post_mix, comb_mix = mk.mhc_pre(x, fn, scale, base)
+        >>> layer_input.shape, post_mix.shape, comb_mix.shape
+        (torch.Size([8, 64]), torch.Size([8, 4]), torch.Size([8, 4, 4]))
     """
-    li, post_mix, comb_mix, _, _ = call("mhc_pre", residual, fn, scale, base, norm_weight, _float(norm_eps),
-                                        _float(pre_eps), _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps))
-    return li, post_mix, comb_mix
+    li, post_mix, comb_mix, mixes, _ = call("mhc_pre", residual, fn, scale, base, norm_weight, _float(norm_eps),
+                                            _float(pre_eps), _float(post_mult), sinkhorn_iters,
+                                            _float(sinkhorn_eps))
+    return (li, post_mix, comb_mix, mixes) if return_mixes else (li, post_mix, comb_mix)
 
 
 def mhc_post(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor) -> Tensor:
-    """Merge the sublayer output back into the streams (DESIGN 2.4).
+    """Merge the sublayer output back into the streams (contract §5).
 
     ``new_residual[..., i, :] = post_mix[..., i] * layer_output + sum_j comb_mix[..., j, i] * residual[..., j, :]``
 
@@ -66,15 +79,28 @@ def mhc_post(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
 
     Returns:
         ``(..., n, C)`` the new residual, in the residual's dtype.
+
+    Example::
+
+        >>> x, y = torch.randn(8, 4, 64), torch.randn(8, 64)              # residual, sublayer output
+        >>> post_mix, comb_mix = torch.full((8, 4), 0.5), torch.eye(4).expand(8, 4, 4)
+        >>> mk.mhc_post(y, x, post_mix, comb_mix).shape
+        torch.Size([8, 4, 64])
     """
     return call("post", layer_output, residual, post_mix, comb_mix)
 
 
 def norm_fn(residual: Tensor, fn: Tensor, *, norm_weight: Optional[Tensor] = None,
             norm_eps: float = 1e-6) -> Tensor:
-    """The reordered RMSNorm projection (DESIGN 2.1): ``(x_flat @ fn^T) * rsqrt(mean(x_flat^2) + eps)``.
+    """The reordered RMSNorm projection (contract §2): ``(x_flat @ fn^T) * rsqrt(mean(x_flat^2) + eps)``.
 
     ``residual`` ``(..., n, C)``, ``fn`` ``(rows, n*C)`` (usually ``rows = n*(n+2)``) -> float32 ``(..., rows)``.
+
+    Example::
+
+        >>> x = torch.randn(2, 8, 4, 64, dtype=torch.bfloat16)         # (batch, seq, n, C)
+        >>> mk.norm_fn(x, torch.randn(24, 256) / 16).shape
+        torch.Size([2, 8, 24])
     """
     mixes, _ = call("norm_fn", residual, fn, norm_weight, _float(norm_eps))
     return mixes
@@ -82,40 +108,73 @@ def norm_fn(residual: Tensor, fn: Tensor, *, norm_weight: Optional[Tensor] = Non
 
 def split_mixes(mixes: Tensor, scale: Tensor, base: Tensor, *, pre_eps: float = 1e-6, post_mult: float = 2.0,
                 sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """Turn raw mixes into the pre, post and Sinkhorn-projected residual mixes (DESIGN 2.2).
+    """Turn raw mixes into the pre, post and Sinkhorn-projected residual mixes (contract §3).
 
     ``mixes`` ``(..., n*(n+2))`` float32 (n is inferred) -> ``(pre_mix (..., n), post_mix (..., n),
     comb_mix (..., n, n))``.
+
+    Example::
+
+        >>> pre, post, comb = mk.split_mixes(torch.randn(8, 24), torch.full((3,), 0.01), torch.zeros(24))
+        >>> pre.shape, post.shape, comb.shape
+        (torch.Size([8, 4]), torch.Size([8, 4]), torch.Size([8, 4, 4]))
+        >>> bool(torch.allclose(comb.sum(-2), torch.ones(8, 4), atol=1e-5))   # columns sum to 1
+        True
     """
     return call("split_mixes", mixes, scale, base, _float(pre_eps), _float(post_mult), sinkhorn_iters,
                 _float(sinkhorn_eps))
 
 
 def sinkhorn(logits: Tensor, *, iters: int = 20, eps: float = 1e-6) -> Tensor:
-    """Sinkhorn-Knopp on ``exp(logits)`` with eps guards, ``iters`` row/column rounds (DESIGN 2.2).
+    """Sinkhorn-Knopp on ``exp(logits)`` with eps guards, ``iters`` row/column rounds (contract §3).
 
     ``logits`` ``(..., n, n)`` float32 -> ``(..., n, n)``; the last step normalises columns.
     The gradient is the exact gradient of the unrolled iterations.
+
+    Example::
+
+        >>> P = mk.sinkhorn(torch.randn(8, 4, 4), iters=20)
+        >>> bool(torch.allclose(P.sum(-2), torch.ones(8, 4), atol=1e-5))
+        True
     """
     return call("sinkhorn", logits, iters, _float(eps))
 
 
 def pre_apply_mix(residual: Tensor, pre_mix: Tensor) -> Tensor:
-    """Collapse the streams (DESIGN 2.3): ``(..., n, C)``, ``(..., n)`` -> ``(..., C)`` in the residual's dtype."""
+    """Collapse the streams (contract §4): ``(..., n, C)``, ``(..., n)`` -> ``(..., C)`` in the residual's dtype.
+
+    Example::
+
+        >>> x = torch.randn(8, 4, 64, dtype=torch.bfloat16)
+        >>> mk.pre_apply_mix(x, torch.full((8, 4), 0.25)).dtype             # the mean of the four streams
+        torch.bfloat16
+    """
     return call("pre_apply_mix", residual, pre_mix)
 
 
 def expand(hidden: Tensor, n: int) -> Tensor:
-    """Copy an embedding into ``n`` identical streams (DESIGN 2.6): ``(..., C)`` -> ``(..., n, C)``."""
+    """Copy an embedding into ``n`` identical streams (contract §7): ``(..., C)`` -> ``(..., n, C)``.
+
+    Example::
+
+        >>> mk.expand(torch.randn(2, 8, 64), 4).shape
+        torch.Size([2, 8, 4, 64])
+    """
     return call("expand", hidden, n)
 
 
 def mhc_head(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None,
              norm_eps: float = 1e-6, pre_eps: float = 1e-6) -> Tensor:
-    """Final collapse of the streams before the LM head (DESIGN 2.6).
+    """Final collapse of the streams before the LM head (contract §7).
 
     ``w = sigmoid(norm_fn(residual, fn) * scale + base) + pre_eps``; returns ``sum_i w_i * residual_i``.
     ``fn`` is ``(n, n*C)``, ``scale`` ``(1,)``, ``base`` ``(n,)``; output ``(..., C)``.
+
+    Example::
+
+        >>> x = torch.randn(8, 4, 64, dtype=torch.bfloat16)
+        >>> mk.mhc_head(x, torch.randn(4, 256) / 16, torch.full((1,), 0.01), torch.zeros(4)).shape
+        torch.Size([8, 64])
     """
     out, _, _ = call("mhc_head", residual, fn, scale, base, norm_weight, _float(norm_eps), _float(pre_eps))
     return out
@@ -125,12 +184,52 @@ def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
              scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6,
              pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
              sinkhorn_eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``mhc_post`` of one sublayer fused with ``mhc_pre`` of the next (DESIGN 2.7).
+    """``mhc_post`` of one sublayer fused with ``mhc_pre`` of the next (contract §8).
 
     ``fn``/``scale``/``base``/``norm_weight`` are the *next* site's parameters.
     Returns ``(new_residual, layer_input, post_mix, comb_mix)``; the last three are the
     next site's :func:`mhc_pre` outputs, computed from the stored new residual.
+
+    Example::
+
+        >>> x = torch.randn(8, 4, 64, dtype=torch.bfloat16)
+        >>> fn, scale, base = torch.randn(24, 256) / 16, torch.full((3,), 0.01), torch.zeros(24)
+        >>> layer_input, post_mix, comb_mix = mk.mhc_pre(x, fn, scale, base)        # site l
+        >>> y = layer_input                                                       # the sublayer (identity here)
+        >>> x, layer_input, post_mix, comb_mix = mk.post_pre(y, x, post_mix, comb_mix, fn, scale, base)  # l -> l+1
+        >>> x.shape, layer_input.shape
+        (torch.Size([8, 4, 64]), torch.Size([8, 64]))
     """
     out = call("post_pre", layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
                _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps))
     return out[:4]
+
+
+def multilayer_recompute(residual: Tensor, layer_outputs: Tensor, pre_mix: Tensor, post_mix: Tensor,
+                         comb_mix: Tensor) -> tuple[Tensor, Tensor]:
+    """Rebuild L consecutive sites' residuals and layer inputs from the first residual (contract §8).
+
+    Args:
+        residual: ``(..., n, C)`` x_0, the first site's input residual.
+        layer_outputs: ``(L, ..., C)`` each site's sublayer output (residual dtype).
+        pre_mix, post_mix: ``(L, ..., n)`` float32; comb_mix: ``(L, ..., n, n)`` float32.
+
+    Returns:
+        ``(residuals (L, ..., n, C), layer_inputs (L, ..., C))``: ``residuals[l] = x_l`` (x_0
+        copied) with ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``, and
+        ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])``; every x_l is rounded to the
+        residual dtype before it is read again. The last site's output and post/comb mixes are
+        not read. Forward-only: call it under ``torch.no_grad()``.
+
+    Example::
+
+        >>> L, x0 = 3, torch.randn(8, 4, 64, dtype=torch.bfloat16)
+        >>> ys = torch.randn(L, 8, 64, dtype=torch.bfloat16)
+        >>> pre, post = torch.full((L, 8, 4), 0.25), torch.ones(L, 8, 4)
+        >>> comb = torch.eye(4).expand(L, 8, 4, 4)
+        >>> with torch.no_grad():
+        ...     residuals, layer_inputs = mk.multilayer_recompute(x0, ys, pre, post, comb)
+        >>> residuals.shape, layer_inputs.shape
+        (torch.Size([3, 8, 4, 64]), torch.Size([3, 8, 64]))
+    """
+    return call("multilayer_recompute", residual, layer_outputs, pre_mix, post_mix, comb_mix)

@@ -55,8 +55,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional
-from .ops import call
+from . import composite, functional
 
 Tensor = torch.Tensor
 
@@ -91,7 +90,13 @@ class MixTap(nn.Module):
 
 
 class MHCExpand(nn.Module):
-    """``(..., C) -> (..., n, C)``: copy the embedding into ``n`` streams (DESIGN 2.6)."""
+    """``(..., C) -> (..., n, C)``: copy the embedding into ``n`` streams (contract §7).
+
+    Example::
+
+        >>> MHCExpand(4)(torch.randn(2, 8, 64)).shape
+        torch.Size([2, 8, 4, 64])
+    """
 
     def __init__(self, n: int = 4):
         super().__init__()
@@ -105,7 +110,7 @@ class MHCExpand(nn.Module):
 
 
 class MHCSite(nn.Module):
-    """One mHC site: ``mhc_pre -> sublayer -> mhc_post`` (DESIGN 2.5, 2.4).
+    """One mHC site: ``mhc_pre -> sublayer -> mhc_post`` (contract §6, §5).
 
     Args:
         hidden: the hidden width ``C`` (the sublayer's input and output width).
@@ -118,12 +123,19 @@ class MHCSite(nn.Module):
             mix is the raw ``n x n`` matrix ``alpha * mixes + base`` (no Sinkhorn).
         alpha: initial value of the three gains ``scale``.
         identity_tol: at initialisation ``max |H_res - I| ~ identity_tol`` (sinkhorn mode).
-        norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: DESIGN 2's constants.
+        norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: the contract's constants.
         device: where to create the parameters (always float32).
 
     Parameters: ``fn (n*(n+2), n*C)``, ``scale (3,)``, ``base (n*(n+2),)``, optional
-    ``norm_weight (n*C,)`` -- the layout of DESIGN 2. See the module docstring for the
+    ``norm_weight (n*C,)`` -- the layout of the contract (§1). See the module docstring for the
     initialisation.
+
+    Example::
+
+        >>> site = MHCSite(64, 4, sublayer=torch.nn.Linear(64, 64))
+        >>> x = torch.randn(2, 8, 4, 64)                     # (batch, seq, n, C)
+        >>> site(x).shape
+        torch.Size([2, 8, 4, 64])
     """
 
     def __init__(self, hidden: int, n: int = 4, *, sublayer: Optional[nn.Module] = None, norm_weight: bool = True,
@@ -182,13 +194,9 @@ class MHCSite(nn.Module):
         return _as(self.fn, md), _as(self.scale, md), _as(self.base, md), _as(self.norm_weight, md)
 
     def _split_unconstrained(self, mixes, scale, base):
-        n = self.n
-        s = torch.cat([scale[0:1].expand(n), scale[1:2].expand(n), scale[2:3].expand(n * n)])
-        z = mixes * s + base
-        pre = torch.sigmoid(z[..., :n]) + self.pre_eps
-        post = torch.sigmoid(z[..., n:2 * n]) * self.post_mult
-        comb = z[..., 2 * n:].unflatten(-1, (n, n))
-        return pre, post, comb
+        """HC's gates: split_mixes without the Sinkhorn (the residual mix is the raw ``n x n`` logits)."""
+        z = composite.gate_logits(mixes, scale, base, self.n)
+        return composite.split_gates(z, self.n, self.pre_eps, self.post_mult)
 
     def pre(self, residual: Tensor):
         """``residual (..., n, C)`` -> ``(layer_input, post_mix, comb_mix, mixes)``; ``mixes`` are the
@@ -198,9 +206,10 @@ class MHCSite(nn.Module):
         fn, scale, base, nw = self._params(md)
         with _autocast_off(residual.device):
             if self.residual_mix == "sinkhorn":
-                li, post_mix, comb_mix, mixes, _ = call(
-                    "mhc_pre", residual, fn, scale, base, nw, self.norm_eps, self.pre_eps, self.post_mult,
-                    self.sinkhorn_iters, self.sinkhorn_eps)
+                li, post_mix, comb_mix, mixes = functional.mhc_pre(
+                    residual, fn, scale, base, norm_weight=nw, norm_eps=self.norm_eps, pre_eps=self.pre_eps,
+                    post_mult=self.post_mult, sinkhorn_iters=self.sinkhorn_iters, sinkhorn_eps=self.sinkhorn_eps,
+                    return_mixes=True)
             else:
                 mixes = functional.norm_fn(residual, fn, norm_weight=nw, norm_eps=self.norm_eps)
                 pre_mix, post_mix, comb_mix = self._split_unconstrained(mixes, scale, base)
@@ -213,11 +222,7 @@ class MHCSite(nn.Module):
         """The pre-mix ``(..., n)`` the forward used, from the saved raw mixes (cheap; no residual read)."""
         fn, scale, base, _ = self._params(mixes.dtype)
         with _autocast_off(mixes.device):
-            if self.residual_mix == "sinkhorn":
-                # the pre-mix does not depend on the Sinkhorn rounds: one round is the cheapest
-                return functional.split_mixes(mixes, scale, base, pre_eps=self.pre_eps, post_mult=self.post_mult,
-                                              sinkhorn_iters=1, sinkhorn_eps=self.sinkhorn_eps)[0]
-            return self._split_unconstrained(mixes, scale, base)[0]
+            return composite.pre_mix(mixes, scale, base, self.pre_eps)
 
     @staticmethod
     def cast_output(layer_output: Tensor, residual: Tensor) -> Tensor:
@@ -242,10 +247,15 @@ class MHCSite(nn.Module):
 
 
 class MHCHead(nn.Module):
-    """``(..., n, C) -> (..., C)``: the final collapse of the streams before the LM head (DESIGN 2.6).
+    """``(..., n, C) -> (..., C)``: the final collapse of the streams before the LM head (contract §7).
 
     Parameters ``fn (n, n*C)``, ``scale (1,)``, ``base (n,)``, optional ``norm_weight (n*C,)``;
     initialised to average the streams (``base = logit(1/n)``, ``scale = alpha``).
+
+    Example::
+
+        >>> MHCHead(64, 4)(torch.randn(2, 8, 4, 64)).shape
+        torch.Size([2, 8, 64])
     """
 
     def __init__(self, hidden: int, n: int = 4, *, norm_weight: bool = True, alpha: float = 0.01,

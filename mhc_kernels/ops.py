@@ -1,13 +1,15 @@
 """``torch.ops.mhc.*``: custom-op registration, fake implementations and autograd.
 
 Every op in :data:`~mhc_kernels.specs.SPECS` becomes a functional
-``torch.library`` custom op whose schema is generated from its spec. Its body
-validates the call (:func:`~mhc_kernels.validation.bind`), asks the registry for a
-kernel and runs it; the fake implementation only evaluates the spec's output
-shapes (no compilation, no config lookup, no data access).
+``torch.library`` custom op whose schema (with the contract's defaults) is generated from
+its spec. Its body validates the call (:func:`~mhc_kernels.validation.bind`) and has
+the registry serve it (kernel selection and config resolution, once per call:
+:func:`~mhc_kernels.registry.run`); the fake implementation only evaluates the spec's
+output shapes (no compilation, no config lookup, no data access).
 
-Autograd formulas are written once per forward op (``_setup_*`` / ``_backward_*``)
-and take an ``ops`` namespace for the backward kernels. They are used twice:
+Autograd formulas are written once per differentiable op (a ``setup``/``backward``
+pair registered with :func:`_formula`; every spec marked ``differentiable`` must have
+one) and take an ``ops`` namespace for the backward kernels. They are used twice:
 
 * registered on the custom op with ``ops = torch.ops.mhc`` (the path that
   ``torch.compile`` traces: every backward kernel is itself an opaque op);
@@ -32,15 +34,15 @@ import torch
 
 from . import registry
 from .specs import SPECS
-from .validation import bind
+from .validation import bind, complete
 
 
 def _make_body(name: str):
     spec = SPECS[name]
 
-    def body(*args):
-        c = bind(spec, args)
-        return c.unflatten(registry.select(c).fn(*c.args))
+    def body(*args, **kwargs):
+        c = bind(spec, complete(spec, args, kwargs) if kwargs or len(args) < len(spec.args) else args)
+        return c.unflatten(registry.run(c))
 
     body.__name__ = f"mhc_{name}"
     body.__qualname__ = body.__name__
@@ -50,7 +52,8 @@ def _make_body(name: str):
 def _make_fake(name: str):
     spec = SPECS[name]
 
-    def fake(*args):
+    def fake(*args, **kwargs):
+        args = complete(spec, args, kwargs)
         c = bind(spec, args, flatten=False)
         like = args[spec.primary_index]
         outs = tuple(like.new_empty(shape, dtype=dtype) for shape, dtype in c.output_shapes())
@@ -65,6 +68,20 @@ _DIRECT = types.SimpleNamespace(**BODIES)
 
 
 # -- autograd formulas ----------------------------------------------------------
+_AUTOGRAD: dict = {}   # op name -> (setup_context, backward(ops, ctx, *grads))
+
+
+def _formula(name: str):
+    """Register the autograd formula of op ``name``: decorates ``setup`` and returns a decorator for
+    ``backward`` (``_formula("post")(setup)(backward)``)."""
+    def with_setup(setup):
+        def with_backward(backward):
+            _AUTOGRAD[name] = (setup, backward)
+            return backward
+        return with_backward
+    return with_setup
+
+
 def _unfold_fn_grad(d_fn, fn, norm_weight):
     """Chain rule through the fold fn_eff = fn * norm_weight."""
     if norm_weight is None:
@@ -79,6 +96,7 @@ def _setup_norm_fn(ctx, inputs, output):
     ctx.save_for_backward(residual, fn, norm_weight, mixes, rstd)
 
 
+@_formula("norm_fn")(_setup_norm_fn)
 def _backward_norm_fn(ops, ctx, grad_mixes, _grad_rstd):
     residual, fn, norm_weight, mixes, rstd = ctx.saved_tensors
     d_res, d_fn = ops.norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd)
@@ -92,6 +110,7 @@ def _setup_split_mixes(ctx, inputs, output):
     ctx.save_for_backward(mixes, scale, base)
 
 
+@_formula("split_mixes")(_setup_split_mixes)
 def _backward_split_mixes(ops, ctx, g_pre, g_post, g_comb):
     mixes, scale, base = ctx.saved_tensors
     d_mixes, d_scale, d_base = ops.split_mixes_bwd(g_pre, g_post, g_comb, mixes, scale, base, *ctx.consts)
@@ -104,6 +123,7 @@ def _setup_sinkhorn(ctx, inputs, output):
     ctx.save_for_backward(logits)
 
 
+@_formula("sinkhorn")(_setup_sinkhorn)
 def _backward_sinkhorn(ops, ctx, grad):
     (logits,) = ctx.saved_tensors
     return ops.sinkhorn_bwd(grad, logits, *ctx.consts), None, None
@@ -113,6 +133,7 @@ def _setup_pre_apply_mix(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@_formula("pre_apply_mix")(_setup_pre_apply_mix)
 def _backward_pre_apply_mix(ops, ctx, grad):
     residual, pre_mix = ctx.saved_tensors
     return ops.pre_apply_mix_bwd(grad, residual, pre_mix)
@@ -122,6 +143,7 @@ def _setup_post(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@_formula("post")(_setup_post)
 def _backward_post(ops, ctx, grad):
     layer_output, residual, post_mix, comb_mix = ctx.saved_tensors
     return ops.post_bwd(grad, layer_output, residual, post_mix, comb_mix)
@@ -136,6 +158,7 @@ def _setup_mhc_pre(ctx, inputs, output):
     ctx.save_for_backward(residual, fn, scale, base, norm_weight, mixes, rstd)
 
 
+@_formula("mhc_pre")(_setup_mhc_pre)
 def _backward_mhc_pre(ops, ctx, g_li, g_post, g_comb, _g_mixes, _g_rstd):
     residual, fn, scale, base, norm_weight, mixes, rstd = ctx.saved_tensors
     d_res, d_fn, d_scale, d_base = ops.mhc_pre_bwd(g_li, g_post, g_comb, residual, fn, scale, base, norm_weight,
@@ -148,6 +171,7 @@ def _setup_expand(ctx, inputs, output):
     pass
 
 
+@_formula("expand")(_setup_expand)
 def _backward_expand(ops, ctx, grad):
     return ops.expand_bwd(grad), None
 
@@ -160,6 +184,7 @@ def _setup_mhc_head(ctx, inputs, output):
     ctx.save_for_backward(residual, fn, scale, base, norm_weight, mixes, rstd)
 
 
+@_formula("mhc_head")(_setup_mhc_head)
 def _backward_mhc_head(ops, ctx, grad, _g_mixes, _g_rstd):
     residual, fn, scale, base, norm_weight, mixes, rstd = ctx.saved_tensors
     d_res, d_fn, d_scale, d_base = ops.mhc_head_bwd(grad, residual, fn, scale, base, norm_weight, mixes, rstd,
@@ -178,6 +203,7 @@ def _setup_post_pre(ctx, inputs, output):
                           new_residual, mixes, rstd)
 
 
+@_formula("post_pre")(_setup_post_pre)
 def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, _g_mixes, _g_rstd):
     (layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
      new_residual, mixes, rstd) = ctx.saved_tensors
@@ -190,11 +216,9 @@ def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, _g_mixes, _g_r
     return (d_y, d_res, d_post_mix, d_comb_mix, d_fn, d_scale, d_base, d_nw) + (None,) * 5
 
 
-_AUTOGRAD = {
-    name: (globals()[f"_setup_{name}"], globals()[f"_backward_{name}"])
-    for name in ("norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "post", "mhc_pre", "expand",
-                 "mhc_head", "post_pre")
-}
+_missing = [name for name, spec in SPECS.items() if spec.differentiable and name not in _AUTOGRAD]
+if _missing:
+    raise RuntimeError(f"mhc_kernels.ops: no autograd formula for the differentiable ops {_missing}")
 
 
 # -- registration ---------------------------------------------------------------
@@ -232,7 +256,15 @@ _fastpath = os.environ.get("MHC_KERNELS_EAGER_FASTPATH", "1").strip().lower() no
 
 
 def set_eager_fastpath(enabled: bool) -> None:
-    """Turn the eager fast path on (default) or off; see the module docstring."""
+    """Turn the eager fast path on (default) or off; see the module docstring.
+
+    Example::
+
+        >>> mk.set_eager_fastpath(False)          # every eager call goes through torch.ops.mhc
+        >>> mk.eager_fastpath_enabled()
+        False
+        >>> mk.set_eager_fastpath(True)
+    """
     global _fastpath
     _fastpath = bool(enabled)
 
@@ -244,9 +276,10 @@ def eager_fastpath_enabled() -> bool:
 def call(name: str, *args):
     """Run forward op ``name``: through ``torch.ops.mhc`` when compiling (or with the fast
     path off), else through the equivalent ``autograd.Function`` or, when no gradient
-    is needed, the op body itself."""
+    is needed (or the op has none), the op body itself."""
     if _fastpath and not torch.compiler.is_compiling():
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if (name in FUNCTIONS and torch.is_grad_enabled()
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
             return FUNCTIONS[name].apply(*args)
         return BODIES[name](*args)
     return getattr(torch.ops.mhc, name)(*args)

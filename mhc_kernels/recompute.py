@@ -1,4 +1,4 @@
-"""Multi-layer activation recompute for mHC training (DESIGN 2.7).
+"""Multi-layer activation recompute for mHC training (contract §8).
 
 An mHC model keeps ``n`` residual streams, so saving every site's residual for backward
 costs ``n*C`` elements per token per site, ``n`` times a plain residual. The paper's remedy:
@@ -8,11 +8,11 @@ sublayer's output and the small per-token mixes; in backward rebuild the block's
 
 Two pieces:
 
-* :func:`multilayer_recompute` -- the operator (``torch.ops.mhc.multilayer_recompute``):
-  ``(x_0, layer_outputs, pre_mix, post_mix, comb_mix) -> (residuals, layer_inputs)`` for
-  ``L`` sites in one call. Forward-only (it runs inside backward); backends register a
-  kernel for op ``"multilayer_recompute"`` like any other: the reference, and Triton and
-  TileLang through :func:`composed_kernel` from their own ``post`` and ``pre_apply_mix``.
+* :func:`multilayer_recompute` -- the operator (``torch.ops.mhc.multilayer_recompute``, an
+  op spec like every other): ``(x_0, layer_outputs, pre_mix, post_mix, comb_mix) ->
+  (residuals, layer_inputs)`` for ``L`` sites in one call. Forward-only (it runs inside
+  backward); every backend serves it with the composite of its own ``post`` and
+  ``pre_apply_mix`` (``mhc_kernels.composite``).
 * :func:`checkpoint_sites` -- the training helper: runs a sequence of
   :class:`~mhc_kernels.nn.MHCSite` (each with its sublayer) in blocks of ``block_size``
   sites. Inside a block the residuals ``x_1 .. x_{L_r-1}`` and the layer inputs are not
@@ -35,134 +35,14 @@ mode; while ``torch.compile`` traces, it runs the plain path.
 from __future__ import annotations
 
 import math
-import types
 from typing import Optional, Sequence
 
 import torch
 
-from . import registry
-from .errors import MHCDtypeError, MHCInputError
-from .validation import Call
+from .errors import MHCInputError
+from .functional import multilayer_recompute  # noqa: F401  (the operator, re-exported here)
 
 Tensor = torch.Tensor
-
-OP_NAME = "multilayer_recompute"
-_SPEC = types.SimpleNamespace(name=OP_NAME)  # what the registry needs of a spec: the op name
-
-
-# -- the operator ----------------------------------------------------------------------------
-def _fail(msg, cls=MHCInputError):
-    raise cls(f"mhc.{OP_NAME}: {msg}")
-
-
-def _bind(residual, layer_outputs, pre_mix, post_mix, comb_mix) -> Call:
-    if not isinstance(residual, torch.Tensor) or residual.dim() < 2:
-        _fail(f"argument 'residual' must be a tensor of shape (..., n, C); got "
-              f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
-    act = residual.dtype
-    if act not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        _fail(f"argument 'residual' must be bfloat16, float16 or float32; got {act}", MHCDtypeError)
-    md = torch.float64 if act == torch.float64 else torch.float32
-    lead = tuple(residual.shape[:-2])
-    n, C = residual.shape[-2], residual.shape[-1]
-    if not isinstance(layer_outputs, torch.Tensor) or layer_outputs.dim() != len(lead) + 2:
-        _fail(f"argument 'layer_outputs' must have shape (L, ..., C) with the residual's leading dims {lead}; "
-              f"got {tuple(getattr(layer_outputs, 'shape', ()))}")
-    L = layer_outputs.shape[0]
-    if L < 1:
-        _fail("argument 'layer_outputs' must hold at least one layer (L >= 1)")
-    want = {
-        "layer_outputs": ((L,) + lead + (C,), act),
-        "pre_mix": ((L,) + lead + (n,), md),
-        "post_mix": ((L,) + lead + (n,), md),
-        "comb_mix": ((L,) + lead + (n, n), md),
-    }
-    given = {"layer_outputs": layer_outputs, "pre_mix": pre_mix, "post_mix": post_mix, "comb_mix": comb_mix}
-    T = 1
-    for s in lead:
-        T = T * s
-    args = [residual.reshape((T, n, C)).contiguous()]
-    for name, (shape, dtype) in want.items():
-        t = given[name]
-        if not isinstance(t, torch.Tensor):
-            _fail(f"argument '{name}' must be a tensor of shape {shape}; got {type(t).__name__}")
-        if t.device != residual.device:
-            _fail(f"argument '{name}' is on {t.device} but 'residual' is on {residual.device}")
-        if t.dtype != dtype:
-            _fail(f"argument '{name}' must be {dtype}; got {t.dtype}", MHCDtypeError)
-        if tuple(t.shape) != shape:
-            _fail(f"argument '{name}' must have shape {shape} to match 'residual' {tuple(residual.shape)} and "
-                  f"L={L}; got {tuple(t.shape)}")
-        args.append(t.reshape((L, T) + shape[1 + len(lead):]).contiguous())
-    return Call(_SPEC, args, T, n, C, lead, act, md, residual.device)
-
-
-def _body(residual, layer_outputs, pre_mix, post_mix, comb_mix):
-    c = _bind(residual, layer_outputs, pre_mix, post_mix, comb_mix)
-    residuals, inputs = registry.select(c).fn(*c.args)
-    L = layer_outputs.shape[0]
-    return (residuals.reshape((L,) + tuple(residual.shape)),
-            inputs.reshape((L,) + tuple(residual.shape[:-2]) + (residual.shape[-1],)))
-
-
-_op = torch.library.custom_op(
-    f"mhc::{OP_NAME}", _body, mutates_args=(),
-    schema="(Tensor residual, Tensor layer_outputs, Tensor pre_mix, Tensor post_mix, Tensor comb_mix) "
-           "-> (Tensor, Tensor)")
-
-
-@_op.register_fake
-def _fake(residual, layer_outputs, pre_mix, post_mix, comb_mix):
-    L = layer_outputs.shape[0]
-    return (residual.new_empty((L,) + tuple(residual.shape)),
-            residual.new_empty((L,) + tuple(residual.shape[:-2]) + (residual.shape[-1],)))
-
-
-def multilayer_recompute(residual: Tensor, layer_outputs: Tensor, pre_mix: Tensor, post_mix: Tensor,
-                         comb_mix: Tensor) -> tuple[Tensor, Tensor]:
-    """Rebuild L consecutive sites' residuals and layer inputs from the first residual (DESIGN 2.7).
-
-    Args:
-        residual: ``(..., n, C)`` x_0, the first site's input residual.
-        layer_outputs: ``(L, ..., C)`` each site's sublayer output (residual dtype).
-        pre_mix, post_mix: ``(L, ..., n)`` float32; comb_mix: ``(L, ..., n, n)`` float32.
-
-    Returns:
-        ``(residuals (L, ..., n, C), layer_inputs (L, ..., C))``: ``residuals[l] = x_l`` (x_0
-        copied) with ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``, and
-        ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])``; every x_l is rounded to the
-        residual dtype before it is read again. The last site's output and post/comb mixes are
-        not read. Forward-only: call it under ``torch.no_grad()``.
-    """
-    if torch.compiler.is_compiling():
-        return torch.ops.mhc.multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix)
-    return _body(residual, layer_outputs, pre_mix, post_mix, comb_mix)
-
-
-def composed_kernel(post_fwd, pre_apply_mix_fwd):
-    """A backend's ``multilayer_recompute`` kernel built from its own ``post`` and ``pre_apply_mix``.
-
-    ``post_fwd(y, x, post_mix, comb_mix, out=...)`` and ``pre_apply_mix_fwd(x, pre_mix, out=...)``
-    write straight into the per-layer slices of the two output buffers, so the composition adds
-    no copies: per layer it reads x_l twice (collapse, then post) and writes x_{l+1} and the
-    layer input once each. Takes and returns the flattened shapes of
-    :func:`mhc_kernels.reference.torch_ref.multilayer_recompute_fwd`.
-    """
-
-    def multilayer_recompute_fwd(residual, layer_outputs, pre_mix, post_mix, comb_mix):
-        L = layer_outputs.shape[0]
-        T, n, C = residual.shape
-        residuals = residual.new_empty((L, T, n, C))
-        layer_inputs = residual.new_empty((L, T, C))
-        residuals[0].copy_(residual)
-        for layer in range(L):
-            x = residuals[layer]
-            pre_apply_mix_fwd(x, pre_mix[layer], out=layer_inputs[layer])
-            if layer + 1 < L:
-                post_fwd(layer_outputs[layer], x, post_mix[layer], comb_mix[layer], out=residuals[layer + 1])
-        return residuals, layer_inputs
-
-    return multilayer_recompute_fwd
 
 
 # -- block size and the memory model ------------------------------------------------------------------
@@ -344,6 +224,15 @@ def checkpoint_sites(residual: Tensor, sites: Sequence, sublayers: Optional[Sequ
 
     The result and every gradient equal the plain path's. Without grad mode (or when nothing
     requires grad) and while ``torch.compile`` traces, the plain path runs.
+
+    Example::
+
+        >>> from mhc_kernels.nn import MHCSite
+        >>> sites = [MHCSite(64, 4, sublayer=torch.nn.Linear(64, 64)) for _ in range(6)]
+        >>> x = torch.randn(8, 4, 64, requires_grad=True)
+        >>> checkpoint_sites(x, sites, block_size=3).sum().backward()   # keeps 2 residuals, not 6
+        >>> x.grad.shape
+        torch.Size([8, 4, 64])
     """
     pairs = _pairs(sites, sublayers)
     if not pairs:

@@ -19,6 +19,13 @@ Selection for one validated call (see :func:`select`):
 
 Selections are cached per (op, device, dtype, n, C, forced backend), so the hot
 path costs one dict lookup.
+
+Configs are resolved here too, once per call, and passed down (:func:`run`,
+:func:`config_for`): an explicit config (the tuner's candidates) wins, else the tuned
+entry stored for the call's shape (CUDA only; ``mhc_kernels.tuned``), else the kernel's
+default heuristic. The resolved config is cached per (op, backend, device, dtype, T, n,
+C, rows, iters) beside the selection cache, so a kernel's launch wrapper never looks
+anything up and a repeated call costs two dict lookups.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
+from . import tuned
 from .errors import BackendError
 
 BACKENDS = ("tilelang", "triton", "reference")
@@ -51,12 +59,16 @@ ENV_VAR = "MHC_KERNELS_BACKEND"
 class Kernel:
     """One backend's implementation of one op.
 
-    ``fn(*args)`` takes the op's arguments in schema order, already canonical
-    (leading dims flattened to ``T``, contiguous) and returns the outputs with a
-    leading ``T`` dim. ``supports(call)`` returns ``None`` when the kernel can
-    serve the call, else a one-line reason. ``config_space(call)`` and
-    ``default_config(call)`` describe the kernel's tunable parameters (empty for
-    the reference).
+    ``fn(*args, config=...)`` takes the op's arguments in schema order, already
+    canonical (leading dims flattened to ``T``, contiguous) and returns the outputs
+    with a leading ``T`` dim; a kernel without tunables (the reference) takes no
+    ``config``. Call it as ``kernel(*args, config=cfg)``. ``supports(call)`` returns
+    ``None`` when the kernel can serve the call, else a one-line reason.
+    ``config_space(call)`` and ``default_config(call)`` describe the kernel's tunable
+    parameters (``None`` for the reference); ``check_config(call, config)`` (optional)
+    says why a config cannot serve a call it was not tuned for (a stored entry is then
+    ignored for that call, and the tuner prunes it). ``parts`` names, for a composite,
+    the kernels its config holds sub-configs for.
     """
 
     op: str
@@ -65,7 +77,17 @@ class Kernel:
     supports: Optional[Callable[[Any], Optional[str]]] = None
     config_space: Optional[Callable[[Any], list]] = None
     default_config: Optional[Callable[[Any], dict]] = None
-    meta: dict = field(default_factory=dict)
+    check_config: Optional[Callable[[Any, dict], Optional[str]]] = None
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def tunable(self) -> bool:
+        return self.default_config is not None
+
+    def __call__(self, *args, config=None, **kwargs):
+        if self.tunable:
+            return self.fn(*args, config=config, **kwargs)
+        return self.fn(*args, **kwargs)
 
     def reason_unsupported(self, call) -> Optional[str]:
         return None if self.supports is None else self.supports(call)
@@ -74,7 +96,21 @@ class Kernel:
 _KERNELS: dict[tuple[str, str], Kernel] = {}
 _LOADED: dict[str, Optional[str]] = {}   # backend -> None (loaded) or the import error text
 _SELECT_CACHE: dict[tuple, Kernel] = {}
+_CONFIG_CACHE: dict[tuple, Optional[dict]] = {}
+_CONFIG_CACHE_LIMIT = 1 << 16
 _FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mhc_kernels_backend", default=None)
+
+
+def dtype_and_streams_reason(call, who: str, dtypes: tuple, max_n: int, why_max_n: str) -> Optional[str]:
+    """The support rule the GPU backends share: ``who`` (e.g. ``"Triton kernels"``) serve residuals of
+    ``dtypes`` and at most ``max_n`` streams (``why_max_n`` says why). None when ``call`` fits, else the
+    reason, naming the backend that serves the rest."""
+    if call.dtype not in dtypes:
+        return (f"{who} take bf16/fp16/fp32 residuals (float32 mixes); got {call.dtype} "
+                f"-- the reference backend serves float64")
+    if call.n is not None and call.n > max_n:
+        return f"{who} support n <= {max_n} streams ({why_max_n}); got n={call.n} -- the reference backend serves it"
+    return None
 
 
 def register_kernel(op: str, backend: str, fn: Callable[..., Any], **kwargs) -> Kernel:
@@ -83,8 +119,17 @@ def register_kernel(op: str, backend: str, fn: Callable[..., Any], **kwargs) -> 
         raise BackendError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     k = Kernel(op=op, backend=backend, fn=fn, **kwargs)
     _KERNELS[(op, backend)] = k
-    _SELECT_CACHE.clear()
+    clear_caches()
     return k
+
+
+def clear_caches() -> None:
+    """Forget every cached selection and resolved config (kernels registered, configs stored)."""
+    _SELECT_CACHE.clear()
+    _CONFIG_CACHE.clear()
+
+
+tuned.on_clear(_CONFIG_CACHE.clear)  # a new tuned-config file changes the resolved configs
 
 
 def kernels(backend: Optional[str] = None) -> list[Kernel]:
@@ -96,6 +141,11 @@ def kernels(backend: Optional[str] = None) -> list[Kernel]:
 
 def get_kernel(op: str, backend: str) -> Optional[Kernel]:
     _load(backend)
+    return _KERNELS.get((op, backend))
+
+
+def registered(op: str, backend: str) -> Optional[Kernel]:
+    """The kernel registered so far (no loading: for a backend registering its composites)."""
     return _KERNELS.get((op, backend))
 
 
@@ -135,6 +185,12 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, Ba
     """Every backend, in the device's priority order, with whether it can run there and why not.
 
     ``device`` defaults to ``cuda`` when a CUDA device is present, else ``cpu``.
+
+    Example::
+
+        >>> status = mk.available_backends("cpu")
+        >>> status["reference"].available
+        True
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,6 +226,12 @@ def use_backend(name: Optional[str]):
     :class:`~mhc_kernels.errors.BackendError`; it never falls back silently. The
     choice applies to calls made inside the block: a ``backward()`` run after the
     block selects its kernels afresh.
+
+    Example::
+
+        >>> x, w = torch.randn(8, 4, 64), torch.full((8, 4), 0.25)
+        >>> with mk.use_backend("reference"):
+        ...     layer_input = mk.pre_apply_mix(x, w)
     """
     if name is not None and name != "auto" and name not in BACKENDS:
         raise BackendError(f"use_backend({name!r}): unknown backend; choose one of {', '.join(BACKENDS)}, "
@@ -228,9 +290,56 @@ def select(call) -> Kernel:
     return k
 
 
-def which_backend(op: str, *args) -> str:
-    """The backend that would serve ``torch.ops.mhc.<op>(*args)`` right now (validates the args)."""
-    from .specs import SPECS
-    from .validation import bind
+def _merged(default: dict, stored: dict) -> dict:
+    """``stored`` over ``default``, part by part for a composite's nested sub-configs."""
+    out = dict(default)
+    for k, v in stored.items():
+        out[k] = _merged(default[k], v) if isinstance(v, dict) and isinstance(default.get(k), dict) else v
+    return out
 
-    return select(bind(SPECS[op], args, flatten=False)).backend
+
+def config_for(kernel: Kernel, call) -> Optional[dict]:
+    """The config ``kernel`` runs ``call`` with: the stored (tuned) one, else its default; ``None`` for an
+    untunable kernel. Cached; treat the result as read-only."""
+    if not kernel.tunable:
+        return None
+    key = (kernel.op, kernel.backend, call.device, call.dtype, call.T, call.n, call.C, call.rows, call.iters)
+    try:
+        return _CONFIG_CACHE[key]
+    except (KeyError, TypeError):  # TypeError: symbolic sizes (tracing) are not hashable keys
+        pass
+    cfg = kernel.default_config(call)
+    if call.device.type == "cuda":
+        hit = tuned.lookup(kernel.op, kernel.backend, call.device, call.dtype, call.n or 1, call.C or 1, call.T)
+        if hit is not None:
+            cand = _merged(cfg, hit)
+            if kernel.check_config is None or kernel.check_config(call, cand) is None:
+                cfg = cand
+    if len(_CONFIG_CACHE) < _CONFIG_CACHE_LIMIT:
+        try:
+            _CONFIG_CACHE[key] = cfg
+        except TypeError:
+            pass
+    return cfg
+
+
+def run(call):
+    """Serve one validated call: select the kernel, resolve its config, run it. -> the kernel's outputs."""
+    k = select(call)
+    return k(*call.args, config=config_for(k, call))
+
+
+def which_backend(op: str, *args) -> str:
+    """The backend that would serve ``torch.ops.mhc.<op>(*args)`` right now (validates the args; trailing
+    arguments with a schema default may be left out).
+
+    Example::
+
+        >>> mk.which_backend("pre_apply_mix", torch.randn(8, 4, 64), torch.full((8, 4), 0.25))
+        'reference'
+    """
+    from .specs import SPECS
+    from .validation import bind, complete
+
+    spec = SPECS[op]
+    return select(bind(spec, complete(spec, args, {}), flatten=False)).backend

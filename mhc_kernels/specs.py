@@ -11,9 +11,13 @@ Everything else is derived from it:
   output written once) and the FLOPs (:meth:`OpSpec.flops`), used by the
   benchmarks, the roofline report and the tuner.
 
-Shape symbols (DESIGN.md section 2): ``*`` the leading (token) dims, ``n`` the
+Shape symbols (the contract, reference/README.md §1): ``*`` the leading (token) dims, ``n`` the
 number of streams, ``C`` the hidden width, ``m = n*(n+2)`` the number of mixes,
-``K = n*C`` the flattened residual width; integers are literal sizes.
+``K = n*C`` the flattened residual width; integers are literal sizes. Two symbols
+are *free*: bound by the first tensor argument that has them, not by the primary
+tensor -- ``r`` the row count of a projection ``fn`` (``m`` for a site's mixes, ``n``
+for the head's weights, any count for ``norm_fn``), and ``L`` a leading layer dim
+(``multilayer_recompute``: ``(L, *, ...)`` tensors hold one slice per layer).
 
 Dtype classes: ``act`` is the residual's dtype (bf16, fp16, fp32; fp64 on the
 reference backend) and every tensor of class ``act`` in one call shares it;
@@ -26,6 +30,8 @@ FLOP convention: a multiply-add counts 2, and every other arithmetic operation
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Union
@@ -38,13 +44,18 @@ ACT = "act"
 MIX = "mix"
 
 # Scalar value classes.
-EPS = "eps"        # finite float >= 0
-REAL = "real"      # finite float
-ITERS = "iters"    # int >= 1
+EPS = "eps"        # finite float >= 0 (an offset that may be zero: pre_eps)
+POS = "pos"        # finite float > 0 (a guard against 0/0 or rsqrt(0): norm_eps, sinkhorn_eps; post_mult)
+ITERS = "iters"    # int in [1, MAX_SINKHORN_ITERS]
 COUNT = "count"    # int >= 1 that binds the stream count n (expand)
 
+# Sinkhorn rounds are unrolled into the GPU kernels (each count compiles its own TileLang kernel) and
+# replayed in reverse by the backward; far past convergence (a few dozen rounds for the logits the
+# gains produce) more rounds only cost time, and 10**9 would hang.
+MAX_SINKHORN_ITERS = 1000
+
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-REFERENCE_ONLY_DTYPES = (torch.float64,)
+FREE_SYMBOLS = ("r", "L")
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class TensorArg:
 class ScalarArg:
     name: str
     kind: str
+    default: Union[float, int, None] = None  # the schema default (the contract's constants); None: required
 
 
 Arg = Union[TensorArg, ScalarArg]
@@ -73,8 +85,35 @@ def mix_count(n):
     return n * (n + 2)
 
 
-def dim_value(sym: Sym, n, C):
-    """Size of one non-leading shape symbol (works on SymInts as well as ints)."""
+def stream_count(m: int) -> int:
+    """n from m = n*(n+2) (the inverse of :func:`mix_count`)."""
+    return math.isqrt(int(m) + 1) - 1
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= ``x`` (1 for ``x <= 1``)."""
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def prev_pow2(x: int) -> int:
+    """The largest power of two <= ``x`` (1 for ``x <= 1``)."""
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+# The short dtype names of the CLI, the config store and the reports.
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+DTYPES_BY_NAME = {name: dt for dt, name in DTYPE_NAMES.items()}
+ACT_DTYPE_NAMES = tuple(DTYPE_NAMES[dt] for dt in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (other dtypes: their torch name without the prefix)."""
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def dim_value(sym: Sym, n, C, sizes=None):
+    """Size of one non-leading shape symbol (works on SymInts as well as ints); ``sizes`` binds the
+    free symbols (``r``, ``L``)."""
     if isinstance(sym, int):
         return sym
     if sym == "n":
@@ -85,12 +124,19 @@ def dim_value(sym: Sym, n, C):
         return mix_count(n)
     if sym == "K":
         return n * C
+    if sym in FREE_SYMBOLS and sizes is not None and sym in sizes:
+        return sizes[sym]
     raise KeyError(f"unknown shape symbol {sym!r}")
 
 
+def default_sizes(n) -> dict:
+    """Free symbols' values where a cost model is asked without them: a site's ``m`` rows, one layer."""
+    return {"r": mix_count(n), "L": 1}
+
+
 def format_template(shape: tuple[Sym, ...]) -> str:
-    """``("*", "n", "C")`` -> ``(..., n, C)``; ``("m",)`` -> ``(m,)``."""
-    parts = ["..." if s == "*" else str(s) for s in shape]
+    """``("*", "n", "C")`` -> ``(..., n, C)``; ``("m",)`` -> ``(m,)``; ``("r", "K")`` -> ``(rows, K)``."""
+    parts = ["..." if s == "*" else "rows" if s == "r" else str(s) for s in shape]
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
@@ -102,6 +148,9 @@ class OpSpec:
     primary: str
     flops_fn: Callable[..., float]
     summary: str
+    # Whether the op has an autograd formula (``mhc_kernels.ops``): every forward op but
+    # multilayer_recompute (which runs inside backward); backward ops are not differentiated again.
+    differentiable: bool = True
 
     # -- derived views (cached: validation reads them on every call) -------------
     @cached_property
@@ -126,34 +175,60 @@ class OpSpec:
     def has_act(self) -> bool:
         return any(a.kind == ACT for a in self.tensor_args)
 
+    @cached_property
+    def defaults(self) -> dict:
+        """The schema defaults: of the trailing arguments that have one (optional tensors: ``None``;
+        scalars: the contract's constants). An argument before a required one keeps no default."""
+        out = {}
+        for a in reversed(self.args):
+            if isinstance(a, TensorArg) and a.optional:
+                out[a.name] = None
+            elif isinstance(a, ScalarArg) and a.default is not None:
+                out[a.name] = a.default
+            else:
+                break
+        return out
+
+    @cached_property
+    def required(self) -> tuple[str, ...]:
+        """Names of the arguments a call must give (those without a schema default)."""
+        return tuple(n for n in self.arg_names if n not in self.defaults)
+
     def schema(self) -> str:
-        """The torch.library schema string, e.g. ``(Tensor residual, ...) -> (Tensor, Tensor)``."""
+        """The torch.library schema string, e.g. ``(Tensor residual, ..., float norm_eps=1e-06) -> (Tensor, ...)``."""
         parts = []
         for a in self.args:
             if isinstance(a, TensorArg):
-                parts.append(f"Tensor{'?' if a.optional else ''} {a.name}")
+                p = f"Tensor{'?' if a.optional else ''} {a.name}"
             elif a.kind in (ITERS, COUNT):
-                parts.append(f"int {a.name}")
+                p = f"int {a.name}"
             else:
-                parts.append(f"float {a.name}")
+                p = f"float {a.name}"
+            if a.name in self.defaults:
+                d = self.defaults[a.name]
+                p += "=None" if d is None else f"={d!r}"
+            parts.append(p)
         outs = ", ".join("Tensor" for _ in self.outputs)
         ret = outs if len(self.outputs) == 1 else f"({outs})"
         return f"({', '.join(parts)}) -> {ret}"
 
     # -- cost model ------------------------------------------------------------
-    def tensor_numel(self, t: TensorArg, T: int, n: int, C: int) -> int:
+    def tensor_numel(self, t: TensorArg, T: int, n: int, C: int, sizes=None) -> int:
+        sizes = sizes or default_sizes(n)
         numel = 1
         for s in t.shape:
-            numel *= T if s == "*" else dim_value(s, n, C)
+            numel *= T if s == "*" else dim_value(s, n, C, sizes)
         return numel
 
-    def bytes(self, T: int, n: int, C: int, dtype: torch.dtype, present: tuple[str, ...] = ()) -> int:
+    def bytes(self, T: int, n: int, C: int, dtype: torch.dtype, present: tuple[str, ...] = (), **sizes) -> int:
         """Minimum bytes moved: every input read once and every output written once.
 
         ``dtype`` is the residual (``act``) dtype; ``mix`` tensors are float32, or
         float64 alongside a float64 residual. Optional inputs count only when
-        named in ``present``.
+        named in ``present``. ``sizes`` binds the free symbols (``r``: fn's rows,
+        default ``m``; ``L``: layers, default 1).
         """
+        sizes = {**default_sizes(n), **sizes}
         act = torch.empty((), dtype=dtype).element_size()
         mix = 8 if dtype == torch.float64 else 4
         if not self.has_act:
@@ -162,11 +237,13 @@ class OpSpec:
         for t in self.tensor_args + self.outputs:
             if t.optional and t.name not in present:
                 continue
-            total += self.tensor_numel(t, T, n, C) * (act if t.kind == ACT else mix)
+            total += self.tensor_numel(t, T, n, C, sizes) * (act if t.kind == ACT else mix)
         return total
 
-    def flops(self, T: int, n: int, C: int, iters: int = 20) -> float:
-        return float(self.flops_fn(T, n, C, iters))
+    def flops(self, T: int, n: int, C: int, iters: int = 20, **sizes) -> float:
+        """FLOPs of one call (``sizes`` as for :meth:`bytes`)."""
+        sizes = {**default_sizes(n), **sizes}
+        return float(self.flops_fn(T, n, C, iters, sizes))
 
 
 # -- building blocks -----------------------------------------------------------
@@ -182,15 +259,16 @@ def _hidden(name):
     return _t(name, ("*", "C"), ACT)
 
 
-_NORM_EPS = ScalarArg("norm_eps", EPS)
-_PRE_EPS = ScalarArg("pre_eps", EPS)
-_POST_MULT = ScalarArg("post_mult", REAL)
-_ITERS = ScalarArg("sinkhorn_iters", ITERS)
-_SK_EPS = ScalarArg("sinkhorn_eps", EPS)
+# the contract's constants, with their defaults
+_NORM_EPS = ScalarArg("norm_eps", POS, 1e-6)
+_PRE_EPS = ScalarArg("pre_eps", EPS, 1e-6)
+_POST_MULT = ScalarArg("post_mult", POS, 2.0)
+_ITERS = ScalarArg("sinkhorn_iters", ITERS, 20)
+_SK_EPS = ScalarArg("sinkhorn_eps", POS, 1e-6)
 _SPLIT_CONSTS = (_PRE_EPS, _POST_MULT, _ITERS, _SK_EPS)
 
 
-# -- FLOP models (per DESIGN section 2; see the module docstring's convention) --
+# -- FLOP models (per the contract; see the module docstring's convention) --
 def _f_norm(T, n, C, rows):
     K = n * C
     return 2 * T * K * rows + 2 * T * K + 2 * T * rows + 3 * T
@@ -226,25 +304,28 @@ SPECS: dict[str, OpSpec] = {}
 
 
 def _register(spec: OpSpec) -> OpSpec:
+    if spec.name.endswith("_bwd"):  # backward ops are not differentiated again
+        spec = dataclasses.replace(spec, differentiable=False)
     SPECS[spec.name] = spec
     return spec
 
 
 _register(OpSpec(
     "norm_fn",
-    (_residual(), _t("fn", ("m", "K")), _t("norm_weight", ("K",), optional=True), _NORM_EPS),
-    (_t("mixes", ("*", "m")), _t("rstd", ("*",), aux=True)),
+    (_residual(), _t("fn", ("r", "K")), _t("norm_weight", ("K",), optional=True), _NORM_EPS),
+    (_t("mixes", ("*", "r")), _t("rstd", ("*",), aux=True)),
     "residual",
-    lambda T, n, C, I: _f_norm(T, n, C, mix_count(n)),
-    "reordered RMSNorm projection: mixes = (x_flat @ fn^T) * rsqrt(mean(x_flat^2) + eps)",
+    lambda T, n, C, I, z: _f_norm(T, n, C, z["r"]),
+    "reordered RMSNorm projection: mixes = (x_flat @ fn^T) * rsqrt(mean(x_flat^2) + eps); fn may have any row "
+    "count (n*(n+2) for a site)",
 ))
 _register(OpSpec(
     "norm_fn_bwd",
-    (_t("grad_mixes", ("*", "m")), _residual(), _t("fn", ("m", "K")), _t("norm_weight", ("K",), optional=True),
-     _t("mixes", ("*", "m")), _t("rstd", ("*",))),
-    (_residual("d_residual"), _t("d_fn", ("m", "K"))),
+    (_t("grad_mixes", ("*", "r")), _residual(), _t("fn", ("r", "K")), _t("norm_weight", ("K",), optional=True),
+     _t("mixes", ("*", "r")), _t("rstd", ("*",))),
+    (_residual("d_residual"), _t("d_fn", ("r", "K"))),
     "residual",
-    lambda T, n, C, I: _f_norm_bwd(T, n, C, mix_count(n)),
+    lambda T, n, C, I, z: _f_norm_bwd(T, n, C, z["r"]),
     "norm_fn backward; d_fn is the gradient of the folded projection fn * norm_weight",
 ))
 _register(OpSpec(
@@ -252,7 +333,7 @@ _register(OpSpec(
     (_t("mixes", ("*", "m")), _t("scale", (3,)), _t("base", ("m",))) + _SPLIT_CONSTS,
     (_t("pre_mix", ("*", "n")), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n"))),
     "mixes",
-    lambda T, n, C, I: _f_split(T, n, I),
+    lambda T, n, C, I, z: _f_split(T, n, I),
     "scale/bias the mixes, sigmoid the pre/post mixes, Sinkhorn-project the residual mix",
 ))
 _register(OpSpec(
@@ -261,23 +342,24 @@ _register(OpSpec(
      _t("mixes", ("*", "m")), _t("scale", (3,)), _t("base", ("m",)), _POST_MULT, _ITERS, _SK_EPS),
     (_t("d_mixes", ("*", "m")), _t("d_scale", (3,)), _t("d_base", ("m",))),
     "mixes",
-    lambda T, n, C, I: _f_split_bwd(T, n, I),
+    lambda T, n, C, I, z: _f_split_bwd(T, n, I),
     "split_mixes backward (Sinkhorn recomputed and run in reverse)",
 ))
 _register(OpSpec(
     "sinkhorn",
-    (_t("logits", ("*", "n", "n")), ScalarArg("iters", ITERS), ScalarArg("eps", EPS)),
+    (_t("logits", ("*", "n", "n")), ScalarArg("iters", ITERS, 20), ScalarArg("eps", POS, 1e-6)),
     (_t("comb_mix", ("*", "n", "n")),),
     "logits",
-    lambda T, n, C, I: _f_sinkhorn(T, n, I),
+    lambda T, n, C, I, z: _f_sinkhorn(T, n, I),
     "Sinkhorn-Knopp projection of exp(logits) with eps guards, I row/column rounds",
 ))
 _register(OpSpec(
     "sinkhorn_bwd",
-    (_t("grad", ("*", "n", "n")), _t("logits", ("*", "n", "n")), ScalarArg("iters", ITERS), ScalarArg("eps", EPS)),
+    (_t("grad", ("*", "n", "n")), _t("logits", ("*", "n", "n")), ScalarArg("iters", ITERS, 20),
+     ScalarArg("eps", POS, 1e-6)),
     (_t("d_logits", ("*", "n", "n")),),
     "logits",
-    lambda T, n, C, I: 3 * _f_sinkhorn(T, n, I),
+    lambda T, n, C, I, z: 3 * _f_sinkhorn(T, n, I),
     "exact gradient of the unrolled Sinkhorn iterations",
 ))
 _register(OpSpec(
@@ -285,7 +367,7 @@ _register(OpSpec(
     (_residual(), _t("pre_mix", ("*", "n"))),
     (_hidden("layer_input"),),
     "residual",
-    lambda T, n, C, I: _f_apply(T, n, C),
+    lambda T, n, C, I, z: _f_apply(T, n, C),
     "collapse the streams: layer_input = sum_i pre_mix_i * x_i",
 ))
 _register(OpSpec(
@@ -293,7 +375,7 @@ _register(OpSpec(
     (_hidden("grad_layer_input"), _residual(), _t("pre_mix", ("*", "n"))),
     (_residual("d_residual"), _t("d_pre_mix", ("*", "n"))),
     "residual",
-    lambda T, n, C, I: 3 * T * n * C,
+    lambda T, n, C, I, z: 3 * T * n * C,
     "pre_apply_mix backward",
 ))
 _register(OpSpec(
@@ -301,7 +383,7 @@ _register(OpSpec(
     (_hidden("layer_output"), _residual(), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n"))),
     (_residual("new_residual"),),
     "residual",
-    lambda T, n, C, I: _f_post(T, n, C),
+    lambda T, n, C, I, z: _f_post(T, n, C),
     "merge: out_i = post_mix_i * y + sum_j comb_mix[j, i] * x_j",
 ))
 _register(OpSpec(
@@ -311,7 +393,7 @@ _register(OpSpec(
     (_hidden("d_layer_output"), _residual("d_residual"), _t("d_post_mix", ("*", "n")),
      _t("d_comb_mix", ("*", "n", "n"))),
     "residual",
-    lambda T, n, C, I: T * C * (4 * n * n + 4 * n),
+    lambda T, n, C, I, z: T * C * (4 * n * n + 4 * n),
     "post backward",
 ))
 _MHC_PRE_OUTPUTS = (_hidden("layer_input"), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")),
@@ -322,7 +404,7 @@ _register(OpSpec(
      _t("norm_weight", ("K",), optional=True), _NORM_EPS) + _SPLIT_CONSTS,
     _MHC_PRE_OUTPUTS,
     "residual",
-    lambda T, n, C, I: _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I) + _f_apply(T, n, C),
+    lambda T, n, C, I, z: _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I) + _f_apply(T, n, C),
     "norm_fn -> split_mixes -> pre_apply_mix; also returns the raw mixes and rstd saved for backward",
 ))
 _register(OpSpec(
@@ -333,7 +415,7 @@ _register(OpSpec(
      _t("grad_residual", ("*", "n", "C"), ACT, optional=True)) + _SPLIT_CONSTS,
     (_residual("d_residual"), _t("d_fn", ("m", "K")), _t("d_scale", (3,)), _t("d_base", ("m",))),
     "residual",
-    lambda T, n, C, I: (_f_norm_bwd(T, n, C, mix_count(n)) + _f_split_bwd(T, n, I) + 3 * T * n * C),
+    lambda T, n, C, I, z: (_f_norm_bwd(T, n, C, mix_count(n)) + _f_split_bwd(T, n, I) + 3 * T * n * C),
     "mhc_pre backward; grad_residual (optional) is a gradient already flowing into the residual, added in",
 ))
 _register(OpSpec(
@@ -341,7 +423,7 @@ _register(OpSpec(
     (_hidden("hidden"), ScalarArg("n", COUNT)),
     (_residual("residual"),),
     "hidden",
-    lambda T, n, C, I: 0,
+    lambda T, n, C, I, z: 0,
     "copy the embedding into n identical streams",
 ))
 _register(OpSpec(
@@ -349,7 +431,7 @@ _register(OpSpec(
     (_residual("grad_residual"),),
     (_hidden("d_hidden"),),
     "grad_residual",
-    lambda T, n, C, I: T * n * C,
+    lambda T, n, C, I, z: T * n * C,
     "expand backward: sum over the streams",
 ))
 _HEAD_ARGS = (_residual(), _t("fn", ("n", "K")), _t("scale", (1,)), _t("base", ("n",)),
@@ -359,7 +441,7 @@ _register(OpSpec(
     _HEAD_ARGS + (_NORM_EPS, _PRE_EPS),
     (_hidden("out"), _t("mixes", ("*", "n"), aux=True), _t("rstd", ("*",), aux=True)),
     "residual",
-    lambda T, n, C, I: _f_norm(T, n, C, n) + 8 * T * n + _f_apply(T, n, C),
+    lambda T, n, C, I, z: _f_norm(T, n, C, n) + 8 * T * n + _f_apply(T, n, C),
     "final collapse before the LM head: out = sum_i (sigmoid(norm_fn(x) * scale + base) + pre_eps)_i * x_i",
 ))
 _register(OpSpec(
@@ -367,7 +449,7 @@ _register(OpSpec(
     (_hidden("grad_out"),) + _HEAD_ARGS + (_t("mixes", ("*", "n")), _t("rstd", ("*",)), _PRE_EPS),
     (_residual("d_residual"), _t("d_fn", ("n", "K")), _t("d_scale", (1,)), _t("d_base", ("n",))),
     "residual",
-    lambda T, n, C, I: _f_norm_bwd(T, n, C, n) + 12 * T * n + 3 * T * n * C,
+    lambda T, n, C, I, z: _f_norm_bwd(T, n, C, n) + 12 * T * n + 3 * T * n * C,
     "mhc_head backward; d_fn is the gradient of the folded projection fn * norm_weight",
 ))
 _register(OpSpec(
@@ -377,12 +459,23 @@ _register(OpSpec(
      _NORM_EPS) + _SPLIT_CONSTS,
     (_residual("new_residual"),) + _MHC_PRE_OUTPUTS,
     "residual",
-    lambda T, n, C, I: (_f_post(T, n, C) + _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I)
-                        + _f_apply(T, n, C)),
+    lambda T, n, C, I, z: (_f_post(T, n, C) + _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I)
+                           + _f_apply(T, n, C)),
     "post of sublayer l fused with mhc_pre of sublayer l+1 (the new residual is written once)",
 ))
+_register(OpSpec(
+    "multilayer_recompute",
+    (_residual(), _t("layer_outputs", ("L", "*", "C"), ACT), _t("pre_mix", ("L", "*", "n")),
+     _t("post_mix", ("L", "*", "n")), _t("comb_mix", ("L", "*", "n", "n"))),
+    (_t("residuals", ("L", "*", "n", "C"), ACT), _t("layer_inputs", ("L", "*", "C"), ACT)),
+    "residual",
+    lambda T, n, C, I, z: z["L"] * _f_apply(T, n, C) + (z["L"] - 1) * _f_post(T, n, C),  # the last post is not run
+    "rebuild L consecutive sites' residuals and layer inputs from the first residual (forward only: it runs "
+    "inside backward)",
+    differentiable=False,
+))
 
-# Forward ops exposed with registered autograd, and their backward ops.
-FORWARD_OPS = ("norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "post", "mhc_pre", "expand",
-               "mhc_head", "post_pre")
+# Forward ops (each exposed as a public function; all but multilayer_recompute differentiable) and the
+# backward ops their autograd formulas call.
+FORWARD_OPS = tuple(name for name in SPECS if not name.endswith("_bwd"))
 BACKWARD_OPS = tuple(name for name in SPECS if name.endswith("_bwd"))

@@ -43,7 +43,9 @@ import math
 import os
 import re
 import warnings
-from typing import Optional
+from typing import Callable, Optional
+
+from .specs import dtype_name, next_pow2
 
 CONFIG_DIR_ENV = "MHC_KERNELS_CONFIG_DIR"
 SCHEMA_VERSION = 1
@@ -52,7 +54,6 @@ SCHEMA_VERSION = 1
 BACKEND_TOOLCHAIN = {"triton": "triton", "tilelang": "tilelang"}
 _DISTS = {"torch": "torch", "triton": "triton", "tilelang": "tilelang", "mhc_kernels": "mhc-kernels"}
 
-DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64"}
 
 
 def user_config_dir() -> str:
@@ -75,14 +76,9 @@ def sanitize_device_name(name: str) -> str:
     return s or "unknown_device"
 
 
-def dtype_name(dtype) -> str:
-    s = str(dtype)
-    return DTYPE_NAMES.get(s, s.replace("torch.", ""))
-
-
 def token_bucket(T: int) -> int:
     """The bucket a token count tunes and looks up under: ``T`` rounded up to a power of two."""
-    return 1 if T <= 1 else 1 << (int(T) - 1).bit_length()
+    return next_pow2(T)
 
 
 def entry_key(op: str, backend: str, dtype, n: int, C: int, T: int) -> str:
@@ -245,12 +241,22 @@ _MEMO: dict = {}           # (op, backend, device name, dtype, n, C, bucket) -> 
 _MEMO_LIMIT = 1 << 16
 
 
+_ON_CLEAR: list = []       # callbacks of caches built from lookups (the registry's resolved configs)
+
+
+def on_clear(callback: Callable[[], None]) -> None:
+    """Have :func:`clear_cache` also call ``callback`` (a cache derived from lookups)."""
+    _ON_CLEAR.append(callback)
+
+
 def clear_cache() -> None:
     """Forget every file read and every lookup (tests; the tuner after writing)."""
     _DEVICE_NAMES.clear()
     _INDEX.clear()
     _MEMO.clear()
     _WARNED.clear()
+    for cb in _ON_CLEAR:
+        cb()
 
 
 def _device_name(device) -> str:
@@ -272,12 +278,12 @@ def _device_name(device) -> str:
 def lookup(op: str, backend: str, device, dtype, n: int, C: int, T: int):
     """The tuned config dict for one call, or ``None`` to use the kernel's default heuristic.
 
-    Kernels call this from their launch wrapper (never from a fake implementation).
-    The returned dict is shared: treat it as read-only.
+    The core calls this once per resolved config (``registry.config_for``; never from a fake
+    implementation). The returned dict is shared: treat it as read-only.
     """
     if type(T) is not int or type(n) is not int or type(C) is not int:  # symbolic sizes: no lookup
         return None
-    b = 1 if T <= 1 else 1 << (T - 1).bit_length()
+    b = token_bucket(T)
     try:
         name = _device_name(device)
     except Exception:  # noqa: BLE001  (a device we cannot name has no configs; never fail a kernel call)

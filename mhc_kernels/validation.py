@@ -2,10 +2,11 @@
 
 :func:`bind` checks one call's arguments against its :class:`~mhc_kernels.specs.OpSpec`
 (types, dtypes, devices, shapes, scalar ranges), binds the symbols ``n``, ``C`` and
-the leading dims from the spec's primary tensor, and returns a :class:`Call` whose
-tensors are flattened to ``(T, ...)`` and contiguous. Backends only ever see such
-canonical tensors. Errors name the operator, the argument, what was expected and
-what was given.
+the leading dims from the spec's primary tensor (and the free symbols ``r``, ``L`` from
+the first tensor that has them), and returns a :class:`Call` whose tensors are
+flattened to ``(T, ...)`` (``(L, T, ...)`` for per-layer tensors) and contiguous.
+Backends only ever see such canonical tensors. Errors name the operator, the
+argument, what was expected and what was given.
 
 The same function runs on fake tensors (shape-only, possibly symbolic), so tracing
 under ``torch.compile`` reports the same errors as eager execution.
@@ -14,21 +15,43 @@ under ``torch.compile`` reports the same errors as eager execution.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .errors import MHCDtypeError, MHCInputError
-from .specs import ACT, ACT_DTYPES, COUNT, EPS, ITERS, MIX, REAL, OpSpec, TensorArg, dim_value, format_template
+from .specs import (
+    ACT,
+    ACT_DTYPES,
+    COUNT,
+    EPS,
+    FREE_SYMBOLS,
+    ITERS,
+    MAX_SINKHORN_ITERS,
+    POS,
+    SPECS,
+    OpSpec,
+    TensorArg,
+    dim_value,
+    format_template,
+)
 
 _ACT_NAMES = "bfloat16, float16 or float32"
+_ITERS_NAMES = ("sinkhorn_iters", "iters")
 
 
 class Call:
-    """One validated call: canonical (flattened, contiguous) arguments plus the bound sizes."""
+    """One validated call: canonical (flattened, contiguous) arguments plus the bound sizes.
 
-    __slots__ = ("spec", "args", "T", "n", "C", "lead", "act_dtype", "mix_dtype", "device")
+    ``sizes`` holds the free symbols (``r``: fn's rows, ``L``: layers) the call bound; ``iters``
+    is its Sinkhorn round count (``None`` for an op without one). A call *derived* for a part of a
+    composite (:meth:`derive`) has the sizes but no arguments (``args is None``): enough for
+    config functions and ``supports``.
+    """
 
-    def __init__(self, spec, args, T, n, C, lead, act_dtype, mix_dtype, device):
+    __slots__ = ("spec", "args", "T", "n", "C", "lead", "act_dtype", "mix_dtype", "device", "sizes", "iters")
+
+    def __init__(self, spec, args, T, n, C, lead, act_dtype, mix_dtype, device, sizes=None, iters=None):
         self.spec = spec
         self.args = args
         self.T = T
@@ -38,35 +61,71 @@ class Call:
         self.act_dtype = act_dtype
         self.mix_dtype = mix_dtype
         self.device = device
+        self.sizes = sizes or {}
+        self.iters = iters
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype that selects kernels: the residual's, or the mixes' for ops without one."""
         return self.act_dtype if self.act_dtype is not None else self.mix_dtype
 
+    @property
+    def rows(self) -> Optional[int]:
+        """fn's row count (``m`` for a site, ``n`` for the head), ``None`` for an op without ``fn``."""
+        return self.sizes.get("r")
+
+    def derive(self, op: str, *, rows: Optional[int] = None) -> "Call":
+        """The call of op ``op`` that a composite makes for one of its parts: same tokens, streams and
+        width (``C`` only where the op has a hidden dim), the residual dtype only where it has a residual."""
+        spec = SPECS[op]
+        syms = {s for a in spec.tensor_args for s in a.shape}
+        sizes = {}
+        if "r" in syms:
+            sizes["r"] = rows if rows is not None else (self.n or 1) * ((self.n or 1) + 2)
+        if "L" in syms:
+            sizes["L"] = self.sizes.get("L", 1)
+        iters = self.iters if any(a.name in _ITERS_NAMES for a in spec.args) else None
+        return Call(spec, None, self.T, self.n, self.C if "C" in syms or "K" in syms else None, (self.T,),
+                    self.act_dtype if spec.has_act else None, self.mix_dtype, self.device, sizes, iters)
+
     def output_shapes(self):
         """Shapes (with the original leading dims) and dtypes of the spec's outputs."""
         out = []
         for t in self.spec.outputs:
-            shape = []
-            for s in t.shape:
-                if s == "*":
-                    shape.extend(self.lead)
-                else:
-                    shape.append(dim_value(s, self.n, self.C))
-            out.append((tuple(shape), self.act_dtype if t.kind == ACT else self.mix_dtype))
+            out.append((_full_shape(t.shape, self.lead, self.n, self.C, self.sizes),
+                        self.act_dtype if t.kind == ACT else self.mix_dtype))
         return out
 
     def unflatten(self, outputs):
-        """Reshape kernel outputs ``(T, ...)`` back to the caller's leading dims."""
+        """Reshape kernel outputs ``(T, ...)`` / ``(L, T, ...)`` back to the caller's leading dims."""
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         res = []
         for t, o in zip(self.spec.outputs, outputs):
-            if t.shape and t.shape[0] == "*" and len(self.lead) != 1:
-                o = o.reshape(tuple(self.lead) + tuple(o.shape[1:]))
+            at = _token_axis(t.shape)
+            if at is not None and len(self.lead) != 1:
+                o = o.reshape(tuple(o.shape[:at]) + tuple(self.lead) + tuple(o.shape[at + 1:]))
             res.append(o)
         return res[0] if len(res) == 1 else tuple(res)
+
+
+def _token_axis(shape) -> Optional[int]:
+    """Where the token dims sit in a tensor of this shape template (0, or 1 behind a layer dim)."""
+    if shape and shape[0] == "*":
+        return 0
+    if len(shape) > 1 and shape[0] == "L" and shape[1] == "*":
+        return 1
+    return None
+
+
+def _full_shape(shape, lead, n, C, sizes) -> tuple:
+    out = []
+    for s in shape:
+        if s == "*":
+            out.extend(lead)
+        else:
+            out.append(dim_value(s, n, C, sizes))
+    return tuple(out)
 
 
 def _fail(spec: OpSpec, msg: str, cls=MHCInputError):
@@ -80,6 +139,10 @@ def _check_scalar(spec: OpSpec, arg, value):
         if value < 1:
             what = "the number of Sinkhorn rounds" if arg.kind == ITERS else "the number of streams"
             _fail(spec, f"argument '{arg.name}' ({what}) must be >= 1; got {value}")
+        if arg.kind == ITERS and value > MAX_SINKHORN_ITERS:
+            _fail(spec, f"argument '{arg.name}' must be <= {MAX_SINKHORN_ITERS}; got {value} (each round is "
+                        f"unrolled into the GPU kernels and replayed by the backward; Sinkhorn has converged to "
+                        f"float32 precision long before)")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(spec, f"argument '{arg.name}' must be a float; got {type(value).__name__} {value!r}", MHCDtypeError)
@@ -87,7 +150,10 @@ def _check_scalar(spec: OpSpec, arg, value):
         _fail(spec, f"argument '{arg.name}' must be finite; got {value!r}")
     if arg.kind == EPS and value < 0:
         _fail(spec, f"argument '{arg.name}' must be >= 0; got {value!r}")
-    assert arg.kind in (EPS, REAL), arg.kind
+    if arg.kind == POS and value <= 0:
+        why = ("it multiplies the post mix" if arg.name == "post_mult" else
+               "it guards a division or rsqrt that is 0/0 or rsqrt(0) for an all-zero row or column")
+        _fail(spec, f"argument '{arg.name}' must be > 0 ({why}); got {value!r}")
 
 
 def _solve_n_from_m(spec, name, m):
@@ -96,6 +162,30 @@ def _solve_n_from_m(spec, name, m):
         _fail(spec, f"argument '{name}' must have last dim m = n*(n+2) for a stream count n >= 1 "
                     f"(3, 8, 15, 24, 35, 48, 63, 80, ...); got {int(m)}")
     return n
+
+
+def complete(spec: OpSpec, args, kwargs=None) -> tuple:
+    """``args`` (schema order) and ``kwargs`` (by name) as one full argument tuple, the schema defaults
+    filled in for what is not given (the dispatcher passes only what the caller gave)."""
+    args = tuple(args)
+    if len(args) > len(spec.args):
+        _fail(spec, f"expected at most {len(spec.args)} arguments ({', '.join(spec.arg_names)}); got {len(args)}")
+    kwargs = dict(kwargs or {})
+    unknown = [k for k in kwargs if k not in spec.arg_names]
+    if unknown:
+        _fail(spec, f"unexpected keyword argument(s) {unknown}; the arguments are {', '.join(spec.arg_names)}")
+    out = list(args)
+    for name in spec.arg_names[len(args):]:
+        if name in kwargs:
+            out.append(kwargs.pop(name))
+        elif name in spec.defaults:
+            out.append(spec.defaults[name])
+        else:
+            _fail(spec, f"missing required argument '{name}' (the required arguments are "
+                        f"{', '.join(spec.required)})")
+    if kwargs:
+        _fail(spec, f"argument(s) {sorted(kwargs)} given twice (by position and by name)")
+    return tuple(out)
 
 
 def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
@@ -146,11 +236,14 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
         elif sym == "m":
             n = _solve_n_from_m(spec, p_arg.name, size)
     # scalars (expand's stream count binds n)
+    iters = None
     for a, v in zip(spec.args, args):
         if not isinstance(a, TensorArg):
             _check_scalar(spec, a, v)
             if a.kind == COUNT:
                 n = v
+            elif a.kind == ITERS:
+                iters = v
     if n is not None and n < 1:
         _fail(spec, f"argument '{p_arg.name}' has n = {n} streams (shape {tuple(prim.shape)}); n must be >= 1")
     if C is not None and C < 1:
@@ -163,6 +256,7 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
         T = T * s
 
     # -- every other tensor argument
+    sizes: dict = {}
     out_args = list(args)
     for i, (a, v) in enumerate(zip(spec.args, args)):
         if not isinstance(a, TensorArg):
@@ -187,18 +281,33 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
                 else:
                     why = "the mixing math is float32"
                 _fail(spec, f"argument '{a.name}' must be {want} ({why}); got {v.dtype}", MHCDtypeError)
-            expected = []
-            for s in a.shape:
-                if s == "*":
-                    expected.extend(lead)
-                else:
-                    expected.append(dim_value(s, n_, C_))
-            if v.shape != tuple(expected):
-                sizes = ", ".join(f"{k}={val}" for k, val in (("n", n), ("C", C)) if val is not None)
-                _fail(spec, f"argument '{a.name}' must have shape {format_template(a.shape)} = {tuple(expected)} "
-                            f"to match '{p_arg.name}' of shape {tuple(prim.shape)} ({sizes}); got {tuple(v.shape)}")
+            _bind_free(spec, a, v, sizes, lead)
+            expected = _full_shape(a.shape, lead, n_, C_, sizes)
+            if v.shape != expected:
+                known = [(k, val) for k, val in (("n", n), ("C", C)) if val is not None]
+                known += [(k if k != "r" else "rows", val) for k, val in sizes.items()]
+                _fail(spec, f"argument '{a.name}' must have shape {format_template(a.shape)} = {expected} "
+                            f"to match '{p_arg.name}' of shape {tuple(prim.shape)} "
+                            f"({', '.join(f'{k}={val}' for k, val in known)}); got {tuple(v.shape)}")
         if flatten:
-            if a.shape and a.shape[0] == "*" and len(lead) != 1:
-                v = v.reshape((T,) + tuple(v.shape[len(lead):]))
+            at = _token_axis(a.shape)
+            if at is not None and len(lead) != 1:
+                v = v.reshape(tuple(v.shape[:at]) + (T,) + tuple(v.shape[at + len(lead):]))
             out_args[i] = v.contiguous()
-    return Call(spec, out_args, T, n, C, lead, act_dtype, mix_dtype, device)
+    return Call(spec, out_args, T, n, C, lead, act_dtype, mix_dtype, device, sizes, iters)
+
+
+def _bind_free(spec, a: TensorArg, v: torch.Tensor, sizes: dict, lead) -> None:
+    """Bind the free symbols (``r``, ``L``) of ``a``'s shape from ``v`` where not bound yet."""
+    for d, sym in enumerate(a.shape):
+        if sym not in FREE_SYMBOLS or sym in sizes:
+            continue
+        at = d if _token_axis(a.shape) is None or d < _token_axis(a.shape) else d + len(lead) - 1
+        if v.dim() <= at:
+            return  # the shape check that follows reports it
+        size = v.shape[at]
+        if size < 1:
+            what = "projection rows" if sym == "r" else "layers"
+            _fail(spec, f"argument '{a.name}' must have at least one of its {what} ({sym} >= 1); "
+                        f"got shape {tuple(v.shape)}")
+        sizes[sym] = size

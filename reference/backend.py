@@ -2,14 +2,16 @@
 
 The reference serves any device PyTorch runs on and every dtype the contract allows,
 float64 included (the mode ``torch.autograd.gradcheck`` needs); it has no tunable
-parameters.
+parameters. Its composites are the shared ones (``mhc_kernels.composite``) over these
+primitives: the reference fuses nothing.
 """
 
-from mhc_kernels.registry import register_kernel
+from mhc_kernels import composite
+from mhc_kernels.registry import Kernel, register_kernel
 
 from . import torch_ref
 
-_KERNELS = {
+PRIMITIVES = {
     "norm_fn": torch_ref.norm_fn_fwd,
     "norm_fn_bwd": torch_ref.norm_fn_bwd,
     "split_mixes": torch_ref.split_mixes_fwd,
@@ -20,18 +22,14 @@ _KERNELS = {
     "pre_apply_mix_bwd": torch_ref.pre_apply_mix_bwd,
     "post": torch_ref.post_fwd,
     "post_bwd": torch_ref.post_bwd,
-    "mhc_pre": torch_ref.mhc_pre_fwd,
-    "mhc_pre_bwd": torch_ref.mhc_pre_bwd,
     "expand": torch_ref.expand_fwd,
     "expand_bwd": torch_ref.expand_bwd,
-    "mhc_head": torch_ref.mhc_head_fwd,
-    "mhc_head_bwd": torch_ref.mhc_head_bwd,
-    "post_pre": torch_ref.post_pre_fwd,
 }
 
-for _op, _fn in _KERNELS.items():
+for _op, _fn in PRIMITIVES.items():
     register_kernel(_op, "reference", _fn)
 
-# DESIGN 2.7's multilayer_recompute is a forward-only op registered by mhc_kernels.recompute
-# (its layer dim has no op-spec symbol); the reference serves it too.
-register_kernel("multilayer_recompute", "reference", torch_ref.multilayer_recompute_fwd)
+composite.register_composites(
+    "reference",
+    extra_parts={composite.STREAM_WEIGHT_GRAD: Kernel(composite.STREAM_WEIGHT_GRAD, "reference",
+                                                      torch_ref.stream_weight_grad)})

@@ -63,6 +63,42 @@ class Mismatch:
         return self.worst_ratio <= 1.0
 
 
+def _as_f64(a, device) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach().to(device=device, dtype=torch.float64)
+    return torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)
+
+
+def error_ratio(actual: torch.Tensor, expected, dtype: torch.dtype, *, naive=None, scale: Optional[float] = None,
+                factor: float = 1.0) -> tuple[float, float, Optional[tuple], str]:
+    """The tolerance rule (see the module docstring), in torch on ``actual``'s device (so a GPU run checks on
+    the GPU). ``expected`` and ``naive`` may be arrays or tensors; ``factor`` scales ``rtol`` and ``atol``.
+    -> ``(max |actual - expected|, max of |err| / allowed (<= 1 passes), index of the worst element or
+    None, what went wrong when nothing could be compared)``."""
+    rtol, atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    rtol, atol = rtol * factor, atol * factor
+    dev = actual.device
+    exp = _as_f64(expected, dev)
+    act = _as_f64(actual, dev)
+    if act.shape != exp.shape:
+        return float("inf"), float("inf"), None, f"shape {tuple(act.shape)} != expected {tuple(exp.shape)}"
+    if act.numel() == 0:
+        return 0.0, 0.0, None, ""
+    if not bool(torch.isfinite(act).all()):
+        return float("inf"), float("inf"), None, "non-finite values"
+    slack = 0.0
+    if naive is not None:
+        nv = _as_f64(naive, dev)
+        if nv.shape == exp.shape and bool(torch.isfinite(nv).all()):
+            slack = SLACK * float((nv - exp).abs().max())
+    ref = max(float(exp.abs().max()), scale or 0.0) or 1.0
+    err = (act - exp).abs()
+    ratio = err / (atol * ref + rtol * exp.abs() + slack)
+    flat = int(torch.argmax(ratio))
+    idx = tuple(int(k) for k in np.unravel_index(flat, tuple(ratio.shape)))
+    return float(err.max()), float(ratio.reshape(-1)[flat]), idx, ""
+
+
 def compare(name: str, actual: torch.Tensor, expected, dtype: Optional[torch.dtype] = None,
             naive=None, scale: Optional[float] = None) -> Mismatch:
     """Compare a tensor with a float64 expectation under the tolerance of ``dtype`` (default: its own).
@@ -70,28 +106,11 @@ def compare(name: str, actual: torch.Tensor, expected, dtype: Optional[torch.dty
     ``naive`` (optional) is the same quantity from the working-precision transcription;
     ``scale`` (optional) overrides the magnitude ``atol`` is relative to; see the module docstring.
     """
-    dtype = dtype or actual.dtype
-    rtol, atol = TOLERANCES[dtype]
-    exp = oracle.f64(expected)
-    act = oracle.f64(actual)
-    slack = 0.0
-    if naive is not None and exp.size:
-        nv = oracle.f64(naive)
-        if nv.shape == exp.shape and np.all(np.isfinite(nv)):
-            slack = SLACK * float(np.max(np.abs(nv - exp)))
-    if act.shape != exp.shape:
-        return Mismatch(name, float("inf"), float("inf"), f"shape {act.shape} != expected {exp.shape}")
-    if act.size == 0:
-        return Mismatch(name, 0.0, 0.0)
-    if not np.all(np.isfinite(act)):
-        return Mismatch(name, float("inf"), float("inf"), "non-finite values")
-    scale = max(float(np.max(np.abs(exp))), scale or 0.0) or 1.0
-    err = np.abs(act - exp)
-    allowed = atol * scale + rtol * np.abs(exp) + slack
-    ratio = err / allowed
-    i = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-    return Mismatch(name, float(err.max()), float(ratio[i]),
-                    f"worst at {tuple(int(k) for k in i)}: got {act[i]:.8g}, expected {exp[i]:.8g}")
+    err, ratio, idx, why = error_ratio(actual, expected, dtype or actual.dtype, naive=naive, scale=scale)
+    if idx is None:
+        return Mismatch(name, err, ratio, why)
+    got, exp = float(actual.detach()[idx]), float(_as_f64(expected, "cpu")[idx])
+    return Mismatch(name, err, ratio, f"worst at {idx}: got {got:.8g}, expected {exp:.8g}")
 
 
 # -- input generation -------------------------------------------------------------
@@ -317,13 +336,168 @@ _case(OpCase(
     stored_output=0, grads_through_act=("layer_output", "residual", "post_mix", "comb_mix")))
 
 
+RECOMPUTE_OP = "multilayer_recompute"
+DEFAULT_LAYERS = 3  # sites of a multilayer_recompute input unless told otherwise
+_RECOMPUTE_ARGS = ("residual", "layer_outputs", "pre_mix", "post_mix", "comb_mix")
+
+
+def _make_recompute(gen, lead, n, C, dtype, device, nw, consts):
+    """x_0, the sublayer outputs and the saved mixes of ``consts["layers"]`` sites. The comb mixes are doubly
+    stochastic-ish (as Sinkhorn makes them), so the residual stays O(1) over the layers and the tolerance is
+    meaningful at every depth."""
+    L = consts["layers"]
+    md = _mix_dtype(dtype)
+    logits = torch.randn((L,) + lead + (n, n), generator=gen, dtype=torch.float64)
+    return {
+        "residual": _residual(gen, lead, n, C, dtype, device),
+        "layer_outputs": _randn(gen, (L,) + lead + (C,), dtype, device),
+        "pre_mix": _rand(gen, (L,) + lead + (n,), md, device, 0.0, 1.0),
+        "post_mix": _rand(gen, (L,) + lead + (n,), md, device, 0.0, 2.0),
+        "comb_mix": torch.from_numpy(oracle.sinkhorn(logits, 20, 1e-6)).to(dtype=md, device=device),
+    }
+
+
+def _recompute_args(d):
+    return [d[k] for k in _RECOMPUTE_ARGS]
+
+
+_case(OpCase(
+    RECOMPUTE_OP, _make_recompute,
+    lambda mk, d: mk.multilayer_recompute(*_recompute_args(d)),
+    lambda d: oracle.multilayer_recompute(*_recompute_args(d), stored=d.get("stored")),
+    lambda d: transcription.multilayer_recompute(*_recompute_args(d), stored=d.get("stored")),
+    (), stored_output=0))
+
+
 def make_inputs(op: str, lead, n: int, C: int, dtype: torch.dtype, device="cpu", *, norm_weight=False,
-                consts: Optional[dict] = None, seed: int = 0) -> dict:
-    """Named inputs for ``op`` with leading dims ``lead`` (a tuple; ``()`` for none)."""
+                consts: Optional[dict] = None, seed: int = 0, L: int = DEFAULT_LAYERS) -> dict:
+    """Named inputs for ``op`` with leading dims ``lead`` (a tuple; ``()`` for none); ``L`` layers for
+    ``multilayer_recompute``."""
     gen = torch.Generator().manual_seed(seed)
     c = dict(DEFAULT_CONSTS)
     c.update(consts or {})
+    c["layers"] = L
     return CASES[op].make(gen, tuple(lead), n, C, dtype, torch.device(device), norm_weight, c)
+
+
+# -- one input recipe for every op, forward or backward (tests, tuner and bench) -------------------------
+# Backward-op arguments that are not "grad_<forward output>" (the one alias table).
+GRAD_ALIASES = {("sinkhorn_bwd", "grad"): "grad_comb_mix"}
+
+
+def _tiled(v: torch.Tensor, T: int, at: int) -> torch.Tensor:
+    """``v`` repeated along its token axis ``at`` up to ``T`` tokens."""
+    t0 = v.shape[at]
+    if t0 == T:
+        return v
+    reps = [1] * v.dim()
+    reps[at] = -(-T // t0)
+    return v.repeat(reps).narrow(at, 0, T).contiguous()
+
+
+def _token_axis(op: str, name: str):
+    """Where the token dims sit in argument or output ``name`` of ``op`` (``grad_<output>``: the output's)."""
+    from mhc_kernels.specs import SPECS
+
+    spec = SPECS[op]
+    for t in spec.tensor_args + spec.outputs:
+        if t.name == name or "grad_" + t.name == name:
+            if t.shape and t.shape[0] == "*":
+                return 0
+            if len(t.shape) > 1 and t.shape[:2] == ("L", "*"):
+                return 1
+    return None
+
+
+def _leads(T_or_lead, tile):
+    """-> (lead dims, the lead dims to generate, T): with ``tile`` a long single token dim is generated short."""
+    lead = (T_or_lead,) if isinstance(T_or_lead, int) else tuple(T_or_lead)
+    T = lead[0] if len(lead) == 1 else None
+    gen = (max(1, min(T, tile)),) if tile is not None and T is not None and T > tile else lead
+    return lead, gen, T
+
+
+def _placed(op: str, d: dict, lead, gen_lead, T, device) -> dict:
+    """``d``'s tensors on ``device``, repeated along their token axis up to ``T`` where generated short."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            at = _token_axis(op, k) if gen_lead != lead else None
+            v = (_tiled(v, T, at) if at is not None else v).to(device)
+        out[k] = v
+    return out
+
+
+def _forward_inputs(op, lead, n, C, dtype, device, *, norm_weight, consts, seed, L):
+    return make_inputs(op, lead, n, C, dtype, device, norm_weight=norm_weight, consts=consts, seed=seed, L=L)
+
+
+def backward_pool(fwd_op: str, T_or_lead, n: int, C: int, dtype: torch.dtype, device="cpu", *, norm_weight=False,
+                  consts=None, seed: int = 0, tile: Optional[int] = None, L: int = DEFAULT_LAYERS) -> dict:
+    """Forward inputs of ``fwd_op``, the reference forward's outputs (by spec output name) and a random upstream
+    gradient ``grad_<output>`` for every non-auxiliary output (in its dtype); ``tile`` as for :func:`op_inputs`."""
+    from mhc_kernels import ops, registry
+    from mhc_kernels.specs import SPECS
+
+    lead, gen_lead, T = _leads(T_or_lead, tile)
+    d = _forward_inputs(fwd_op, gen_lead, n, C, dtype, "cpu", norm_weight=norm_weight, consts=consts, seed=seed, L=L)
+    spec = SPECS[fwd_op]
+    with torch.no_grad(), registry.use_backend("reference"):
+        outs = ops.BODIES[fwd_op](*[d[a] for a in spec.arg_names])
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+    gen = torch.Generator().manual_seed(seed + 1)
+    pool = dict(d)
+    for o, t in zip(spec.outputs, outs):
+        pool[o.name] = t
+        if not o.aux:
+            pool["grad_" + o.name] = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+    return _placed(fwd_op, pool, lead, gen_lead, T, device)
+
+
+def op_inputs(op: str, T_or_lead, n: int, C: int, dtype: torch.dtype, device="cpu", *, norm_weight=False,
+              consts: Optional[dict] = None, seed: int = 0, optional: bool = False, tile: Optional[int] = None,
+              L: int = DEFAULT_LAYERS) -> dict:
+    """Named arguments (schema names) of any op, forward or backward, with leading dims ``T_or_lead`` (an int
+    ``T`` or a tuple) on ``device``: the one input recipe of the tests, the tuner and the benchmarks.
+
+    Forward ops take :func:`make_inputs` (``multilayer_recompute``: :func:`make_recompute_inputs` with ``L``
+    layers). A backward op ``<op>_bwd`` takes its forward's inputs, the reference forward's outputs (the
+    saved ``mixes``/``rstd``) and random upstream gradients (:func:`backward_pool`; names by
+    :data:`GRAD_ALIASES`); an optional tensor that is not a forward output (``mhc_pre_bwd``'s
+    ``grad_residual``) is random with ``optional=True``, else ``None``. With ``tile``, at most ``tile`` tokens
+    are generated on the CPU and repeated along the token axis up to ``T`` on ``device`` (no float64 staging
+    of huge shapes; a single leading dim only).
+    """
+    from mhc_kernels.specs import ACT, SPECS, TensorArg
+
+    lead, gen_lead, T = _leads(T_or_lead, tile)
+    if not op.endswith("_bwd"):
+        d = _forward_inputs(op, gen_lead, n, C, dtype, "cpu", norm_weight=norm_weight, consts=consts, seed=seed, L=L)
+        return _placed(op, d, lead, gen_lead, T, device)
+    spec = SPECS[op]
+    pool = backward_pool(op[:-len("_bwd")], gen_lead, n, C, dtype, norm_weight=norm_weight, consts=consts,
+                         seed=seed, L=L)
+    gen = torch.Generator().manual_seed(seed + 2)
+    d = {}
+    for a in spec.args:
+        key = GRAD_ALIASES.get((op, a.name), a.name)
+        if key in pool:
+            d[a.name] = pool[key]
+        elif isinstance(a, TensorArg) and a.optional:
+            shape = tuple(gen_lead) + tuple(n if s == "n" else C for s in a.shape[1:])
+            dt = dtype if a.kind == ACT else _mix_dtype(dtype)
+            d[a.name] = torch.randn(shape, generator=gen, dtype=torch.float64).to(dt) if optional else None
+        else:
+            raise KeyError(f"{op}: no input for argument {a.name!r}")
+    return _placed(op, d, lead, gen_lead, T, device)
+
+
+def op_args(op: str, T_or_lead, n: int, C: int, dtype: torch.dtype, device="cpu", **kw) -> tuple:
+    """:func:`op_inputs` in schema order (what ``torch.ops.mhc.<op>`` takes)."""
+    from mhc_kernels.specs import SPECS
+
+    d = op_inputs(op, T_or_lead, n, C, dtype, device, **kw)
+    return tuple(d[a] for a in SPECS[op].arg_names)
 
 
 def _naive_inputs(inputs: dict) -> dict:
@@ -349,6 +523,8 @@ def check_backward(mk, op: str, inputs: dict, seed: int = 1) -> list[Mismatch]:
     oracle sees exactly the same (upcast) values.
     """
     case = CASES[op]
+    if not case.differentiable:  # multilayer_recompute: forward only
+        return []
     diff = [k for k in case.differentiable if inputs.get(k) is not None]
     leaves = {k: v.detach().clone().requires_grad_() if k in diff else v for k, v in inputs.items()}
     outs = case.run(mk, leaves)
@@ -400,44 +576,26 @@ def _trailing_dims(op: str) -> int:
     return len(SPECS[op].outputs[0].shape) - 1
 
 
-# -- multilayer_recompute (DESIGN 2.7; forward-only, not in CASES: it has no autograd) ----------------
-RECOMPUTE_OP = "multilayer_recompute"
-
-
+# -- multilayer_recompute (contract §8; forward-only: it has no autograd, so no backward check) -------------
 def make_recompute_inputs(lead, n: int, C: int, L: int, dtype: torch.dtype, device="cpu", *, seed: int = 0) -> dict:
-    """Inputs of ``multilayer_recompute`` for ``L`` sites: x_0, the sublayer outputs and the saved mixes.
-
-    The comb mixes are doubly stochastic-ish (as Sinkhorn makes them), so the residual stays O(1) over
-    the layers and the tolerance is meaningful at every depth.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    device = torch.device(device)
-    md = _mix_dtype(dtype)
-    lead = tuple(lead)
-    logits = torch.randn((L,) + lead + (n, n), generator=gen, dtype=torch.float64)
-    return {
-        "residual": _residual(gen, lead, n, C, dtype, device),
-        "layer_outputs": _randn(gen, (L,) + lead + (C,), dtype, device),
-        "pre_mix": _rand(gen, (L,) + lead + (n,), md, device, 0.0, 1.0),
-        "post_mix": _rand(gen, (L,) + lead + (n,), md, device, 0.0, 2.0),
-        "comb_mix": torch.from_numpy(oracle.sinkhorn(logits, 20, 1e-6)).to(dtype=md, device=device),
-    }
+    """Inputs of ``multilayer_recompute`` for ``L`` sites (:func:`make_inputs` with ``L``)."""
+    return make_inputs(RECOMPUTE_OP, lead, n, C, dtype, device, seed=seed, L=L)
 
 
 def check_recompute(fn: Callable, inputs: dict) -> list[Mismatch]:
     """Run ``fn(residual, layer_outputs, pre_mix, post_mix, comb_mix)`` and compare with the oracle.
 
-    DESIGN 2.7 stores each x_{l+1} in the residual dtype before it is read again, so the oracle
+    contract §8 stores each x_{l+1} in the residual dtype before it is read again, so the oracle
     continues each layer from the residual the backend stored: the expected x_{l+1} and layer
     input l are exact functions of the backend's x_l, each layer is checked on its own (to the
     dtype's tolerance), and one-ulp storage differences -- e.g. the Triton interpreter truncates
     fp32 -> bf16 where a GPU rounds to nearest -- are not compounded across layers.
     """
-    names = ("residual", "layer_outputs", "pre_mix", "post_mix", "comb_mix")
-    outs = fn(*(inputs[k] for k in names))
-    stored = outs[0].detach().cpu()
-    expected = oracle.multilayer_recompute(*(inputs[k] for k in names), stored=stored)
+    case = CASES[RECOMPUTE_OP]
+    outs = fn(*(inputs[k] for k in _RECOMPUTE_ARGS))
+    inputs = _with_stored(case, inputs, outs)
+    expected = case.oracle(inputs)
     with torch.no_grad():
-        naive = transcription.multilayer_recompute(*(_naive_inputs(inputs)[k] for k in names), stored=stored)
+        naive = case.transcription(_naive_inputs(inputs))
     return [compare(f"{RECOMPUTE_OP}.{label}", o, e, naive=nv)
             for label, o, e, nv in zip(("residuals", "layer_inputs"), outs, expected, naive)]

@@ -1,6 +1,6 @@
 """The float64 NumPy oracle: the ground truth for every backend's forward.
 
-A direct transcription of DESIGN.md section 2 in NumPy float64 with no attention
+A direct transcription of the contract (reference/README.md) in NumPy float64 with no attention
 to speed. Inputs may be NumPy arrays or torch tensors (any dtype; they are read as
 float64), with arbitrary leading dims. Outputs are float64 arrays.
 
@@ -42,14 +42,14 @@ def rstd(residual, norm_eps=1e-6):
 
 
 def norm_fn(residual, fn, norm_weight=None, norm_eps=1e-6):
-    """DESIGN 2.1: mixes[..., k] = (x_flat . fn_eff[k]) * rstd.  (..., m) or (..., rows of fn)."""
+    """contract §2: mixes[..., k] = (x_flat . fn_eff[k]) * rstd.  (..., m) or (..., rows of fn)."""
     x = f64(residual)
     xf = x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
     return (xf @ _folded(fn, norm_weight).T) * rstd(x, norm_eps)[..., None]
 
 
 def sinkhorn(logits, iters=20, eps=1e-6):
-    """DESIGN 2.2: softmax rows, +eps, normalise columns; then (iters-1) x (rows, columns)."""
+    """contract §3: softmax rows, +eps, normalise columns; then (iters-1) x (rows, columns)."""
     L = f64(logits)
     E = np.exp(L - L.max(axis=-1, keepdims=True))
     P = E / E.sum(axis=-1, keepdims=True) + eps
@@ -61,7 +61,7 @@ def sinkhorn(logits, iters=20, eps=1e-6):
 
 
 def split_mixes(mixes, scale, base, pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6):
-    """DESIGN 2.2: -> (pre_mix (..., n), post_mix (..., n), comb_mix (..., n, n))."""
+    """contract §3: -> (pre_mix (..., n), post_mix (..., n), comb_mix (..., n, n))."""
     mx = f64(mixes)
     m = mx.shape[-1]
     n = int(round(np.sqrt(m + 1))) - 1
@@ -75,12 +75,12 @@ def split_mixes(mixes, scale, base, pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=
 
 
 def pre_apply_mix(residual, pre_mix):
-    """DESIGN 2.3: layer_input[..., c] = sum_i pre_mix[..., i] * x[..., i, c]."""
+    """contract §4: layer_input[..., c] = sum_i pre_mix[..., i] * x[..., i, c]."""
     return np.einsum("...i,...ic->...c", f64(pre_mix), f64(residual))
 
 
 def post(layer_output, residual, post_mix, comb_mix):
-    """DESIGN 2.4: out[..., i, c] = post_mix[..., i] * y[..., c] + sum_j comb_mix[..., j, i] * x[..., j, c]."""
+    """contract §5: out[..., i, c] = post_mix[..., i] * y[..., c] + sum_j comb_mix[..., j, i] * x[..., j, c]."""
     y = f64(layer_output)
     return f64(post_mix)[..., :, None] * y[..., None, :] + np.einsum("...ji,...jc->...ic", f64(comb_mix),
                                                                      f64(residual))
@@ -88,27 +88,27 @@ def post(layer_output, residual, post_mix, comb_mix):
 
 def mhc_pre(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps=1e-6, post_mult=2.0,
             sinkhorn_iters=20, sinkhorn_eps=1e-6):
-    """DESIGN 2.5: -> (layer_input, post_mix, comb_mix)."""
+    """contract §6: -> (layer_input, post_mix, comb_mix)."""
     mixes = norm_fn(residual, fn, norm_weight, norm_eps)
     pre, post_mix, comb = split_mixes(mixes, scale, base, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps)
     return pre_apply_mix(residual, pre), post_mix, comb
 
 
 def expand(hidden, n):
-    """DESIGN 2.6: (..., C) -> (..., n, C), each stream a copy."""
+    """contract §7: (..., C) -> (..., n, C), each stream a copy."""
     h = f64(hidden)
     return np.repeat(h[..., None, :], n, axis=-2)
 
 
 def mhc_head(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps=1e-6):
-    """DESIGN 2.6: w = sigmoid(norm_fn(x) * scale + base) + pre_eps; out = sum_i w_i x_i."""
+    """contract §7: w = sigmoid(norm_fn(x) * scale + base) + pre_eps; out = sum_i w_i x_i."""
     w = _sigmoid(norm_fn(residual, fn, norm_weight, norm_eps) * f64(scale)[0] + f64(base)) + pre_eps
     return pre_apply_mix(residual, w)
 
 
 def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight=None, norm_eps=1e-6,
              pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, store=None):
-    """DESIGN 2.7: -> (new_residual, layer_input, post_mix, comb_mix) of the next sublayer.
+    """contract §8: -> (new_residual, layer_input, post_mix, comb_mix) of the next sublayer.
 
     ``store`` (optional) maps the float64 new residual to the values the backend
     stores (e.g. rounding to bf16); the next pre reads the stored residual.
@@ -120,7 +120,7 @@ def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_w
 
 
 def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, stored=None):
-    """DESIGN 2.7: -> (residuals (L, ..., n, C), layer_inputs (L, ..., C)).
+    """contract §8: -> (residuals (L, ..., n, C), layer_inputs (L, ..., C)).
 
     ``residuals[l] = x_l`` with ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``;
     ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])``. ``stored`` (optional, like ``residuals``)

@@ -1,7 +1,7 @@
 """PyTorch reference implementation of every mHC operator, forward and explicit backward.
 
 This is the production path on CPU and the fallback on any other device. It follows
-DESIGN.md section 2 symbol for symbol, on canonical inputs: the residual ``x`` is
+the contract (reference/README.md) symbol for symbol, on canonical inputs: the residual ``x`` is
 ``(T, n, C)``, per-token tensors have a leading ``T``; ``fn`` is ``(m, K)`` with
 ``m = n*(n+2)`` and ``K = n*C``.
 
@@ -12,8 +12,13 @@ residual dtype exactly once.
 
 The backward functions are written out (not autograd through the forward): they
 save nothing full-size, recompute the Sinkhorn iterations from the logits, and
-fuse the residual-gradient contributions of one site into a single tensor. All
-work is vectorised over tokens; the only Python loops run over Sinkhorn rounds.
+``norm_fn_bwd`` can add a site's other residual-gradient terms before its single
+rounding. All work is vectorised over tokens; the only Python loops run over
+Sinkhorn rounds.
+
+Only the primitive operators live here; the composites (``mhc_pre``, ``mhc_head``,
+``post_pre``, ``multilayer_recompute`` and their backward) are written once for every
+backend in :mod:`mhc_kernels.composite`, from these functions.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from mhc_kernels.composite import dsigmoid, gate_logits, scale_vector, split_gates
+from mhc_kernels.specs import stream_count
 
 Tensor = torch.Tensor
 
@@ -33,20 +41,6 @@ def _acc(t: Tensor, mix_dtype: torch.dtype) -> Tensor:
 
 def _folded(fn: Tensor, norm_weight: Optional[Tensor]) -> Tensor:
     return fn if norm_weight is None else fn * norm_weight
-
-
-def _scale_vector(scale: Tensor, n: int) -> Tensor:
-    """s = [scale0]*n + [scale1]*n + [scale2]*n*n  (length m)."""
-    return torch.cat([scale[0:1].expand(n), scale[1:2].expand(n), scale[2:3].expand(n * n)])
-
-
-def _stream_count(m: int) -> int:
-    return int(round((m + 1) ** 0.5)) - 1
-
-
-def _dsigmoid(z: Tensor) -> Tensor:
-    """sigmoid'(z) = sigmoid(z) * sigmoid(-z); unlike s * (1 - s) it keeps full precision when saturated."""
-    return torch.sigmoid(z) * torch.sigmoid(-z)
 
 
 # -- 2.1 norm_fn --------------------------------------------------------------------
@@ -79,12 +73,23 @@ def _norm_fn_bwd_acc(grad_mixes, x, fn, norm_weight, mixes, rstd):
     return d_x, d_fn
 
 
-def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd):
-    """-> (d_residual, d_fn_eff); d_fn_eff is the gradient of fn * norm_weight."""
+def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, apply_w=None, apply_grad=None,
+                grad_residual=None):
+    """-> (d_residual, d_fn_eff); d_fn_eff is the gradient of fn * norm_weight.
+
+    With ``apply_w (T, n)`` and ``apply_grad (T, C)`` the collapse's term ``apply_w (x) apply_grad``, and with
+    ``grad_residual (T, n, C)`` an incoming residual gradient, are added to d_residual in the mix dtype
+    before its single rounding (a whole site's pre side in one tensor).
+    """
     T, n, C = residual.shape
     x = _acc(residual.reshape(T, n * C), fn.dtype)
     d_x, d_fn = _norm_fn_bwd_acc(grad_mixes, x, fn, norm_weight, mixes, rstd)
-    return d_x.reshape(residual.shape).to(residual.dtype), d_fn
+    d_x = d_x.view(T, n, C)
+    if apply_w is not None:
+        d_x.addcmul_(apply_w.unsqueeze(-1), _acc(apply_grad, fn.dtype).unsqueeze(1))  # in place: no temporary
+    if grad_residual is not None:
+        d_x += grad_residual
+    return d_x.to(residual.dtype), d_fn
 
 
 # -- 2.2 sinkhorn -------------------------------------------------------------------
@@ -99,7 +104,7 @@ def sinkhorn_fwd(logits: Tensor, iters: int, eps: float) -> Tensor:
 
 
 def sinkhorn_bwd(grad: Tensor, logits: Tensor, iters: int, eps: float) -> Tensor:
-    """Exact gradient of the unrolled iterations (DESIGN 2.8): recompute, then reverse.
+    """Exact gradient of the unrolled iterations (contract §9): recompute, then reverse.
 
     For a normalisation y = p / (sum_d p + eps) along dim d:
     dL/dp = (g - sum_d(g * y)) / (sum_d p + eps).  The softmax: dL/dL = (g - sum(g * s)) * s.
@@ -121,22 +126,18 @@ def sinkhorn_bwd(grad: Tensor, logits: Tensor, iters: int, eps: float) -> Tensor
 # -- 2.2 split_mixes --------------------------------------------------------------------
 def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps):
     """-> (pre_mix (T, n), post_mix (T, n), comb_mix (T, n, n))."""
-    T, m = mixes.shape
-    n = _stream_count(m)
-    z = torch.addcmul(base, mixes, _scale_vector(scale, n))
-    pre = torch.sigmoid(z[:, :n]) + pre_eps
-    post = torch.sigmoid(z[:, n:2 * n]) * post_mult
-    comb = sinkhorn_fwd(z[:, 2 * n:].reshape(T, n, n), iters, sinkhorn_eps)
-    return pre, post, comb
+    n = stream_count(mixes.shape[1])
+    pre, post, comb_logits = split_gates(gate_logits(mixes, scale, base, n), n, pre_eps, post_mult)
+    return pre, post, sinkhorn_fwd(comb_logits, iters, sinkhorn_eps)
 
 
 def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters, sinkhorn_eps):
     """-> (d_mixes, d_scale (3,), d_base (m,)); the scale/base sums over tokens are deterministic."""
     T, m = mixes.shape
-    n = _stream_count(m)
-    s = _scale_vector(scale, n)
+    n = stream_count(m)
+    s = scale_vector(scale, n)
     z = torch.addcmul(base, mixes, s)
-    dsig = _dsigmoid(z[:, :2 * n])
+    dsig = dsigmoid(z[:, :2 * n])
     d_z = torch.empty_like(z)
     d_z[:, :n] = grad_pre * dsig[:, :n]
     d_z[:, n:2 * n] = grad_post * (post_mult * dsig[:, n:])
@@ -153,8 +154,12 @@ def _apply_acc(x, pre_mix):
     return torch.bmm(pre_mix.unsqueeze(1), x).squeeze(1)
 
 
-def pre_apply_mix_fwd(residual, pre_mix):
-    return _apply_acc(_acc(residual, pre_mix.dtype), pre_mix).to(residual.dtype)
+def pre_apply_mix_fwd(residual, pre_mix, *, out=None):
+    """-> layer_input (T, C) in the residual dtype (written into ``out`` when given)."""
+    li = _apply_acc(_acc(residual, pre_mix.dtype), pre_mix)
+    if out is None:
+        return li.to(residual.dtype)
+    return out.copy_(li)
 
 
 def _pre_apply_mix_bwd_acc(grad, x, pre_mix):
@@ -171,13 +176,21 @@ def pre_apply_mix_bwd(grad, residual, pre_mix):
     return d_x.to(residual.dtype), d_pre
 
 
+def stream_weight_grad(grad, residual):
+    """d_w[t, i] = <grad[t], residual[t, i]> (T, n) in the mix dtype: pre_apply_mix_bwd without d_residual."""
+    md = torch.float64 if residual.dtype == torch.float64 else torch.float32
+    return torch.bmm(_acc(residual, md), _acc(grad, md).unsqueeze(-1)).squeeze(-1)
+
+
 # -- 2.4 post ----------------------------------------------------------------------------------
-def post_fwd(layer_output, residual, post_mix, comb_mix):
-    """out[t, i] = post_mix[t, i] * y[t] + sum_j comb_mix[t, j, i] * x[t, j]."""
+def post_fwd(layer_output, residual, post_mix, comb_mix, *, out=None):
+    """new[t, i] = post_mix[t, i] * y[t] + sum_j comb_mix[t, j, i] * x[t, j] (written into ``out`` when given)."""
     md = post_mix.dtype
-    out = torch.bmm(comb_mix.transpose(1, 2), _acc(residual, md))
-    out.addcmul_(post_mix.unsqueeze(-1), _acc(layer_output, md).unsqueeze(1))  # in place: no second full-size temporary
-    return out.to(residual.dtype)
+    acc = torch.bmm(comb_mix.transpose(1, 2), _acc(residual, md))
+    acc.addcmul_(post_mix.unsqueeze(-1), _acc(layer_output, md).unsqueeze(1))  # in place: no second temporary
+    if out is None:
+        return acc.to(residual.dtype)
+    return out.copy_(acc)
 
 
 def post_bwd(grad, layer_output, residual, post_mix, comb_mix):
@@ -192,39 +205,7 @@ def post_bwd(grad, layer_output, residual, post_mix, comb_mix):
     return d_y.to(layer_output.dtype), d_x.to(residual.dtype), d_post, d_comb
 
 
-# -- 2.5 mhc_pre -----------------------------------------------------------------------------------
-def mhc_pre_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps):
-    """-> (layer_input, post_mix, comb_mix, mixes, rstd)."""
-    T, n, C = residual.shape
-    x = _acc(residual, fn.dtype)  # converted once, shared by the projection and the collapse
-    mixes, rstd = _norm_fn_acc(x.reshape(T, n * C), fn, norm_weight, norm_eps)
-    pre, post, comb = split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps)
-    return _apply_acc(x, pre).to(residual.dtype), post, comb, mixes, rstd
-
-
-def mhc_pre_bwd(grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, mixes, rstd,
-                grad_residual, pre_eps, post_mult, iters, sinkhorn_eps):
-    """-> (d_residual, d_fn_eff, d_scale, d_base).
-
-    d_residual = grad_residual (if given) + pre_mix (x) g_li + norm_fn's term, summed in
-    the mix dtype and rounded once.
-    """
-    T, n, C = residual.shape
-    x = _acc(residual, fn.dtype)
-    pre = torch.sigmoid(torch.addcmul(base[:n], mixes[:, :n], scale[0])) + pre_eps
-    g = _acc(grad_layer_input, pre.dtype)
-    d_pre = torch.bmm(x, g.unsqueeze(-1)).squeeze(-1)
-    d_mixes, d_scale, d_base = split_mixes_bwd(d_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters,
-                                               sinkhorn_eps)
-    d_x, d_fn = _norm_fn_bwd_acc(d_mixes, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
-    d_x = d_x.view(T, n, C)
-    d_x.addcmul_(pre.unsqueeze(-1), g.unsqueeze(1))  # + pre_apply_mix's term, accumulated in place
-    if grad_residual is not None:
-        d_x += grad_residual
-    return d_x.to(residual.dtype), d_fn, d_scale, d_base
-
-
-# -- 2.6 expand and mhc_head ------------------------------------------------------------------------
+# -- 2.6 expand ---------------------------------------------------------------------------------------
 def expand_fwd(hidden, n):
     # repeat always allocates (expand(...).contiguous() would alias the input when n == 1)
     return hidden.unsqueeze(1).repeat(1, n, 1)
@@ -233,61 +214,3 @@ def expand_fwd(hidden, n):
 def expand_bwd(grad):
     md = torch.float64 if grad.dtype == torch.float64 else torch.float32
     return grad.sum(dim=1, dtype=md).to(grad.dtype)
-
-
-def mhc_head_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps):
-    """-> (out, mixes (T, n), rstd):  out = sum_i (sigmoid(mixes * scale + base) + pre_eps)_i * x_i."""
-    T, n, C = residual.shape
-    x = _acc(residual, fn.dtype)
-    mixes, rstd = _norm_fn_acc(x.reshape(T, n * C), fn, norm_weight, norm_eps)
-    w = torch.sigmoid(torch.addcmul(base, mixes, scale)) + pre_eps
-    return _apply_acc(x, w).to(residual.dtype), mixes, rstd
-
-
-def mhc_head_bwd(grad, residual, fn, scale, base, norm_weight, mixes, rstd, pre_eps):
-    """-> (d_residual, d_fn_eff, d_scale (1,), d_base (n,))."""
-    T, n, C = residual.shape
-    x = _acc(residual, fn.dtype)
-    z = torch.addcmul(base, mixes, scale)
-    w = torch.sigmoid(z) + pre_eps
-    g = _acc(grad, w.dtype)
-    d_z = torch.bmm(x, g.unsqueeze(-1)).squeeze(-1) * _dsigmoid(z)
-    d_x, d_fn = _norm_fn_bwd_acc(d_z * scale, x.reshape(T, n * C), fn, norm_weight, mixes, rstd)
-    d_x = d_x.view(T, n, C)
-    d_x.addcmul_(w.unsqueeze(-1), g.unsqueeze(1))  # + the collapse's term, accumulated in place
-    d_scale = (d_z * mixes).sum().reshape(1)
-    return d_x.to(residual.dtype), d_fn, d_scale, d_z.sum(0)
-
-
-# -- 2.7 post_pre ------------------------------------------------------------------------------------
-def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, norm_eps, pre_eps,
-                 post_mult, iters, sinkhorn_eps):
-    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd) of the next sublayer."""
-    new_residual = post_fwd(layer_output, residual, post_mix, comb_mix)
-    return (new_residual,) + mhc_pre_fwd(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps,
-                                         post_mult, iters, sinkhorn_eps)
-
-
-# -- 2.7 multilayer_recompute ------------------------------------------------------------------------
-def multilayer_recompute_fwd(residual, layer_outputs, pre_mix, post_mix, comb_mix):
-    """Rebuild the residuals and layer inputs of L consecutive sites from the first residual.
-
-    ``residual`` ``(T, n, C)`` is x_0; ``layer_outputs`` ``(L, T, C)``, ``pre_mix``/``post_mix``
-    ``(L, T, n)`` and ``comb_mix`` ``(L, T, n, n)`` are each site's saved sublayer output and
-    mixes. -> ``(residuals (L, T, n, C), layer_inputs (L, T, C))`` with ``residuals[l] = x_l``
-    (x_0 copied), ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])`` and
-    ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``, each stored in the
-    residual dtype before it is read again (bit-identical to the single-site reference ops).
-    The last site's output and post/comb mixes are not read (x_L is not an output).
-    """
-    L = layer_outputs.shape[0]
-    T, n, C = residual.shape
-    residuals = residual.new_empty((L, T, n, C))
-    layer_inputs = residual.new_empty((L, T, C))
-    x = residual
-    for layer in range(L):
-        residuals[layer] = x
-        layer_inputs[layer] = pre_apply_mix_fwd(x, pre_mix[layer])
-        if layer + 1 < L:
-            x = post_fwd(layer_outputs[layer], x, post_mix[layer], comb_mix[layer])
-    return residuals, layer_inputs

@@ -1,4 +1,4 @@
-"""A plain PyTorch transcription of DESIGN.md section 2, differentiated by autograd.
+"""A plain PyTorch transcription of the contract (reference/README.md), differentiated by autograd.
 
 This is what a user would write without this library: one line per formula,
 arbitrary leading dims, backward by autograd through the forward. It has two jobs:

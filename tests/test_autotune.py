@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mhc_kernels import registry, tuned
-from mhc_kernels.autotune import engine, plan, space, store as store_mod, sweep
+from mhc_kernels.autotune import engine, plan, space, sweep
+from mhc_kernels.autotune import store as store_mod
 from mhc_kernels.autotune.inputs import fabricate_call, make_call
 from mhc_kernels.registry import Kernel
 
@@ -44,9 +45,9 @@ def _stand_in(residual, pre_mix, *, config):
     return out * 1.05 if config.get("wrong") else out
 
 
-def _kernel(**meta):
+def _kernel(**kw):
     return Kernel("pre_apply_mix", "triton", _stand_in, config_space=lambda call: [dict(c) for c in SPACE],
-                  default_config=lambda call: dict(DEFAULT), meta=meta)
+                  default_config=lambda call: dict(DEFAULT), **kw)
 
 
 class FakeTimer:
@@ -66,11 +67,11 @@ class FakeTimer:
 
 
 def _tuner(timer=None, **kw):
-    return engine.Tuner(timer=timer or FakeTimer(), workers=1, arch=90, **kw)
+    return engine.Tuner(timer=timer or FakeTimer(), arch=90, **kw)
 
 
 # -- pruning -----------------------------------------------------------------------
-def test_prune_drops_configs_over_the_sm90_limits_duplicates_and_indivisible_tiles():
+def test_prune_drops_configs_over_the_sm90_limits_duplicates_and_what_the_kernel_refuses():
     kib = 1024
     configs = [
         {"BLOCK_C": 64, "smem_bytes": 90 * kib, "num_warps": 4},
@@ -79,12 +80,16 @@ def test_prune_drops_configs_over_the_sm90_limits_duplicates_and_indivisible_til
         {"BLOCK_C": 64, "smem_bytes": 90 * kib, "num_warps": 4},    # duplicate
         {"BLOCK_C": 64, "num_warps": 64},                           # 2048 threads
         {"BLOCK_C": 64, "num_warps": 16, "regs_per_thread": 255},   # 255 x 512 > 64k registers
-        {"BLOCK_C": 96, "num_warps": 4},                            # 96 does not divide C = 256
-        {"BLOCK_C": 128, "num_warps": 2},                           # rejected by the kernel's hook
+        {"BLOCK_C": 96, "num_warps": 4},                            # the kernel's check: 96 does not divide C
+        {"BLOCK_C": 128, "num_warps": 2},                           # the kernel's check says no
     ]
-    k = Kernel("post", "triton", _stand_in, config_space=lambda call: configs,
-               meta={"divisibility": {"BLOCK_C": "C"},
-                     "prune": lambda call, cfg, arch: "hook says no" if cfg.get("num_warps") == 2 else None})
+
+    def check(call, cfg):
+        if call.C % cfg["BLOCK_C"]:
+            return f"BLOCK_C={cfg['BLOCK_C']} does not divide C={call.C}"
+        return "hook says no" if cfg.get("num_warps") == 2 else None
+
+    k = Kernel("post", "triton", _stand_in, config_space=lambda call: configs, check_config=check)
     call = fabricate_call("post", 64, 4, 256, torch.bfloat16)
     pr = space.prune(k, call, space.enumerate_space(k, call), arch=90)
     assert pr.kept == configs[:2]
@@ -98,12 +103,24 @@ def test_prune_drops_configs_over_the_sm90_limits_duplicates_and_indivisible_til
 
 
 def test_prune_drops_oversized_tiles_only_when_the_clamped_twin_exists():
-    configs = [{"BLOCK_T": bt, "num_warps": 4} for bt in (1, 2, 4, 8)]
+    configs = [{"block_T": bt, "num_warps": 4} for bt in (1, 2, 4, 8)]
     k = Kernel("post", "triton", _stand_in, config_space=lambda call: configs)
     pr = space.prune(k, fabricate_call("post", 2, 4, 256, torch.bfloat16), configs)
     assert pr.kept == configs[:2]
     only_big = configs[3:]
     assert space.prune(k, fabricate_call("post", 2, 4, 256, torch.bfloat16), only_big).kept == only_big
+
+
+def test_prune_judges_a_composites_tiles_part_by_part():
+    """A composite's config is redundant when one part's tile, clamped to that part's problem, gives a config
+    also in the space -- even while another part keeps an oversized default tile."""
+    part = lambda: Kernel("pre_apply_mix", "triton", _stand_in, config_space=lambda call: [])  # noqa: E731
+    k = Kernel("mhc_head", "triton", _stand_in, parts={"norm_fn": part(), "pre_apply_mix": part()})
+    apply_default = {"block_T": 8}  # oversized at T=2, with no clamped twin in the space: kept as it is
+    configs = [{"norm_fn": {"block_T": bt}, "pre_apply_mix": apply_default} for bt in (2, 4, 16)]
+    pr = space.prune(k, fabricate_call("mhc_head", 2, 4, 256, torch.bfloat16), configs)
+    assert pr.kept == configs[:1]
+    assert [why for _, why in pr.dropped] == ["tile larger than the problem (same as a smaller tile)"] * 2
 
 
 def test_dry_run_plan_uses_fabricated_calls_and_needs_no_data():
@@ -136,25 +153,6 @@ def test_tuner_follows_the_timer_and_times_a_default_outside_the_space():
         DEFAULT = old
     assert res.best.config == {"BLOCK": 1}
     assert res.default_us == 9.0 and res.speedup == pytest.approx(3.0)
-
-
-def test_compile_hook_runs_through_the_executor_and_rejects_what_fails():
-    submitted = []
-
-    class Recording(engine._InlineExecutor):
-        def submit(self, fn, /, *args, **kwargs):
-            submitted.append(args[1])
-            return super().submit(fn, *args, **kwargs)
-
-    def compile_hook(call, cfg):
-        if cfg["BLOCK"] == 2:
-            raise ValueError("ptxas: too many resources")
-
-    tuner = engine.Tuner(timer=FakeTimer(), executor=Recording(), arch=90)
-    res = tuner.tune(_kernel(compile=compile_hook), "pre_apply_mix", 8, 4, 32, torch.float32, "cpu")
-    assert [c["BLOCK"] for c in submitted] == [1, 2, 4, 8]
-    assert {c.config["BLOCK"]: c.status for c in res.candidates}[2] == "compile-error"
-    assert res.best.config == {"BLOCK": 1}
 
 
 def test_correctness_check_uses_the_reference_at_float64_with_slack():
@@ -332,3 +330,46 @@ def test_cli_without_gpu_exits_nonzero_with_a_clear_message():
     r = _cli("--ops", "post")
     assert r.returncode != 0
     assert "needs a CUDA device" in r.stderr + r.stdout and "--dry-run" in r.stderr + r.stdout
+
+
+# -- the runtime: one resolution per call, in the core ------------------------------------------------------
+def test_a_composite_reads_its_own_store_entry_once_and_the_result_is_memoized(monkeypatch):
+    """mhc_pre's config is one entry (named sub-configs, merged part by part over the default), looked up
+    once per call shape; repeated calls hit the memo; a cleared store is read afresh."""
+    pytest.importorskip("triton")
+    asked = []
+    stored = {"pre_apply_mix": {"block_T": 2, "num_warps": 8}}
+
+    def lookup(op, backend, device, dtype, n, C, T):
+        asked.append((op, backend, n, C, T))
+        return stored if op == "mhc_pre" else None
+
+    monkeypatch.setattr(tuned, "lookup", lookup)
+    k = registry.get_kernel("mhc_pre", "triton")
+    call = fabricate_call("mhc_pre", 4096, 4, 4096, torch.bfloat16)
+    default = k.default_config(call)
+    assert set(default) == {"norm_fn", "split_mixes", "pre_apply_mix"}
+    cfg = registry.config_for(k, call)
+    assert cfg["pre_apply_mix"] == dict(default["pre_apply_mix"], block_T=2, num_warps=8)
+    assert cfg["norm_fn"] == default["norm_fn"] and cfg["split_mixes"] == default["split_mixes"]
+    assert asked == [("mhc_pre", "triton", 4, 4096, 4096)]   # the composite's own entry, not norm_fn's
+    assert registry.config_for(k, call) is cfg and len(asked) == 1
+    tuned.clear_cache()
+    registry.config_for(k, call)
+    assert len(asked) == 2
+
+
+def test_a_stored_config_the_kernel_refuses_for_this_call_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setattr(tuned, "lookup", lambda *a: {"BLOCK": 64})
+    k = _kernel(check_config=lambda call, cfg: "too big for this call" if cfg["BLOCK"] > 8 else None)
+    call = fabricate_call("pre_apply_mix", 16, 4, 32, torch.float32)
+    assert registry.config_for(k, call) == DEFAULT
+    ok = _kernel(check_config=lambda call, cfg: None)
+    registry.clear_caches()
+    assert registry.config_for(ok, call) == {"BLOCK": 64}
+
+
+def test_cpu_calls_never_read_the_store(monkeypatch):
+    monkeypatch.setattr(tuned, "lookup", lambda *a: pytest.fail("looked up a config for a CPU call"))
+    call = fabricate_call("pre_apply_mix", 16, 4, 32, torch.float32, target="cpu")
+    assert registry.config_for(_kernel(), call) == DEFAULT

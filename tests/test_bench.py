@@ -67,14 +67,15 @@ def test_spec_bytes_equal_tensors_read_and_written(op, dtype, nw, gr):
     assert runner.target_cost(op, T, N, C, dtype, present)[0] == counted  # what the benchmarks use
     # the spec itself: ``dtype`` is the residual's, or the mixes' for ops without a residual
     spec_dtype = dtype if SPECS[op].has_act else torch.float32
-    assert SPECS[op].bytes(T, N, C, spec_dtype, present) == counted
+    assert SPECS[op].bytes(T, N, C, spec_dtype, present, **bind(SPECS[op], args).sizes) == counted
 
 
 def test_site_cost_is_the_sum_of_its_ops():
     dt = torch.bfloat16
     nbytes, flops = runner.target_cost(runner.SITE, T, N, C, dt)
     assert nbytes == (SPECS["mhc_pre"].bytes(T, N, C, dt) + SPECS["post"].bytes(T, N, C, dt)
-                      + SPECS["post_bwd"].bytes(T, N, C, dt) + SPECS["mhc_pre_bwd"].bytes(T, N, C, dt, ("grad_residual",)))
+                      + SPECS["post_bwd"].bytes(T, N, C, dt)
+                      + SPECS["mhc_pre_bwd"].bytes(T, N, C, dt, ("grad_residual",)))
     assert flops == sum(SPECS[o].flops(T, N, C) for o in ("mhc_pre", "post", "post_bwd", "mhc_pre_bwd"))
 
 
@@ -85,7 +86,8 @@ _FREE = {"view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze", "t
          "select", "as_strided", "clone", "_to_copy", "copy_", "copy", "empty", "empty_like", "zeros", "zeros_like",
          "new_empty", "new_zeros", "cat", "stack", "repeat", "detach", "alias", "split", "unbind", "empty_strided",
          "fill_", "index", "narrow", "lift_fresh"}
-# softmax = max, subtract, exp, sum, divide (~4-5/elt); sigmoid ~4; addcmul a multiply-add (2); vector_norm square+sum (2)
+# softmax = max, subtract, exp, sum, divide (~4-5/elt); sigmoid ~4; addcmul a multiply-add (2);
+# vector_norm square+sum (2)
 _WEIGHT = {"addcmul": 2, "addcmul_": 2, "_softmax": 4, "linalg_vector_norm": 2, "sigmoid": 4}
 
 
@@ -116,7 +118,7 @@ def test_spec_flops_match_counted_arithmetic(op):
     kernel = registry.get_kernel(op, "reference")
     with torch.no_grad(), _FlopCount() as cnt:
         kernel.fn(*c.args)
-    spec = SPECS[op].flops(T, N, C, 20)
+    spec = SPECS[op].flops(T, N, C, 20, **c.sizes)
     if cnt.flops == 0:
         assert spec == 0
     else:

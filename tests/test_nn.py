@@ -36,7 +36,7 @@ def test_site_equals_functional_composition(residual_mix, norm_weight, dtype):
         else:  # the unconstrained ablation: same projection and pre/post mixes, raw residual matrix
             mixes = mk.norm_fn(x, site.fn, norm_weight=site.norm_weight)
             s = torch.cat([site.scale[0].expand(n), site.scale[1].expand(n), site.scale[2].expand(n * n)])
-            z = mixes * s + site.base
+            z = torch.addcmul(site.base, mixes, s)  # z = mixes * s + base, computed as split_mixes computes it
             li = mk.pre_apply_mix(x, torch.sigmoid(z[..., :n]) + 1e-6)
             post_mix, comb_mix = torch.sigmoid(z[..., n:2 * n]) * 2.0, z[..., 2 * n:].unflatten(-1, (n, n))
         return mk.mhc_post(site.sublayer(li), x, post_mix, comb_mix)

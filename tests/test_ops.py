@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from op_samples import op_args
 
 import mhc_kernels as mk
 from mhc_kernels.ops import FUNCTIONS
 from mhc_kernels.reference import cases
 from mhc_kernels.specs import SPECS
-from op_samples import op_args
 
 
 def _with_grad(args, on):
@@ -42,7 +42,8 @@ def test_fast_path_equals_op_path(op):
         try:
             leaves = {k: (v.detach().clone().requires_grad_() if k in diff else v) for k, v in inputs.items()}
             outs = case.run(mk, leaves)
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            if diff:  # multilayer_recompute is forward only
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             results.append([o.detach() for o in outs] + [leaves[k].grad for k in diff])
         finally:
             mk.set_eager_fastpath(True)
@@ -159,3 +160,32 @@ def test_outputs_are_fresh_tensors():
     e = mk.expand(torch.randn(2, 8), 1)
     e2 = mk.expand(e[:, 0], 1)
     assert e2.data_ptr() != e.data_ptr()
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_each_op_runs_with_only_its_required_arguments(name):
+    """``torch.ops.mhc.<op>`` takes the contract's defaults for every trailing argument (optional
+    tensors: None; constants: §1's values), and gives what passing those defaults explicitly gives."""
+    spec = SPECS[name]
+    given = op_args(name, norm_weight=False)
+    required = given[:len(spec.required)]  # the defaults are trailing, so the required arguments lead
+    assert spec.arg_names[:len(required)] == spec.required
+    explicit_defaults = required + tuple(spec.defaults[a] for a in spec.arg_names[len(required):])
+    op = getattr(torch.ops.mhc, name)
+    short, explicit = op(*required), op(*explicit_defaults)
+    short = short if isinstance(short, tuple) else (short,)
+    explicit = explicit if isinstance(explicit, tuple) else (explicit,)
+    assert len(short) == len(spec.outputs)
+    for a, b in zip(short, explicit):
+        assert torch.equal(a, b)
+
+
+def test_mhc_pre_schema_defaults_match_the_public_function():
+    x = torch.randn(3, 4, 8, dtype=torch.bfloat16)
+    fn, scale, base = torch.randn(24, 32) / 6, torch.full((3,), 0.3), torch.randn(24) / 4
+    li, post, comb, mixes, rstd = torch.ops.mhc.mhc_pre(x, fn, scale, base)
+    for a, b in zip((li, post, comb, mixes), mk.mhc_pre(x, fn, scale, base, return_mixes=True)):
+        assert torch.equal(a, b)
+    assert rstd.shape == (3,) and rstd.dtype == torch.float32
+    defaults = {a.name: a.default_value for a in torch.ops.mhc.mhc_pre.default._schema.arguments}
+    assert defaults["norm_eps"] == 1e-6 and defaults["sinkhorn_iters"] == 20 and defaults["norm_weight"] is None

@@ -1,4 +1,4 @@
-"""DESIGN 2.7 multi-layer recompute: the operator and the training helper (gradients, saved bytes)."""
+"""contract §8 multi-layer recompute: the operator and the training helper (gradients, saved bytes)."""
 
 import math
 

@@ -78,7 +78,7 @@ def test_oracle_against_handwritten_values():
     np.testing.assert_allclose(out, [[0.5 + 2 + 3], [2.0 + 3]])
 
 
-@pytest.mark.parametrize("op", list(cases.CASES))
+@pytest.mark.parametrize("op", [op for op, c in cases.CASES.items() if c.differentiable])
 def test_gradcheck_float64(op):
     """torch.autograd.gradcheck of the explicit backward (float64, small shapes)."""
     inputs = cases.make_inputs(op, (2, 3), 2, 5, torch.float64, norm_weight=True, consts=cases.LOUD_CONSTS)
@@ -95,7 +95,7 @@ def test_gradcheck_float64(op):
         assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-# -- Sinkhorn properties (DESIGN 2.2) --------------------------------------------------------
+# -- Sinkhorn properties (contract §3) --------------------------------------------------------
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_sinkhorn_column_and_row_sums(n):
     logits = torch.rand(4096, n, n) * 2 - 1  # uniform in [-1, 1]

@@ -30,6 +30,7 @@ if shutil.which("nvcc") is None or shutil.which("ptxas") is None:
                 allow_module_level=True)
 
 from mhc_kernels import ptxas  # noqa: E402
+from mhc_kernels.specs import MAX_SINKHORN_ITERS  # noqa: E402
 from mhc_kernels.tilelang_src import aot, backend, common  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -107,7 +108,7 @@ def _mma_config(case):
 
     _, k, arch, n, C, dt, mode, bt, bk, splits = case
     return dict(norm.default_config("norm_fn", common.Shape(4096, n, C, DTYPES[dt])), mma=mode, block_T=bt,
-                block_K=bk, splits=splits)
+                block_K=bk, split_K=splits)
 
 
 def _build_mma(case):
@@ -233,37 +234,14 @@ def test_fused_post_project_reads_and_writes_the_residual_once(records):
         assert "rsqrtf" not in src, "partials only: the tail finalises"
 
 
-def test_fused_tail_takes_its_tuned_layout_from_the_store(monkeypatch):
-    """The tuner's mhc_pre / post_pre candidates vary the tail_* keys: a stored entry must reach the kernel."""
-    from mhc_kernels import tuned
-    from mhc_kernels.tilelang_src import fused
-
-    s = common.Shape(4096, 4, 4096, torch.bfloat16)
-    best = {"tail_block_T": 2, "tail_block_C": 2048, "tail_threads": 256, "tail_vec": 8}
-    asked = []
-
-    def lookup(op, backend, device, dtype, n, C, T):
-        asked.append((op, backend, n, C, T))
-        return best if op == "post_pre" else None
-
-    monkeypatch.setattr(tuned, "lookup", lookup)
-    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    assert fused.tail_config("post_pre", on_gpu, s, None) == best
-    assert fused.tail_config("mhc_pre", on_gpu, s, None) == fused.default_tail_config(s)
-    assert [a[0] for a in asked] == ["post_pre", "mhc_pre"] and asked[0][1:] == ("tilelang", 4, 4096, 4096)
-    explicit = dict(best, tail_block_T=1)
-    assert fused.tail_config("post_pre", on_gpu, s, explicit) == explicit  # an explicit config wins, no lookup
-    assert len(asked) == 2
-
-
 def test_fused_pre_tail_deals_every_token_to_one_sinkhorn_lane():
-    from mhc_kernels.tilelang_src import composite, fused
+    from mhc_kernels.tilelang_src import fused
 
     for C in (1, 200, 201, 1280, 4096, 7168):
         for T in (1, 13, 4096):
             for dt in DTYPES.values():
-                for cfg in composite.config_space("mhc_pre", common.Shape(T, 4, C, dt)):
-                    bt, ncb = cfg["tail_block_T"], common.cdiv(C, cfg["tail_block_C"])
+                for cfg in fused.config_space("mhc_pre", common.Shape(T, 4, C, dt)):
+                    bt, ncb = cfg["tail"]["block_T"], common.cdiv(C, cfg["tail"]["block_C"])
                     hits = [fused.sinkhorn_token(cb, lane, q, ncb)
                             for cb in range(ncb) for lane in range(fused.SINKHORN_WARP)
                             for q in range(fused.sinkhorn_passes(bt, ncb))]
@@ -330,6 +308,7 @@ def _sinkhorn_vjp_with_checkpoint_schedule(logits, grad, iters, eps, stride):
 @pytest.mark.parametrize("iters,stride", [(20, 1), (20, 3), (7, 6), (1, 1), (33, 8)])
 def test_checkpoint_schedule_gives_the_exact_sinkhorn_gradient(iters, stride):
     import numpy as np
+
     from mhc_kernels.reference import oracle
 
     rng = np.random.default_rng(iters * 10 + stride)
@@ -406,7 +385,7 @@ def test_norm_fn_config_space_has_tensor_core_candidates():
                 assert mma, (n, C, dt)
                 # plain tf32 misses the float32 tolerance: the tuner would only reject it
                 assert {c["mma"] for c in mma} == {"3xtf32"}
-                assert {c["splits"] for c in mma} >= {1, 2, 4, 8}
+                assert {c["split_K"] for c in mma} >= {1, 2, 4, 8}
                 for c in mma:
                     assert c["block_T"] in (32, 64) and c["block_K"] in (64, 128, 256)
                     assert c["smem_bytes"] == norm.mma_smem_bytes(n * (n + 2), dt, c["block_T"], c["block_K"], "3xtf32")
@@ -461,8 +440,8 @@ def _call(op, n=4, C=4096, dtype=torch.bfloat16, device="cuda", **args):
     from mhc_kernels.specs import SPECS
 
     spec = SPECS[op]
-    vals = [args.get(a, 20 if a in ("iters", "sinkhorn_iters") else None) for a in spec.arg_names]
-    return SimpleNamespace(spec=spec, args=vals, T=16, n=n, C=C, dtype=dtype, device=torch.device(device))
+    return SimpleNamespace(spec=spec, T=16, n=n, C=C, dtype=dtype, device=torch.device(device),
+                           iters=args.get("iters", 20) if any("iters" in a for a in spec.arg_names) else None)
 
 
 def test_supports_refuses_with_reasons():
@@ -472,23 +451,30 @@ def test_supports_refuses_with_reasons():
     assert "float64" in sup(_call("post", dtype=torch.float64))
     assert "n <= 8" in sup(_call("post", n=16))
     assert sup(_call("sinkhorn_bwd", n=8)) is None
-    # checkpoints for every round would need 2000 * 256 B per token: served with segment recompute
-    assert sup(_call("sinkhorn_bwd", n=8, iters=2000)) is None
-    assert sup(_call("split_mixes_bwd", n=8, iters=2000)) is None
+    # checkpoints for every round would need 1000 * 256 B per token: served with segment recompute
+    assert sup(_call("sinkhorn_bwd", n=8, iters=MAX_SINKHORN_ITERS)) is None
+    assert sup(_call("split_mixes_bwd", n=8, iters=MAX_SINKHORN_ITERS)) is None
 
 
 def test_every_op_registered_with_configs():
+    """Every op has a TileLang kernel (its own, or the shared composite of its kernels) whose default config
+    is a point of its space; the ops with kernels of their own are the primitives and the fused mhc_pre /
+    post_pre."""
+    from mhc_kernels import composite, registry
+    from mhc_kernels.autotune.inputs import fabricate_call
     from mhc_kernels.specs import SPECS
 
-    assert set(backend.OPS) == set(SPECS)
-    for op, d in backend.OPS.items():
+    assert set(backend.OPS) == (set(SPECS) - set(composite.COMPOSITES)) | {"mhc_pre", "post_pre"}
+    for op in SPECS:
+        k = registry.get_kernel(op, "tilelang")
+        assert k is not None and k.tunable, op
         for n in (1, 2, 4, 8):
             for C in (1, 200, 4096):
                 for T in (1, 13, 16384):
-                    s = common.Shape(T, n, C, torch.bfloat16)
-                    cfg = d.default(s)
+                    call = fabricate_call(op, T, n, C, torch.bfloat16)
+                    cfg = k.default_config(call)
                     assert isinstance(cfg, dict) and cfg
-                    assert cfg in d.space(s), (op, n, C, T)
+                    assert cfg in k.config_space(call), (op, n, C, T)
 
 
 def test_streaming_configs_valid():

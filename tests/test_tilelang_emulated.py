@@ -22,11 +22,11 @@ pytest.importorskip("tilelang", reason="tilelang is not installed (pip install '
 if shutil.which(os.environ.get("CXX", "g++")) is None:
     pytest.skip("no host C++ compiler (g++) to build the emulated kernels", allow_module_level=True)
 
+import tilelang_checks  # noqa: E402
+
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
 from mhc_kernels.tilelang_src import EMULATE_ENV  # noqa: E402
-
-import tilelang_checks  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,7 +69,7 @@ def test_tilelang_matches_oracle(op, v, served):
         bwd = cases.check_backward(mk, op, inputs)
     _assert_ok(fwd + bwd, f"{op} {v}")
     assert op in served and all(b == {"tilelang"} for b in served.values()), served
-    if v["lead"] != (0,):
+    if v["lead"] != (0,) and cases.CASES[op].differentiable:
         assert any(name.endswith("_bwd") for name in served), served
 
 
@@ -135,7 +135,7 @@ def test_tensor_core_variant_is_refused_clearly():
 
     inputs = cases.make_inputs("norm_fn", (3,), 4, 64, torch.bfloat16, "cpu")
     cfg = dict(norm.default_config("norm_fn", norm.Shape(3, 4, 64, torch.bfloat16)), mma="3xtf32", block_T=32,
-               block_K=64, splits=1)
+               block_K=64, split_K=1)
     with pytest.raises(EmulationError, match="tensor-core"):
         norm.norm_fn_fwd(inputs["residual"], inputs["fn"], None, 1e-6, config=cfg)
 

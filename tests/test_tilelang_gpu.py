@@ -17,10 +17,11 @@ pytest.importorskip("tilelang", reason="tilelang is not installed")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (TileLang kernels run on CUDA only)", allow_module_level=True)
 
+import tilelang_checks  # noqa: E402
+from op_samples import resolved_config  # noqa: E402
+
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
-
-import tilelang_checks  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -95,6 +96,7 @@ MMA_SHAPES = [  # (n, C, T, dtype, splits, block_T, block_K)
 @pytest.mark.parametrize("head", [False, True], ids=["mixes", "head_rows"])
 def test_norm_fn_tensor_core_modes(mode, n, C, T, dtype, splits, bt, bk, head):
     import numpy as np
+
     from mhc_kernels.reference import oracle, transcription
     from mhc_kernels.tilelang_src import norm
 
@@ -103,7 +105,7 @@ def test_norm_fn_tensor_core_modes(mode, n, C, T, dtype, splits, bt, bk, head):
     if head:
         fn = fn[:n].contiguous()
     cfg = dict(norm.default_config("norm_fn", norm.Shape(T, n, C, dtype)), mma=mode, block_T=bt, block_K=bk,
-               splits=splits)
+               split_K=splits)
     m, r = norm.norm_fn_fwd(x, fn, nw, eps, config=cfg)
     expected = oracle.norm_fn(x, fn, nw, eps)
     naive = transcription.norm_fn(x.cpu(), fn.cpu(), nw.cpu(), eps)
@@ -139,9 +141,11 @@ def test_sinkhorn_bwd_direct_matches_reference():
             g = torch.Generator().manual_seed(n * 100 + iters)
             L = (torch.randn(333, n, n, generator=g) * 1.5).cuda()
             G = torch.randn(333, n, n, generator=g).cuda()
-            torch.testing.assert_close(mixes.sinkhorn_fwd(L, iters, 1e-6), torch_ref.sinkhorn_fwd(L, iters, 1e-6),
-                                       rtol=2e-5, atol=2e-6)
-            torch.testing.assert_close(mixes.sinkhorn_bwd(G, L, iters, 1e-6),
+            fwd_cfg = resolved_config("tilelang", "sinkhorn", L, iters, 1e-6)
+            bwd_cfg = resolved_config("tilelang", "sinkhorn_bwd", G, L, iters, 1e-6)
+            torch.testing.assert_close(mixes.sinkhorn_fwd(L, iters, 1e-6, config=fwd_cfg),
+                                       torch_ref.sinkhorn_fwd(L, iters, 1e-6), rtol=2e-5, atol=2e-6)
+            torch.testing.assert_close(mixes.sinkhorn_bwd(G, L, iters, 1e-6, config=bwd_cfg),
                                        torch_ref.sinkhorn_bwd(G.double(), L.double(), iters, 1e-6).float(),
                                        rtol=1e-4, atol=1e-5)
 

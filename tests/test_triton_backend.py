@@ -17,11 +17,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from op_samples import op_args  # noqa: E402
+
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels import BackendError  # noqa: E402
 from mhc_kernels.reference import cases  # noqa: E402
-
-from op_samples import op_args  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -56,7 +56,7 @@ def test_triton_matches_oracle(op, v, served):
         bwd = cases.check_backward(mk, op, inputs)
     _assert_ok(fwd + bwd, f"{op} {v}")
     assert op in served and all(b == {"triton"} for b in served.values()), served
-    if v["lead"] != (0,):  # the backward ran on Triton kernels too
+    if v["lead"] != (0,) and cases.CASES[op].differentiable:  # the backward ran on Triton kernels too
         assert any(name.endswith("_bwd") for name in served), served
 
 

@@ -14,6 +14,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'mhc-kernels[triton]')")
 
+from op_samples import resolved_config  # noqa: E402
+
 from mhc_kernels.reference import cases, oracle, torch_ref  # noqa: E402
 from mhc_kernels.triton_src import common, mix  # noqa: E402
 
@@ -52,6 +54,10 @@ class _Call:
         self.T, self.n, self.C, self.dtype, self.device = T, n, C, dtype, torch.device("cpu")
 
 
+def _cfg(op, *args):
+    return resolved_config("triton", op, *args)
+
+
 def _check(name, got, expected, naive, dtype=None):
     r = cases.compare(name, got, expected, dtype=dtype, naive=naive)
     assert r.ok, f"{name}: ratio {r.worst_ratio:.3g} ({r.detail})"
@@ -71,12 +77,12 @@ def _grad_like(t, seed=7):
 def test_pre_apply_mix(n, C, T, dtype):
     d = cases.make_inputs("pre_apply_mix", (T,), n, C, dtype)
     x, w = d["residual"], d["pre_mix"]
-    out = mix.pre_apply_mix_fwd(x, w)
+    out = mix.pre_apply_mix_fwd(x, w, config=_cfg("pre_apply_mix", x, w))
     assert out.shape == (T, C) and out.dtype == dtype
     _check("layer_input", out, oracle.pre_apply_mix(x, w), torch_ref.pre_apply_mix_fwd(x, w))
 
     g = _grad_like(out)
-    d_x, d_w = mix.pre_apply_mix_bwd(g, x, w)
+    d_x, d_w = mix.pre_apply_mix_bwd(g, x, w, config=_cfg("pre_apply_mix_bwd", g, x, w))
     exp = torch_ref.pre_apply_mix_bwd(_f64(g), _f64(x), _f64(w))
     naive = torch_ref.pre_apply_mix_bwd(g, x, w)
     assert d_x.dtype == dtype and d_w.dtype == torch.float32
@@ -89,12 +95,12 @@ def test_pre_apply_mix(n, C, T, dtype):
 def test_post(n, C, T, dtype):
     d = cases.make_inputs("post", (T,), n, C, dtype)
     args = (d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"])
-    out = mix.post_fwd(*args)
+    out = mix.post_fwd(*args, config=_cfg("post", *args))
     assert out.shape == (T, n, C) and out.dtype == dtype
     _check("new_residual", out, oracle.post(*args), torch_ref.post_fwd(*args))
 
     g = _grad_like(out)
-    got = mix.post_bwd(g, *args)
+    got = mix.post_bwd(g, *args, config=_cfg("post_bwd", g, *args))
     exp = torch_ref.post_bwd(_f64(g), *map(_f64, args))
     naive = torch_ref.post_bwd(g, *args)
     for name, a, e, nv in zip(("d_layer_output", "d_residual", "d_post_mix", "d_comb_mix"), got, exp, naive):
@@ -106,12 +112,12 @@ def test_post(n, C, T, dtype):
 @pytest.mark.parametrize("n,C,T,dtype", SHAPES, ids=IDS)
 def test_expand(n, C, T, dtype):
     h = cases.make_inputs("expand", (T,), n, C, dtype)["hidden"]
-    out = mix.expand_fwd(h, n)
+    out = mix.expand_fwd(h, n, config=_cfg("expand", h, n))
     assert out.shape == (T, n, C) and out.dtype == dtype
     assert torch.equal(out, h.unsqueeze(1).expand(T, n, C))  # a copy is exact
 
     g = _grad_like(out)
-    d_h = mix.expand_bwd(g)
+    d_h = mix.expand_bwd(g, config=_cfg("expand_bwd", g))
     assert d_h.shape == (T, C) and d_h.dtype == dtype
     _check("d_hidden", d_h, _f64(g).sum(1), torch_ref.expand_bwd(g))
 
@@ -119,7 +125,7 @@ def test_expand(n, C, T, dtype):
 def test_expand_does_not_alias_its_input():
     h = torch.randn(3, 40)
     for n in (1, 4):
-        out = mix.expand_fwd(h, n)
+        out = mix.expand_fwd(h, n, config=_cfg("expand", h, n))
         assert out.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
         out.zero_()
         assert h.abs().sum() > 0
@@ -149,7 +155,7 @@ def test_non_default_configs_agree_with_default(n):
     y, x, p, cm = d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"]
     g = _grad_like(x)
     gy = _grad_like(y)
-    small = dict(BLOCK_C=64, num_warps=2)
+    small = dict(block_C=64, num_warps=2)
 
     fwd_cases = [
         ("pre_apply_mix", lambda cfg: mix.pre_apply_mix_fwd(x, p, config=cfg)),
@@ -158,9 +164,9 @@ def test_non_default_configs_agree_with_default(n):
         ("expand_bwd", lambda cfg: mix.expand_bwd(g, config=cfg)),
     ]
     for name, f in fwd_cases:
-        ref = f(None)
+        ref = f(mix.default_config(name, call))
         space = mix.config_space(name, call)
-        for cfg in (_pick(space, BLOCK_T=4, **small), _pick(space, BLOCK_T=1, BLOCK_C=128)):
+        for cfg in (_pick(space, block_T=4, **small), _pick(space, block_T=1, block_C=128)):
             _agree(f"{name} {cfg}", f(cfg), ref, exact=True)
 
     bwd_cases = [
@@ -168,10 +174,10 @@ def test_non_default_configs_agree_with_default(n):
         ("post_bwd", lambda cfg: mix.post_bwd(g, y, x, p, cm, config=cfg)),
     ]
     for name, f in bwd_cases:
-        ref = f(None)
-        configs = [dict(BLOCK_T=2, BLOCK_C=64, SPLIT_C=1, num_warps=2, num_stages=1),
-                   dict(BLOCK_T=4, BLOCK_C=64, SPLIT_C=3, num_warps=4, num_stages=2)]
-        configs.append(_pick(mix.config_space(name, call), BLOCK_T=1))
+        ref = f(mix.default_config(name, call))
+        configs = [dict(block_T=2, block_C=64, split_C=1, num_warps=2, num_stages=1),
+                   dict(block_T=4, block_C=64, split_C=3, num_warps=4, num_stages=2)]
+        configs.append(_pick(mix.config_space(name, call), block_T=1))
         for cfg in configs:
             for k, (a, b) in enumerate(zip(f(cfg), ref)):
                 # full-size gradients do not reduce over C: bitwise equal; the mix gradients are sums
@@ -186,17 +192,17 @@ def test_config_functions_and_defaults():
             space = mix.config_space(op, call)
             assert default in space, (op, T, n, C)
             for cfg in space:
-                for k in ("BLOCK_T", "BLOCK_C"):
+                for k in ("block_T", "block_C"):
                     assert cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0
                 assert {"num_warps", "num_stages"} <= set(cfg)
                 if op in ("pre_apply_mix_bwd", "post_bwd"):
-                    assert cfg["SPLIT_C"] >= 1
+                    assert cfg["split_C"] >= 1
     # few tokens: the backward splits C so that the GPU has enough programs
-    assert mix.default_config("post_bwd", _Call(1, 4, 4096, BF16))["SPLIT_C"] > 1
-    assert mix.default_config("post_bwd", _Call(4096, 4, 4096, BF16))["SPLIT_C"] == 1
+    assert mix.default_config("post_bwd", _Call(1, 4, 4096, BF16))["split_C"] > 1
+    assert mix.default_config("post_bwd", _Call(4096, 4, 4096, BF16))["split_C"] == 1
     with pytest.raises(ValueError, match="power of two"):
         mix.pre_apply_mix_fwd(torch.randn(2, 2, 8), torch.rand(2, 2),
-                              config=dict(BLOCK_T=3, BLOCK_C=16, num_warps=1, num_stages=1))
+                              config=dict(block_T=3, block_C=16, num_warps=1, num_stages=1))
 
 
 def test_backward_is_deterministic_with_split_c():
@@ -204,7 +210,7 @@ def test_backward_is_deterministic_with_split_c():
     d = cases.make_inputs("post", (T,), n, C, BF16)
     args = (d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"])
     g = _grad_like(d["residual"])
-    cfg = dict(BLOCK_T=1, BLOCK_C=64, SPLIT_C=4, num_warps=4, num_stages=2)
+    cfg = dict(block_T=1, block_C=64, split_C=4, num_warps=4, num_stages=2)
     first, second = mix.post_bwd(g, *args, config=cfg), mix.post_bwd(g, *args, config=cfg)
     for a, b in zip(first, second):
         assert torch.equal(a, b)

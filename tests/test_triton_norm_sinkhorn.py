@@ -28,6 +28,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no CUDA device and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
 
+from op_samples import resolved_config  # noqa: E402
+
 from mhc_kernels.reference import cases, oracle  # noqa: E402
 from mhc_kernels.reference import torch_ref as ref  # noqa: E402
 from mhc_kernels.triton_src import common  # noqa: E402
@@ -35,6 +37,22 @@ from mhc_kernels.triton_src import norm_fn as nf  # noqa: E402
 from mhc_kernels.triton_src import sinkhorn as sk  # noqa: E402
 
 F64 = torch.float64
+
+
+def _resolving(fn, op, nargs):
+    """``fn`` (a launch wrapper, which requires a config) with ``config=None`` meaning the config the core
+    resolves for the call -- what the registered kernel runs with."""
+    def call(*args, config=None, **kw):
+        return fn(*args, config=config if config is not None else resolved_config("triton", op, *args[:nargs]), **kw)
+    return call
+
+
+_norm_fwd = _resolving(nf.norm_fn_fwd, "norm_fn", 4)
+_norm_bwd = _resolving(nf.norm_fn_bwd, "norm_fn_bwd", 6)
+_split_fwd = _resolving(sk.split_mixes_fwd, "split_mixes", 7)
+_split_bwd = _resolving(sk.split_mixes_bwd, "split_mixes_bwd", 9)
+_sk_fwd = _resolving(sk.sinkhorn_fwd, "sinkhorn", 3)
+_sk_bwd = _resolving(sk.sinkhorn_bwd, "sinkhorn_bwd", 4)
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +110,8 @@ def _norm_id(p):
 
 
 # CPU configs: few programs (the interpreter is slow per program), yet several loop steps
-FWD_SPLIT = dict(block_t=32, block_k=32, split_k=3, num_warps=4, num_stages=1, precision="ieee")
-BWD_SPLIT = dict(block_t=16, block_c=32, split_t=3, num_warps=4, num_stages=1, precision="ieee")
+FWD_SPLIT = dict(block_T=32, block_K=32, split_K=3, num_warps=4, num_stages=1, precision="ieee")
+BWD_SPLIT = dict(block_T=16, block_C=32, split_T=3, num_warps=4, num_stages=1, precision="ieee")
 
 
 @pytest.mark.parametrize("T,n,C,dtype,with_nw", NORM_SHAPES, ids=[_norm_id(p) for p in NORM_SHAPES])
@@ -104,7 +122,7 @@ def test_norm_fn_fwd_matches_oracle(T, n, C, dtype, with_nw):
     exp_rstd = oracle.rstd(d["residual"], d["norm_eps"])
     naive = ref.norm_fn_fwd(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
     for cfg in (None, FWD_SPLIT):   # default (no split on CPU) and a split-K config
-        mixes, rstd = nf.norm_fn_fwd(*args, config=cfg)
+        mixes, rstd = _norm_fwd(*args, config=cfg)
         assert mixes.shape == (T, n * (n + 2)) and rstd.shape == (T,) and mixes.dtype == rstd.dtype == torch.float32
         _ok(f"mixes[{cfg}]", mixes, exp_mixes, naive=naive[0])
         _ok(f"rstd[{cfg}]", rstd, exp_rstd, naive=naive[1])
@@ -135,7 +153,7 @@ def test_norm_fn_bwd_matches_reference_f64(T, n, C, dtype, with_nw):
     d, g, mixes, rstd = _norm_bwd_case(T, n, C, dtype, with_nw)
     (exp_dx, exp_dfn), naive = _norm_bwd_expected(d, g, mixes, rstd)
     for cfg in (None, BWD_SPLIT):   # default (one token range on CPU) and 3 token ranges of d_fn partials
-        dx, dfn = nf.norm_fn_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=cfg)
+        dx, dfn = _norm_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=cfg)
         assert dx.dtype == dtype and dx.shape == (T, n, C) and dfn.shape == d["fn"].shape
         _ok(f"d_residual[{cfg}]", dx, exp_dx, naive=naive[0])
         _ok(f"d_fn_eff[{cfg}]", dfn, exp_dfn, naive=naive[1])
@@ -152,14 +170,14 @@ def test_norm_fn_bwd_fused_site_extras(T, n, C, dtype):
     pre_mix = torch.rand((T, n), generator=gen, dtype=F64).float().to(DEVICE)
     (exp_dx, exp_dfn), _ = _norm_bwd_expected(d, g, mixes, rstd)
     exp_dx = exp_dx + _d64(grad_res) + _d64(pre_mix)[:, :, None] * _d64(apply_grad)[:, None, :]
-    for kwargs in (dict(grad_residual=grad_res, apply_grad=apply_grad, pre_mix=pre_mix),
-                   dict(grad_residual=grad_res), dict(apply_grad=apply_grad, pre_mix=pre_mix)):
+    for kwargs in (dict(grad_residual=grad_res, apply_grad=apply_grad, apply_w=pre_mix),
+                   dict(grad_residual=grad_res), dict(apply_grad=apply_grad, apply_w=pre_mix)):
         exp = exp_dx
         if "grad_residual" not in kwargs:
             exp = exp - _d64(grad_res)
         if "apply_grad" not in kwargs:
             exp = exp - _d64(pre_mix)[:, :, None] * _d64(apply_grad)[:, None, :]
-        dx, dfn = nf.norm_fn_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, **kwargs)
+        dx, dfn = _norm_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, **kwargs)
         _ok(f"d_residual[{sorted(kwargs)}]", dx, exp)
         _ok(f"d_fn_eff[{sorted(kwargs)}]", dfn, exp_dfn)
 
@@ -167,23 +185,23 @@ def test_norm_fn_bwd_fused_site_extras(T, n, C, dtype):
 def test_norm_fn_head_rows():
     """mhc_head's projection: fn has n rows instead of n*(n+2)."""
     d, g, mixes, rstd = _norm_bwd_case(37, 4, 33, torch.bfloat16, True, rows=4)
-    got, got_rstd = nf.norm_fn_fwd(d["residual"], d["fn"], d["norm_weight"], d["norm_eps"])
+    got, got_rstd = _norm_fwd(d["residual"], d["fn"], d["norm_weight"], d["norm_eps"])
     _ok("head mixes", got, oracle.norm_fn(d["residual"], d["fn"], d["norm_weight"], d["norm_eps"]))
     (exp_dx, exp_dfn), naive = _norm_bwd_expected(d, g, mixes, rstd)
-    dx, dfn = nf.norm_fn_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd)
+    dx, dfn = _norm_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd)
     _ok("head d_residual", dx, exp_dx, naive=naive[0])
     _ok("head d_fn_eff", dfn, exp_dfn, naive=naive[1])
 
 
 NORM_FWD_CONFIGS = [
-    dict(block_t=16, block_k=16, split_k=1, num_warps=4, num_stages=2, precision="tf32x3"),
-    dict(block_t=64, block_k=64, split_k=2, num_warps=8, num_stages=3, precision="ieee"),
-    dict(block_t=32, block_k=128, split_k=16, num_warps=4, num_stages=1, precision="tf32x3"),  # splits > K steps
+    dict(block_T=16, block_K=16, split_K=1, num_warps=4, num_stages=2, precision="tf32x3"),
+    dict(block_T=64, block_K=64, split_K=2, num_warps=8, num_stages=3, precision="ieee"),
+    dict(block_T=32, block_K=128, split_K=16, num_warps=4, num_stages=1, precision="tf32x3"),  # splits > K steps
 ]
 NORM_BWD_CONFIGS = [
-    dict(block_t=16, block_c=16, split_t=1, num_warps=4, num_stages=2, precision="tf32x3"),
-    dict(block_t=32, block_c=128, split_t=2, num_warps=8, num_stages=3, precision="ieee"),
-    dict(block_t=16, block_c=64, split_t=32, num_warps=4, num_stages=1, precision="tf32x3"),  # > token blocks
+    dict(block_T=16, block_C=16, split_T=1, num_warps=4, num_stages=2, precision="tf32x3"),
+    dict(block_T=32, block_C=128, split_T=2, num_warps=8, num_stages=3, precision="ieee"),
+    dict(block_T=16, block_C=64, split_T=32, num_warps=4, num_stages=1, precision="tf32x3"),  # > token blocks
 ]
 
 
@@ -191,15 +209,15 @@ def test_norm_fn_configs_agree():
     """Split-K vs no split, and other points of the config spaces, give the same results."""
     d, g, mixes, rstd = _norm_bwd_case(37, 4, 33, torch.bfloat16, True, seed=5)
     args = (d["residual"], d["fn"], d["norm_weight"], d["norm_eps"])
-    base_m, base_r = nf.norm_fn_fwd(*args, config=dict(FWD_SPLIT, split_k=1))
+    base_m, base_r = _norm_fwd(*args, config=dict(FWD_SPLIT, split_K=1))
     for cfg in NORM_FWD_CONFIGS + [FWD_SPLIT, None]:
-        m_, r_ = nf.norm_fn_fwd(*args, config=cfg)
+        m_, r_ = _norm_fwd(*args, config=cfg)
         torch.testing.assert_close(m_, base_m, rtol=1e-5, atol=1e-6, msg=f"mixes with {cfg}")
         torch.testing.assert_close(r_, base_r, rtol=1e-6, atol=0, msg=f"rstd with {cfg}")
-    base_dx, base_dfn = nf.norm_fn_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd,
+    base_dx, base_dfn = _norm_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd,
                                        config=NORM_BWD_CONFIGS[0])
     for cfg in NORM_BWD_CONFIGS[1:] + [BWD_SPLIT, None]:
-        dx, dfn = nf.norm_fn_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=cfg)
+        dx, dfn = _norm_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=cfg)
         # bf16: one ulp apart at most (the float32 values differ only by summation order)
         torch.testing.assert_close(dx.float(), base_dx.float(), rtol=2 ** -7, atol=1e-5, msg=f"d_residual {cfg}")
         torch.testing.assert_close(dfn, base_dfn, rtol=1e-5, atol=1e-5, msg=f"d_fn_eff with {cfg}")
@@ -209,14 +227,14 @@ def test_norm_fn_deterministic_and_tight():
     """Bitwise run-to-run determinism (no atomics), and float32 values within a few ulp of float64."""
     d, g, mixes, rstd = _norm_bwd_case(37, 2, 64, torch.float32, True, seed=9)
     args = (d["residual"], d["fn"], d["norm_weight"], d["norm_eps"])
-    a = nf.norm_fn_fwd(*args, config=FWD_SPLIT)
-    b = nf.norm_fn_fwd(*args, config=FWD_SPLIT)
+    a = _norm_fwd(*args, config=FWD_SPLIT)
+    b = _norm_fwd(*args, config=FWD_SPLIT)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    a = nf.norm_fn_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=BWD_SPLIT)
-    b = nf.norm_fn_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=BWD_SPLIT)
+    a = _norm_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=BWD_SPLIT)
+    b = _norm_bwd(g, d["residual"], d["fn"], d["norm_weight"], mixes, rstd, config=BWD_SPLIT)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     exp = oracle.norm_fn(d["residual"], d["fn"], d["norm_weight"], d["norm_eps"])
-    got = oracle.f64(nf.norm_fn_fwd(*args)[0])
+    got = oracle.f64(_norm_fwd(*args)[0])
     assert np.abs(got - exp).max() <= 1e-6 * np.abs(exp).max()
 
 
@@ -224,17 +242,17 @@ def test_norm_fn_bad_configs_raise():
     d = _norm_inputs(5, 2, 33, torch.bfloat16, False)
     args = (d["residual"], d["fn"], None, 1e-6)
     good = dict(FWD_SPLIT)
-    for bad, what in [(dict(good, block_k=24), "power of two"), (dict(good, block_t=8), "power of two"),
-                      (dict(good, precision="tf32"), "precision"), ({"block_t": 16}, "missing"),
-                      (dict(good, split_k=0), "split_k"), (dict(good, extra=1), "unknown")]:
+    for bad, what in [(dict(good, block_K=24), "power of two"), (dict(good, block_T=8), "power of two"),
+                      (dict(good, precision="tf32"), "precision"), ({"block_T": 16}, "missing"),
+                      (dict(good, split_K=0), "split_K"), (dict(good, extra=1), "unknown")]:
         with pytest.raises(ValueError, match=what):
-            nf.norm_fn_fwd(*args, config=bad)
+            _norm_fwd(*args, config=bad)
     mixes, rstd = ref.norm_fn_fwd(*args)
-    with pytest.raises(ValueError, match="block_c"):
-        nf.norm_fn_bwd(torch.zeros_like(mixes), d["residual"], d["fn"], None, mixes, rstd,
-                       config=dict(BWD_SPLIT, block_c=48))
+    with pytest.raises(ValueError, match="block_C"):
+        _norm_bwd(torch.zeros_like(mixes), d["residual"], d["fn"], None, mixes, rstd,
+                       config=dict(BWD_SPLIT, block_C=48))
     with pytest.raises(ValueError, match="together"):
-        nf.norm_fn_bwd(torch.zeros_like(mixes), d["residual"], d["fn"], None, mixes, rstd,
+        _norm_bwd(torch.zeros_like(mixes), d["residual"], d["fn"], None, mixes, rstd,
                        apply_grad=d["residual"][:, 0])
 
 
@@ -250,12 +268,12 @@ def test_norm_fn_config_space_and_default():
     # small T splits K, large T does not
     small = SimpleNamespace(T=16, n=4, C=4096, dtype=torch.bfloat16, device=torch.device("cuda"))
     large = SimpleNamespace(T=65536, n=4, C=4096, dtype=torch.bfloat16, device=torch.device("cuda"))
-    assert nf.norm_fn_default_config(small)["split_k"] > 1 and nf.norm_fn_default_config(large)["split_k"] == 1
+    assert nf.norm_fn_default_config(small)["split_K"] > 1 and nf.norm_fn_default_config(large)["split_K"] == 1
 
 
 # -- split_mixes and sinkhorn --------------------------------------------------------------------------------
-SK_CFG = dict(block_t=64, num_warps=4)
-SK_SMALL = dict(block_t=8, num_warps=1)   # several programs: the d_scale / d_base partials are summed
+SK_CFG = dict(block_T=64, num_warps=4)
+SK_SMALL = dict(block_T=8, num_warps=1)   # several programs: the d_scale / d_base partials are summed
 
 
 def _split_inputs(T, n, consts, seed=0):
@@ -288,10 +306,10 @@ def test_split_mixes_fwd_bwd(n, T, iters):
     naive_b = ref.split_mixes_bwd(gp.cpu(), gq.cpu(), gc.cpu(), d["mixes"].cpu(), d["scale"].cpu(),
                                   d["base"].cpu(), *bargs)
     for cfg in (None, SK_SMALL):
-        outs = sk.split_mixes_fwd(d["mixes"], d["scale"], d["base"], *c.values(), config=cfg)
+        outs = _split_fwd(d["mixes"], d["scale"], d["base"], *c.values(), config=cfg)
         for name, o, e, nv in zip(("pre", "post", "comb"), outs, exp, naive):
             _ok(f"{name}[{cfg}]", o, e, naive=nv)
-        grads = sk.split_mixes_bwd(gp, gq, gc, d["mixes"], d["scale"], d["base"], *bargs, config=cfg)
+        grads = _split_bwd(gp, gq, gc, d["mixes"], d["scale"], d["base"], *bargs, config=cfg)
         for name, o, e, nv in zip(("d_mixes", "d_scale", "d_base"), grads, exp_b, naive_b):
             assert o.shape == e.shape
             _ok(f"{name}[{cfg}]", o, e, naive=nv)
@@ -305,21 +323,21 @@ def test_sinkhorn_fwd_bwd(n, T, iters):
     exp_b = ref.sinkhorn_bwd(_d64(grad), _d64(logits), iters, 1e-6)
     naive_b = ref.sinkhorn_bwd(grad.cpu(), logits.cpu(), iters, 1e-6)
     for cfg in (None, SK_SMALL):
-        _ok(f"sinkhorn[{cfg}]", sk.sinkhorn_fwd(logits, iters, 1e-6, config=cfg), oracle.sinkhorn(logits, iters, 1e-6),
+        _ok(f"sinkhorn[{cfg}]", _sk_fwd(logits, iters, 1e-6, config=cfg), oracle.sinkhorn(logits, iters, 1e-6),
             naive=ref.sinkhorn_fwd(logits.cpu(), iters, 1e-6))
-        _ok(f"sinkhorn_bwd[{cfg}]", sk.sinkhorn_bwd(grad, logits, iters, 1e-6, config=cfg), exp_b, naive=naive_b)
+        _ok(f"sinkhorn_bwd[{cfg}]", _sk_bwd(grad, logits, iters, 1e-6, config=cfg), exp_b, naive=naive_b)
 
 
 def test_sinkhorn_peaked_logits_tight():
     """Strongly peaked logits (rows not converged at 20 rounds): the defined result, to float32 accuracy."""
     gen = _gen(3)
     logits = (torch.randn((37, 4, 4), generator=gen, dtype=F64) * 12).float().to(DEVICE)
-    got = oracle.f64(sk.sinkhorn_fwd(logits, 20, 1e-6, config=SK_CFG))
+    got = oracle.f64(_sk_fwd(logits, 20, 1e-6, config=SK_CFG))
     exp = oracle.sinkhorn(logits, 20, 1e-6)
     assert np.abs(got - exp).max() < 2e-6
     assert np.abs(exp.sum(-1) - 1).max() > 1e-3  # premise: not converged
     grad = torch.randn((37, 4, 4), generator=gen, dtype=F64).float().to(DEVICE)
-    d = oracle.f64(sk.sinkhorn_bwd(grad, logits, 20, 1e-6, config=SK_CFG))
+    d = oracle.f64(_sk_bwd(grad, logits, 20, 1e-6, config=SK_CFG))
     e = ref.sinkhorn_bwd(_d64(grad), _d64(logits), 20, 1e-6).numpy()
     assert np.abs(d - e).max() <= 1e-4 * np.abs(e).max()
 
@@ -328,24 +346,24 @@ def test_split_mixes_configs_agree_and_deterministic():
     d = _split_inputs(37, 4, {})
     gp, gq, gc = _split_grads(37, 4, seed=2)
     args = (gp, gq, gc, d["mixes"], d["scale"], d["base"], 2.0, 20, 1e-6)
-    base = sk.split_mixes_bwd(*args, config=SK_CFG)
-    assert all(torch.equal(a, b) for a, b in zip(base, sk.split_mixes_bwd(*args, config=SK_CFG)))
-    for cfg in (dict(block_t=16, num_warps=2), dict(block_t=128, num_warps=8), SK_SMALL):
-        for a, b in zip(sk.split_mixes_bwd(*args, config=cfg), base):
+    base = _split_bwd(*args, config=SK_CFG)
+    assert all(torch.equal(a, b) for a, b in zip(base, _split_bwd(*args, config=SK_CFG)))
+    for cfg in (dict(block_T=16, num_warps=2), dict(block_T=128, num_warps=8), SK_SMALL):
+        for a, b in zip(_split_bwd(*args, config=cfg), base):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        fa = sk.split_mixes_fwd(d["mixes"], d["scale"], d["base"], 1e-6, 2.0, 20, 1e-6, config=cfg)
-        fb = sk.split_mixes_fwd(d["mixes"], d["scale"], d["base"], 1e-6, 2.0, 20, 1e-6, config=SK_CFG)
+        fa = _split_fwd(d["mixes"], d["scale"], d["base"], 1e-6, 2.0, 20, 1e-6, config=cfg)
+        fb = _split_fwd(d["mixes"], d["scale"], d["base"], 1e-6, 2.0, 20, 1e-6, config=SK_CFG)
         assert all(torch.equal(a, b) for a, b in zip(fa, fb))  # per-token math: no order dependence
 
 
 def test_sinkhorn_bad_configs_raise():
     logits = torch.zeros((3, 4, 4), device=DEVICE)
     with pytest.raises(ValueError, match="power of two"):
-        sk.sinkhorn_fwd(logits, 3, 1e-6, config=dict(block_t=12, num_warps=4))
+        _sk_fwd(logits, 3, 1e-6, config=dict(block_T=12, num_warps=4))
     with pytest.raises(ValueError, match="missing"):
-        sk.sinkhorn_bwd(logits, logits, 3, 1e-6, config=dict(block_t=16))
+        _sk_bwd(logits, logits, 3, 1e-6, config=dict(block_T=16))
     with pytest.raises(ValueError, match="n must be"):
-        sk.sinkhorn_fwd(torch.zeros((3, 3, 3), device=DEVICE), 3, 1e-6)
+        _sk_fwd(torch.zeros((3, 3, 3), device=DEVICE), 3, 1e-6)
 
 
 # -- ahead-of-time specs -----------------------------------------------------------------------------------------

@@ -161,10 +161,24 @@ def test_non_finite_constants(both_paths, name, value):
         _call_pre(_pre(), **{name: value})
 
 
-@pytest.mark.parametrize("name", ["norm_eps", "pre_eps", "sinkhorn_eps"])
-def test_negative_eps(both_paths, name):
-    with _raises(MHCInputError, f"'{name}'", ">= 0", "got -0.001"):
-        _call_pre(_pre(), **{name: -1e-3})
+def test_negative_pre_eps_is_refused_and_zero_accepted(both_paths):
+    with _raises(MHCInputError, "'pre_eps'", ">= 0", "got -0.001"):
+        _call_pre(_pre(), pre_eps=-1e-3)
+    _call_pre(_pre(), pre_eps=0.0)  # an offset of zero is harmless
+
+
+@pytest.mark.parametrize("value", [-1e-3, 0.0])
+@pytest.mark.parametrize("name", ["norm_eps", "sinkhorn_eps", "post_mult"])
+def test_guards_must_be_positive(both_paths, name, value):
+    """norm_eps and sinkhorn_eps guard rsqrt(0) and 0/0 (an all-zero row, a Sinkhorn column whose exp
+    underflows): zero is refused, not turned into NaN; post_mult <= 0 would flip or kill the post mix."""
+    with _raises(MHCInputError, f"'{name}'", "> 0", f"got {value!r}"):
+        _call_pre(_pre(), **{name: value})
+
+
+def test_sinkhorn_eps_zero_is_refused_by_the_sinkhorn_op(both_paths):
+    with _raises(MHCInputError, "'eps'", "> 0"):
+        mk.sinkhorn(torch.randn(2, 4, 4), eps=0.0)
 
 
 def test_non_tensor_argument():

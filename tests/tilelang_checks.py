@@ -5,7 +5,9 @@ the GPU file runs them at production sizes and the emulated file at sizes CPU th
 """
 
 import torch
+from op_samples import resolved_config
 
+import mhc_kernels as mk
 from mhc_kernels.reference import cases, torch_ref
 
 PRE_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
@@ -15,16 +17,20 @@ POST_PRE_ARGS = ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scal
 def fused_mhc_pre_equals_the_chain(device, n, C, T, splits, dtype):
     """The fused tail does the chain's arithmetic operation for operation (fused.py's claim): mhc_pre through
     it equals norm_fn -> split_mixes -> pre_apply_mix bit for bit, for the same projection config."""
-    from mhc_kernels.tilelang_src import composite, mixes, norm, streaming
+    from mhc_kernels.tilelang_src import fused as fused_mod
+    from mhc_kernels.tilelang_src import mixes, norm, streaming
 
     inputs = cases.make_inputs("mhc_pre", (T,), n, C, dtype, device, norm_weight=True)
     x, fn, nw, scale, base = (inputs[k] for k in ("residual", "fn", "norm_weight", "scale", "base"))
     consts = [inputs[k] for k in PRE_CONSTS]
-    cfg = dict(composite.default_config("mhc_pre", norm.Shape(T, n, C, dtype)), splits=splits)
-    fused = composite.mhc_pre_fwd(x, fn, scale, base, nw, *consts, config=cfg)
-    mixes_, rstd = norm.norm_fn_fwd(x, fn, nw, consts[0], config=composite._plain(cfg))
-    pre, post, comb = mixes.split_mixes_fwd(mixes_, scale, base, *consts[1:])
-    layer_input = streaming.pre_apply_mix_fwd(x, pre)
+    cfg = fused_mod.default_config("mhc_pre", norm.Shape(T, n, C, dtype))
+    cfg["projection"]["split_K"] = splits
+    fused = fused_mod.mhc_pre_fwd(x, fn, scale, base, nw, *consts, config=cfg)
+    mixes_, rstd = norm.norm_fn_fwd(x, fn, nw, consts[0], config=cfg["projection"])
+    pre, post, comb = mixes.split_mixes_fwd(mixes_, scale, base, *consts[1:],
+                                            config=resolved_config("tilelang", "split_mixes", mixes_, scale, base,
+                                                                   *consts[1:]))
+    layer_input = streaming.pre_apply_mix_fwd(x, pre, config=cfg["tail"])
     for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), fused,
                           (layer_input, post, comb, mixes_, rstd)):
         assert torch.equal(a, b), f"{name} differs from the chain (max |diff| {(a.float() - b.float()).abs().max()})"
@@ -33,16 +39,17 @@ def fused_mhc_pre_equals_the_chain(device, n, C, T, splits, dtype):
 def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma"):
     """post fused into the projection (mma="fma"; a tensor-core config runs post, then mhc_pre): the new
     residual is post's bit for bit, the rest agrees with post -> mhc_pre to float32 accumulation error."""
-    from mhc_kernels.tilelang_src import composite, norm, streaming
+    from mhc_kernels.tilelang_src import fused, norm, streaming
 
     inputs = cases.make_inputs("post_pre", (T,), n, C, torch.bfloat16, device, norm_weight=True)
     args = [inputs[k] for k in POST_PRE_ARGS]
-    cfg = dict(composite.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16)), splits=splits, mma=mma)
+    cfg = fused.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16))
+    cfg["projection"].update(split_K=splits, mma=mma)
     if mma != "fma":
-        cfg.update(block_T=32, block_K=128)
-    got = composite.post_pre_fwd(*args, config=cfg)
-    new_res = streaming.post_fwd(*args[:4])
-    want = (new_res,) + composite.mhc_pre_fwd(new_res, *args[4:], config=cfg)
+        cfg["projection"].update(block_T=32, block_K=128)
+    got = fused.post_pre_fwd(*args, config=cfg)
+    new_res = streaming.post_fwd(*args[:4], config=cfg["post"])
+    want = (new_res,) + fused.mhc_pre_fwd(new_res, *args[4:], config=cfg)
     assert torch.equal(got[0], want[0]), "the new residual is post's, bit for bit"
     # float32 outputs to accumulation error; the bf16 layer input to one rounding step (its float32 value
     # moves by that error too, which can flip the last bit)
@@ -57,7 +64,7 @@ def norm_fn_split_k_paths_agree(device, T, C, splits):
     inputs = cases.make_inputs("norm_fn", (T,), 4, C, torch.bfloat16, device)
     x, fn = inputs["residual"], inputs["fn"]
     ref_m, ref_r = torch_ref.norm_fn_fwd(x, fn, None, 1e-6)
-    cfg = dict(norm.default_config("norm_fn", norm.Shape(T, 4, C, torch.bfloat16)), splits=splits)
+    cfg = dict(norm.default_config("norm_fn", norm.Shape(T, 4, C, torch.bfloat16)), split_K=splits)
     m, r = norm.norm_fn_fwd(x, fn, None, 1e-6, config=cfg)
     torch.testing.assert_close(m, ref_m, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(r, ref_r, rtol=1e-5, atol=1e-6)
@@ -66,7 +73,7 @@ def norm_fn_split_k_paths_agree(device, T, C, splits):
 def configs_in_the_space_are_correct(device, T, C, take):
     """The tuner's candidates (``take`` picks which of each space) run correctly: the streaming kernels and
     mhc_pre's fused tail, against the PyTorch reference."""
-    from mhc_kernels.tilelang_src import backend, common, composite
+    from mhc_kernels.tilelang_src import backend, common
 
     for op, names in (("post", ("layer_output", "residual", "post_mix", "comb_mix")),
                       ("pre_apply_mix", ("residual", "pre_mix"))):
@@ -78,7 +85,8 @@ def configs_in_the_space_are_correct(device, T, C, take):
             torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=str(cfg))
     inputs = cases.make_inputs("mhc_pre", (T,), 4, C, torch.float32, device, norm_weight=True)
     args = [inputs[k] for k in ("residual", "fn", "scale", "base", "norm_weight") + PRE_CONSTS]
-    ref = torch_ref.mhc_pre_fwd(*args)
-    for cfg in take(composite.config_space("mhc_pre", common.Shape(T, 4, C, torch.float32))):
-        for a, b in zip(composite.mhc_pre_fwd(*args, config=cfg), ref):
+    with mk.use_backend("reference"):
+        ref = torch.ops.mhc.mhc_pre(*args)
+    for cfg in take(backend.OPS["mhc_pre"].space(common.Shape(T, 4, C, torch.float32))):
+        for a, b in zip(backend.OPS["mhc_pre"].fn(*args, config=cfg), ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(cfg))

@@ -36,7 +36,7 @@ def _config_for(kdef: common.KernelDef, n: int, C: int, dtype: torch.dtype, T: O
     from . import backend
 
     s = common.Shape(T if T is not None else kdef.aot_T or AOT_T, n, C, dtype)
-    return kdef.cfg_of(backend.OPS[kdef.op].default(s))
+    return kdef.cfg_of(kdef.aot_config(s) if kdef.aot_config is not None else backend.OPS[kdef.op].default(s))
 
 
 def dynamic_smem_bytes(kernel) -> int:

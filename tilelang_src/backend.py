@@ -1,9 +1,12 @@
 """Registers the TileLang kernels with the core registry.
 
-``OPS`` maps every op served here to its launch wrapper and its config functions
-(default and search space, both functions of a :class:`~.common.Shape`). Each op's
-registered kernel takes the op's arguments in schema order (as
-``mhc_kernels.reference.backend`` maps them to ``torch_ref``).
+``OPS`` maps every op with a TileLang kernel of its own to its launch wrapper and its config
+functions (default and search space, both functions of a :class:`~.common.Shape`): the
+primitives, and the two composites this backend fuses -- ``mhc_pre`` (the projection, then one
+tail kernel running the Sinkhorn beside the collapse) and ``post_pre`` (post inside the
+projection's main loop, then the same tail), from ``fused.py``. Every other composite
+(``mhc_pre_bwd``, ``mhc_head`` and its backward, ``multilayer_recompute``) is the shared one
+of :mod:`mhc_kernels.composite` over these kernels.
 """
 
 from __future__ import annotations
@@ -11,54 +14,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from mhc_kernels import recompute
-from mhc_kernels.registry import register_kernel
+from mhc_kernels import composite
+from mhc_kernels.registry import Kernel, register_kernel
 
-from . import composite, mixes, norm, streaming
-from .common import Shape, shape_of, supports_call
+from . import fused, mixes, norm, streaming
+from .common import shape_of, supports_call
 
 
 @dataclass
 class OpDef:
     fn: Callable
-    default: Callable[[Shape], dict]
-    space: Callable[[Shape], list]
-    takes_iters: bool = False  # the config also depends on the Sinkhorn iteration count
-
-
-def _iters_of(call) -> int:
-    names = call.spec.arg_names
-    for name in ("iters", "sinkhorn_iters"):
-        if name in names:
-            return int(call.args[names.index(name)])
-    return 20
+    default: Callable[..., dict]   # (Shape[, iters]) -> config
+    space: Callable[..., list]     # (Shape[, iters]) -> configs
+    takes_iters: bool = False      # the config also depends on the Sinkhorn iteration count
 
 
 def _streaming(op, fn):
-    return OpDef(fn, lambda s, op=op: streaming.default_config(op, s),
-                 lambda s, op=op: streaming.config_space(op, s))
+    return OpDef(fn, lambda s, op=op: streaming.default_config(op, s), lambda s, op=op: streaming.config_space(op, s))
 
 
 def _mixes(op, fn):
-    return OpDef(fn, lambda s, op=op, iters=20: mixes.default_config(op, s, iters),
-                 lambda s, op=op, iters=20: mixes.config_space(op, s, iters), takes_iters=True)
+    return OpDef(fn, lambda s, iters=20, op=op: mixes.default_config(op, s, iters),
+                 lambda s, iters=20, op=op: mixes.config_space(op, s, iters), takes_iters=True)
 
 
-def _composite(op, fn):
-    return OpDef(fn, lambda s, op=op: composite.default_config(op, s),
-                 lambda s, op=op: composite.config_space(op, s))
+def _norm(op, fn):
+    return OpDef(fn, lambda s, op=op: norm.default_config(op, s), lambda s, op=op: norm.config_space(op, s))
+
+
+def _fused(op, fn):
+    return OpDef(fn, lambda s, op=op: fused.default_config(op, s), lambda s, op=op: fused.config_space(op, s))
 
 
 OPS: dict[str, OpDef] = {
-    "mhc_pre": _composite("mhc_pre", composite.mhc_pre_fwd),
-    "mhc_pre_bwd": _composite("mhc_pre_bwd", composite.mhc_pre_bwd),
-    "mhc_head": _composite("mhc_head", composite.mhc_head_fwd),
-    "mhc_head_bwd": _composite("mhc_head_bwd", composite.mhc_head_bwd),
-    "post_pre": _composite("post_pre", composite.post_pre_fwd),
-    "norm_fn": OpDef(norm.norm_fn_fwd, lambda s: norm.default_config("norm_fn", s),
-                     lambda s: norm.config_space("norm_fn", s)),
-    "norm_fn_bwd": OpDef(norm.norm_fn_bwd, lambda s: norm.default_config("norm_fn_bwd", s),
-                         lambda s: norm.config_space("norm_fn_bwd", s)),
+    "norm_fn": _norm("norm_fn", norm.norm_fn_fwd),
+    "norm_fn_bwd": _norm("norm_fn_bwd", norm.norm_fn_bwd),
     "split_mixes": _mixes("split_mixes", mixes.split_mixes_fwd),
     "split_mixes_bwd": _mixes("split_mixes_bwd", mixes.split_mixes_bwd),
     "sinkhorn": _mixes("sinkhorn", mixes.sinkhorn_fwd),
@@ -69,34 +59,43 @@ OPS: dict[str, OpDef] = {
     "post_bwd": _streaming("post_bwd", streaming.post_bwd),
     "expand": _streaming("expand", streaming.expand_fwd),
     "expand_bwd": _streaming("expand_bwd", streaming.expand_bwd),
+    # the composites this backend fuses (overrides of mhc_kernels.composite's)
+    "mhc_pre": _fused("mhc_pre", fused.mhc_pre_fwd),
+    "post_pre": _fused("post_pre", fused.post_pre_fwd),
 }
 
-
-_SINKHORN_BWD_OPS = ("sinkhorn_bwd", "split_mixes_bwd", "mhc_pre_bwd")
+_SINKHORN_BWD_OPS = ("sinkhorn_bwd", "split_mixes_bwd")
 
 
 def supports(call):
     """None when the TileLang kernel can serve ``call``, else a one-line reason (the registry falls back)."""
     reason = supports_call(call)
     if reason is None and call.spec.name in _SINKHORN_BWD_OPS:
-        reason = mixes.bwd_supported(call.n, _iters_of(call))
+        reason = mixes.bwd_supported(call.n, call.iters or 20)
     return reason
 
 
+def _kernel_args(op: str, d: OpDef) -> dict:
+    if d.takes_iters:
+        return dict(config_space=lambda call: d.space(shape_of(call), iters=call.iters or 20),
+                    default_config=lambda call: d.default(shape_of(call), iters=call.iters or 20),
+                    check_config=lambda call, cfg: mixes.check_config(op, call.n, call.iters or 20, cfg))
+    return dict(config_space=lambda call: d.space(shape_of(call)),
+                default_config=lambda call: d.default(shape_of(call)))
+
+
 def _register():
+    overrides = {}
     for op, d in OPS.items():
-        if d.takes_iters:
-            space = lambda call, d=d: d.space(shape_of(call), iters=_iters_of(call))  # noqa: E731
-            default = lambda call, d=d: d.default(shape_of(call), iters=_iters_of(call))  # noqa: E731
+        kw = dict(fn=d.fn, supports=supports, **_kernel_args(op, d))
+        if op in composite.COMPOSITES:
+            overrides[op] = kw
         else:
-            space = lambda call, d=d: d.space(shape_of(call))  # noqa: E731
-            default = lambda call, d=d: d.default(shape_of(call))  # noqa: E731
-        register_kernel(op, "tilelang", d.fn, supports=supports, config_space=space, default_config=default)
-    # DESIGN 2.7's forward-only multilayer_recompute (op registered by mhc_kernels.recompute), composed
-    # from the post and pre_apply_mix kernels writing straight into the per-layer output slices.
-    register_kernel("multilayer_recompute", "tilelang",
-                    recompute.composed_kernel(streaming.post_fwd, streaming.pre_apply_mix_fwd),
-                    supports=supports_call)
+            register_kernel(op, "tilelang", **kw)
+    swg = OPS["pre_apply_mix_bwd"]
+    composite.register_composites("tilelang", overrides=overrides, extra_parts={composite.STREAM_WEIGHT_GRAD: Kernel(
+        composite.STREAM_WEIGHT_GRAD, "tilelang", streaming.stream_weight_grad, supports=supports,
+        **_kernel_args("pre_apply_mix_bwd", swg))})
 
 
 _register()

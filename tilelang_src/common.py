@@ -1,9 +1,26 @@
-"""Shared pieces of the TileLang backend: dtypes, support rules, config resolution, the kernel cache.
+"""Shared pieces of the TileLang backend: dtypes, support rules, the kernel cache.
 
 Every kernel is a *factory* ``build(n, C, dtype, cfg, **consts) -> T.prim_func`` over
 compile-time sizes and tunables; the token count is a symbolic dim (``T.dynamic``),
 so one compiled kernel serves every ``T`` (``T == 0`` never launches). Compiled
-kernels are cached per (kernel, n, C, dtype, config, constants, target).
+kernels are cached per (kernel, n, C, dtype, config, constants, target). Launch
+wrappers take the config the core resolved (``mhc_kernels.registry.config_for``) and
+never look one up.
+
+Tile primitives and thread-level indexing. Where a tile primitive expresses a step as
+readably and still runs under the CPU emulator (``emulate.py``, which compiles the
+generated CUDA for host threads), the kernels use it: the reducing streaming kernels
+(``pre_apply_mix_bwd``, ``post_bwd``) use ``T.Parallel`` over (token, vector) tiles,
+``T.clear`` and ``T.reduce_sum``; the tensor-core projection uses ``T.gemm`` and
+``T.copy``. The rest index per thread (``tx``, explicit vector loops, masks), for two
+reasons that both come from checking without a GPU: the masked ragged tails (any ``C``,
+any ``T``) are explicit, so the emulator exercises exactly the index arithmetic the GPU
+runs; and ``T.copy`` of global tiles and the warp-level reductions lower to intrinsics
+(``cp.async``, ``ldmatrix``, shuffles, TMA descriptors) that the emulator's stand-ins do
+not cover (``T.gemm`` is why the ``mma`` projection variants are refused under the
+emulator). Each block of a kernel carries a one-line comment with the math it computes,
+and kernel signatures label their argument groups (inputs / saved for backward /
+gradients in / outputs).
 
 Vector width: streaming kernels read ``vec`` contiguous elements per access (16 bytes
 at most). ``vec`` is reduced to the largest power of two dividing ``C`` so every
@@ -20,7 +37,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from mhc_kernels import tuned
+from mhc_kernels.registry import dtype_and_streams_reason
+from mhc_kernels.specs import next_pow2  # noqa: F401  (the kernel modules' one next_pow2)
 
 from . import emulation_enabled
 
@@ -38,13 +56,8 @@ def supports_call(call) -> Optional[str]:
     """None when the TileLang kernels can serve ``call`` (a validated Call), else why not."""
     if call.device.type != "cuda" and not (call.device.type == "cpu" and emulation_enabled()):
         return f"TileLang kernels run on CUDA devices only; got {call.device.type}"
-    if call.dtype not in DTYPES:
-        return (f"TileLang kernels take bf16/fp16/fp32 residuals (float32 mixes); got {call.dtype} "
-                f"-- the reference backend serves float64")
-    if call.n is not None and call.n > MAX_N:
-        return (f"TileLang kernels support n <= {MAX_N} streams (per-stream values are kept in registers); "
-                f"got n={call.n}")
-    return None
+    return dtype_and_streams_reason(call, "TileLang kernels", tuple(DTYPES), MAX_N,
+                                    "per-stream values are kept in registers")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -67,10 +80,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
 @dataclass(frozen=True)
 class Shape:
     """What a config depends on: token count, streams, hidden width, residual dtype."""
@@ -89,18 +98,6 @@ def num_sms(device=None) -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(device or torch.cuda.current_device()).multi_processor_count
     return 132  # H100 SXM: the planning default when no GPU is present (AOT)
-
-
-def resolve_config(op: str, like: torch.Tensor, shape: Shape, config, default: Callable[[Shape], dict]) -> dict:
-    """``config`` (filled up with defaults) if given, else a tuned config from the store, else the default."""
-    base = default(shape)
-    if config is not None:
-        return {**base, **config}
-    if like.is_cuda:
-        hit = tuned.lookup(op, "tilelang", like.device, shape.dtype, shape.n, shape.C, shape.T)
-        if hit is not None:
-            return {**base, **hit}
-    return base
 
 
 def _freeze(d: dict) -> tuple:
@@ -148,6 +145,7 @@ class KernelDef:
     consts: Callable[[Shape], dict] = lambda s: {}  # compile-time constants at an AOT shape
     act_dependent: bool = True                   # False: depends on n only (mix kernels)
     aot_T: int = 0                               # token count its AOT config is chosen for (0: default)
+    aot_config: Optional[Callable[[Shape], dict]] = None  # its default config when op's is not flat (the tail)
 
     def cfg_of(self, cfg: dict) -> dict:
         return {k: cfg[k] for k in self.keys}

@@ -35,26 +35,50 @@ as the finalize kernel), post and the Sinkhorn (``mixes.split_post_comb_macro``,
 the collapse (``streaming.collapse_macro``, as pre_apply_mix_fwd) are the same macros, so the fused and
 the chained ``mhc_pre`` agree bit for bit.
 
-Config keys of the tail (prefixed ``tail_`` in ``mhc_pre``'s and ``post_pre``'s configs; ``splits`` is
-the projection's): ``block_T``, ``block_C``, ``threads`` (collapse threads; the CTA has one more warp),
-``vec`` -- the layout of ``pre_apply_mix``'s forward kernel. The post + projection kernel takes the
-projection's keys (``block_T``, ``block_K``, ``thread_T``, ``thread_M``, ``splits``; ``mma`` must be "fma").
+Configs. These two ops are the TileLang backend's overrides of the shared composites (``backend.py``
+registers them). Their configs have named parts: ``{"projection": norm_fn's keys, "tail": pre_apply_mix's
+layout}`` for ``mhc_pre``, plus ``"post"`` (post's layout, used only when the projection is a tensor-core
+one) for ``post_pre``. The tail kernel takes the tail's ``block_T``, ``block_C``, ``threads`` (collapse
+threads; the CTA has one more warp) and ``vec``, and the projection's ``split_K`` (the partials' own count).
+The post + projection kernel takes the projection's keys (``block_T``, ``block_K``, ``thread_T``,
+``thread_M``, ``split_K``; ``mma`` must be "fma").
 """
 
 import torch
 
-from . import streaming
-from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec, resolve_config
+from . import norm, streaming
+from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec
 from .mixes import split_post_comb_macro
 from .norm import split_reduce_macros
 
-TAIL_KEYS = ("tail_block_T", "tail_block_C", "tail_threads", "tail_vec", "splits")
+TAIL_KEYS = ("block_T", "block_C", "threads", "vec", "split_K")
 SINKHORN_WARP = 32
 
 
-def default_tail_config(s: Shape) -> dict:
-    """``pre_apply_mix``'s streaming layout, keys prefixed ``tail_``."""
-    return {f"tail_{k}": v for k, v in streaming.default_config("pre_apply_mix", s).items()}
+def default_config(op: str, s: Shape) -> dict:
+    """``mhc_pre``: ``{"projection": norm_fn's default, "tail": pre_apply_mix's layout}``; ``post_pre``: the same
+    plus ``"post"`` (post's layout, for a tensor-core projection, which runs post separately)."""
+    cfg = {"projection": norm.default_config("norm_fn", s), "tail": streaming.default_config("pre_apply_mix", s)}
+    if op == "post_pre":
+        cfg["post"] = streaming.default_config("post", s)
+    return cfg
+
+
+def config_space(op: str, s: Shape) -> list[dict]:
+    """The default, plus the tail's streaming layouts (``pre_apply_mix``'s space) at the default projection; the
+    projection is tuned as norm_fn's own op."""
+    d = default_config(op, s)
+    out = [d]
+    for c in streaming.config_space("pre_apply_mix", s):
+        cand = dict(d, tail=c)
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+def tail_kernel_config(cfg: dict) -> dict:
+    """The tail kernel's flat config: the tail's layout and the projection's split count."""
+    return dict(cfg["tail"], split_K=cfg["projection"]["split_K"])
 
 
 def sinkhorn_passes(block_T: int, n_cblocks: int) -> int:
@@ -85,8 +109,8 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
     import tilelang.language as T
 
     dt = dtype_name(dtype)
-    bt, bc, th, V = cfg["tail_block_T"], cfg["tail_block_C"], cfg["tail_threads"], cfg["tail_vec"]
-    S = cfg["splits"]
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    S = cfg["split_K"]
     if bc % V or (bt * (bc // V)) % th:
         raise ValueError(f"mhc_pre tail: block_T={bt}, block_C={bc}, vec={V} must tile threads={th} exactly")
     m = n * (n + 2)
@@ -103,18 +127,20 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
     collapse = streaming.collapse_macro(n, V, dt)            # as pre_apply_mix_fwd
 
     @T.prim_func
-    def mhc_pre_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
+    def mhc_pre_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # inputs
                      scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
-                     x: T.Tensor((Tn, n, C), dt), layer_input: T.Tensor((Tn, C), dt),
+                     x: T.Tensor((Tn, n, C), dt),
+                     layer_input: T.Tensor((Tn, C), dt),                                           # outputs
                      post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                     mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
-                     norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32, sinkhorn_eps: T.float32):
+                     mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),    # saved for bwd
+                     norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,             # constants
+                     sinkhorn_eps: T.float32):
         with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=th + SINKHORN_WARP) as (bx, by):
             T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))
             tx = T.get_thread_binding(0)
             pre_s = T.alloc_shared((bt, n), "float32")
             r = T.alloc_var("float32")
-            # -- every thread: pre for the block's tokens (into shared memory) ---------------------------
+            # -- every thread: pre = sigmoid(sum_s part_mix[s, :n] * rstd * scale0 + base[:n]) + pre_eps ----
             for q in T.serial(NPRE):
                 idx = q * (th + SINKHORN_WARP) + tx
                 if idx < bt * n:
@@ -143,10 +169,12 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
                     t = sinkhorn_token(bx, tx - th, q, NCB)
                     tok = by * bt + t
                     if t < bt and tok < Tn:
+                        # rstd = rsqrt(sum_s part_sq[s] / K + eps);  mixes = (sum_s part_mix[s]) * rstd
                         r = split_rstd(part_sq, tok, norm_eps)
                         rstd[tok] = r
                         for j in T.serial(m):
                             mixes[tok, j] = split_sum(part_mix, tok, j) * r
+                        # post = sigmoid(.) * post_mult;  comb = sinkhorn(mixes[2n:] * scale2 + base[2n:])
                         split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, sinkhorn_eps, iters)
 
     return mhc_pre_tail
@@ -166,7 +194,7 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
     ``fn (m, n*C)`` float32 -> ``out (T, n, C)`` (the new residual), ``part_mix (S, T, m)``,
     ``part_sq (S, T)`` float32 (reduced by :func:`_build_pre_tail`).
 
-    A CTA owns ``block_T`` tokens and one column range (``splits`` ranges of ``C``, all ``n`` streams).
+    A CTA owns ``block_T`` tokens and one column range (``split_K`` ranges of ``C``, all ``n`` streams).
     Per chunk of ``post_cols`` columns each staging thread takes one (token, vector) item: it reads
     ``y`` and the ``n`` residual vectors once, forms ``out_i = post_i y + sum_j comb[j, i] x_j`` in
     float32, rounds once, writes ``out`` (every element by exactly one thread of one CTA) and stages the
@@ -184,7 +212,7 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
     dt = dtype_name(dtype)
     m = rows or mix_rows(n)
     K = n * C
-    bt, bk, TT, TM, S = cfg["block_T"], cfg["block_K"], cfg["thread_T"], cfg["thread_M"], cfg["splits"]
+    bt, bk, TT, TM, S = cfg["block_T"], cfg["block_K"], cfg["thread_T"], cfg["thread_M"], cfg["split_K"]
     if cfg.get("mma", "fma") != "fma":
         raise ValueError("the fused post + projection kernel has the FMA main loop only (mma='fma'); "
                          "post_pre with a tensor-core projection runs post and the projection separately")
@@ -205,9 +233,10 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
     accumulate, store_partials = fma_tile_macros(TT, TM, m, Tn)
 
     @T.prim_func
-    def post_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),
+    def post_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),              # inputs
                      post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                     fn: T.Tensor((m, K), "float32"), out: T.Tensor((Tn, n, C), dt),
+                     fn: T.Tensor((m, K), "float32"),
+                     out: T.Tensor((Tn, n, C), dt),                                               # outputs
                      part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32")):
         with T.Kernel(T.ceildiv(Tn, bt), S, threads=threads) as (bx, bs):
             tx = T.get_thread_binding(0)
@@ -231,7 +260,8 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
                 sq[e] = 0.0
             for ch in T.serial(NCH):
                 c0 = bs * CS + ch * BC
-                # post: new residual for (token, vector) items, written once and staged rounded
+                # out_i = post_i y + sum_j comb[j, i] x_j for (token, vector) items, written once and
+                # staged rounded
                 for it in T.serial(XL):
                     idx = it * threads + tx
                     if idx < bt * NVC:
@@ -280,6 +310,7 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
                             for v in T.unroll(VF):
                                 fs[i * BC + cc + v, j] = 0.0
                 T.sync_threads()
+                # acc[t, j] += sum_k out[t, k] * fn[j, k];  sq[t] += sum_k out[t, k]^2   (this chunk's k)
                 accumulate(xs, fs, KR, xr, fr, acc, sq, tg, rg)
                 T.sync_threads()
             store_partials(part_mix, part_sq, acc, sq, bx * bt, bs, tg, rg)
@@ -291,30 +322,26 @@ def _iters(s: Shape) -> dict:
     return {"iters": 20}
 
 
-kernel_def(KernelDef("mhc_pre_tail", "mhc_pre", _build_pre_tail, TAIL_KEYS, _iters))
-kernel_def(KernelDef("post_project", "post_pre", _build_post_project, ("block_T", "block_K", "thread_T", "thread_M",
-                                                                      "splits", "mma")))
+kernel_def(KernelDef("mhc_pre_tail", "mhc_pre", _build_pre_tail, TAIL_KEYS, _iters,
+                     aot_config=lambda s: tail_kernel_config(default_config("mhc_pre", s))))
+kernel_def(KernelDef("post_project", "norm_fn", _build_post_project, ("block_T", "block_K", "thread_T", "thread_M",
+                                                                        "split_K", "mma")))
 
 
-# -- launch wrapper --------------------------------------------------------------------------------------
-def tail_config(op: str, like, shape: Shape, config) -> dict:
-    """The tail's config for composite ``op`` ("mhc_pre" or "post_pre"): ``config`` if given, else the entry
-    the tuner stored for ``op`` (its candidates vary the ``tail_*`` keys), else the default layout."""
-    return resolve_config(op, like, shape, config, default_tail_config)
-
-
+# -- launch wrappers: the backend's overrides of the mhc_pre and post_pre composites ----------------------
 def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
-                 config=None, op="mhc_pre"):
+                 config):
     """-> (layer_input, post, comb, mixes, rstd) from the projection's split partials.
 
-    ``config``: the composite's config (its ``tail_*`` keys are used; missing ones take the default), or
-    None (:func:`tail_config`). The split count is the partials' own, so it always matches the projection
-    that wrote them.
+    ``config``: the tail kernel's flat config (:func:`tail_kernel_config`); its split count must be the
+    partials' own.
     """
     from .common import get_kernel
 
     Tt, n, C = residual.shape
     S, _, m = part_mix.shape
+    if config["split_K"] != S:
+        raise ValueError(f"mhc_pre tail: config split_K={config['split_K']} but the partials have {S} splits")
     layer_input = residual.new_empty((Tt, C))
     post = part_mix.new_empty((Tt, n))
     comb = part_mix.new_empty((Tt, n, n))
@@ -322,31 +349,51 @@ def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, po
     rstd = part_mix.new_empty((Tt,))
     if Tt == 0:
         return layer_input, post, comb, mixes, rstd
-    cfg = dict(tail_config(op, residual, Shape(Tt, n, C, residual.dtype), config), splits=S)
-    get_kernel("mhc_pre_tail", n, C, residual.dtype, cfg, residual.device, iters=int(iters))(
+    get_kernel("mhc_pre_tail", n, C, residual.dtype, config, residual.device, iters=int(iters))(
         part_mix, part_sq, scale, base, residual, layer_input, post, comb, mixes, rstd,
         float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps))
     return layer_input, post, comb, mixes, rstd
 
 
-def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *, config=None):
-    """-> (new_residual, part_mix (S, T, m), part_sq (S, T)), or None when the resolved projection config
-    is not "fma" (the caller then runs post and the projection as two kernels). ``config``: the
-    projection's keys (post_pre's config without its part prefixes), or None."""
-    from . import norm
+def mhc_pre_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
+                config):
+    """mhc_pre in two launches -> (layer_input, post_mix, comb_mix, mixes, rstd): the projection's split
+    partials, then the fused tail (reduce, split, Sinkhorn beside the collapse)."""
+    part_mix, part_sq = norm.norm_fn_partials(residual, fn, norm_weight, config=config["projection"])
+    return mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps,
+                        config=tail_kernel_config(config))
+
+
+def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *, config):
+    """-> (new_residual, part_mix (S, T, m), part_sq (S, T)): post fused into the projection's main loop
+    (``config``: the projection's, "fma" only)."""
     from .common import get_kernel
 
     Tt, n, C = residual.shape
     m = fn.shape[0]
-    cfg = norm._cfg("norm_fn", residual, Tt, n, C, residual.dtype, config)
-    if cfg["mma"] != "fma":
-        return None
-    S = cfg["splits"]
+    S = config["split_K"]
     out = torch.empty_like(residual)
     pm = fn.new_empty((S, Tt, m))
     ps = fn.new_empty((S, Tt))
     if Tt == 0:
         return out, pm, ps
-    get_kernel("post_project", n, C, residual.dtype, cfg, residual.device)(
+    get_kernel("post_project", n, C, residual.dtype, config, residual.device)(
         layer_output, residual, post_mix, comb_mix, norm._fold(fn, norm_weight), out, pm, ps)
     return out, pm, ps
+
+
+def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, norm_eps, pre_eps,
+                 post_mult, iters, sinkhorn_eps, *, config):
+    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd) of the next sublayer.
+
+    Two launches with the default ("fma") projection: post fused into the projection's main loop (the new
+    residual written once and projected from registers), then mhc_pre's fused tail (the collapse reads the
+    new residual back once). A tensor-core projection runs post (``config["post"]``), then mhc_pre."""
+    if config["projection"]["mma"] != "fma":
+        new_residual = streaming.post_fwd(layer_output, residual, post_mix, comb_mix, config=config["post"])
+        return (new_residual,) + mhc_pre_fwd(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps,
+                                             post_mult, iters, sinkhorn_eps, config=config)
+    new_residual, part_mix, part_sq = post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight,
+                                                   config=config["projection"])
+    return (new_residual,) + mhc_pre_tail(part_mix, part_sq, scale, base, new_residual, norm_eps, pre_eps,
+                                          post_mult, iters, sinkhorn_eps, config=tail_kernel_config(config))

@@ -5,7 +5,7 @@ gradient and the row/column sums) lives in registers; these tensors are tiny nex
 to the residual, so the kernels are latency- not bandwidth-bound.
 
 The backward kernels recompute the Sinkhorn iterations and run them in reverse,
-giving the exact gradient of the unrolled, eps-regularised iterations (DESIGN 2.8).
+giving the exact gradient of the unrolled, eps-regularised iterations (contract §9).
 Round inputs are checkpointed in shared memory (laid out ``[slot, element, token]``
 so a warp's accesses hit distinct banks); the reverse pass recomputes the round's
 row sums, column sums and normalised iterate from its checkpoint. With the config's
@@ -27,7 +27,9 @@ Runtime scalars: ``pre_eps``, ``post_mult``, ``sinkhorn_eps``.
 
 import torch
 
-from .common import KernelDef, Shape, cdiv, get_kernel, kernel_def, resolve_config
+from mhc_kernels.specs import stream_count
+
+from .common import KernelDef, Shape, cdiv, get_kernel, kernel_def
 
 KEYS = ("block_T",)
 BWD_KEYS = ("block_T", "ck_stride")
@@ -111,6 +113,7 @@ def _macros(n: int):
 
     @T.macro
     def norm_rows(P, den, eps):
+        # P = P / (P.sum(-1) + eps); den = the row denominators
         for i in T.unroll(n):
             den[i] = eps
             for j in T.unroll(n):
@@ -120,6 +123,7 @@ def _macros(n: int):
 
     @T.macro
     def norm_cols(P, den, eps):
+        # P = P / (P.sum(-2) + eps); den = the column denominators
         for j in T.unroll(n):
             den[j] = eps
             for i in T.unroll(n):
@@ -152,10 +156,12 @@ def _macros(n: int):
     @T.macro
     def sinkhorn_fwd(P, den, eps, iters):
         """P holds the logits on entry and the result on exit."""
+        # P = softmax(L) + eps; P = P / (P.sum(-2) + eps)        (round 1)
         softmax_rows(P, P)
         for e in T.unroll(n * n):
             P[e] = P[e] + eps
         norm_cols(P, den, eps)
+        # iters - 1 times: rows, then columns
         for _ in T.serial(iters - 1):
             norm_rows(P, den, eps)
             norm_cols(P, den, eps)
@@ -167,6 +173,7 @@ def _macros(n: int):
         ck: shared [ck_slots(iters, stride), n*n, block_T]. Slot 0 holds S = softmax(logits);
         slot 1 + r // stride the input of round r (0-based, r = 0 .. iters-2) for r % stride == 0.
         """
+        # forward again, checkpointing S and every stride-th round's input
         softmax_rows(P, P)
         for e in T.unroll(n * n):
             ck[0, e, tx] = P[e]
@@ -199,6 +206,7 @@ def _macros(n: int):
                 den[j] = eps
                 for i in T.unroll(n):
                     den[j] += P[i * n + j]
+            # G <- dL/d(round input): through the column step, then the row step
             col_bwd(G, P, den)
             row_bwd(G, P, den2)
         # iteration 1's column step on S + eps, then the softmax
@@ -209,6 +217,7 @@ def _macros(n: int):
             for i in T.unroll(n):
                 den[j] += P[i * n + j]
         col_bwd(G, P, den)
+        # dL/dL = (G - rowsum(G * S)) * S   (the softmax)
         for e in T.unroll(n * n):
             P[e] = ck[0, e, tx]
         for i in T.unroll(n):
@@ -223,7 +232,7 @@ def _macros(n: int):
 
 
 def split_post_comb_macro(n: int):
-    """``post`` and the Sinkhorn ``comb`` of one token from its mixes row (DESIGN 2.3), shared by
+    """``post`` and the Sinkhorn ``comb`` of one token from its mixes row (contract §3), shared by
     ``split_mixes_fwd`` and the fused ``mhc_pre`` tail (``fused.py``)."""
     import tilelang.language as T
 
@@ -231,8 +240,10 @@ def split_post_comb_macro(n: int):
 
     @T.macro
     def split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, eps, iters):
+        # post = sigmoid(mixes[n:2n] * scale1 + base[n:2n]) * post_mult
         for i in T.unroll(n):
             post[tok, i] = T.sigmoid(mixes[tok, n + i] * scale[1] + base[n + i]) * post_mult
+        # comb = sinkhorn(mixes[2n:] * scale2 + base[2n:])
         for e in T.unroll(n * n):
             P[e] = mixes[tok, 2 * n + e] * scale[2] + base[2 * n + e]
         sk_fwd(P, den, eps, iters)
@@ -252,14 +263,16 @@ def _build_sinkhorn_fwd(n, C, dtype, cfg, iters):
     sk_fwd, _ = _macros(n)
 
     @T.prim_func
-    def sinkhorn_fwd(logits: T.Tensor((Tn, n, n), "float32"), out: T.Tensor((Tn, n, n), "float32"),
-                     eps: T.float32):
+    def sinkhorn_fwd(logits: T.Tensor((Tn, n, n), "float32"),      # input
+                     out: T.Tensor((Tn, n, n), "float32"),         # output
+                     eps: T.float32):                              # constant
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
             P = T.alloc_local((nn,), "float32")
             den = T.alloc_local((n,), "float32")
             tok = bx * bt + tx
             if tok < Tn:
+                # out[t] = sinkhorn(logits[t]), one token per thread
                 for e in T.unroll(nn):
                     P[e] = logits[tok, e // n, e % n]
                 sk_fwd(P, den, eps, iters)
@@ -279,8 +292,10 @@ def _build_sinkhorn_bwd(n, C, dtype, cfg, iters):
     _, sk_bwd = _macros(n)
 
     @T.prim_func
-    def sinkhorn_bwd(grad: T.Tensor((Tn, n, n), "float32"), logits: T.Tensor((Tn, n, n), "float32"),
-                     dlogits: T.Tensor((Tn, n, n), "float32"), eps: T.float32):
+    def sinkhorn_bwd(grad: T.Tensor((Tn, n, n), "float32"),        # gradient in
+                     logits: T.Tensor((Tn, n, n), "float32"),      # saved input
+                     dlogits: T.Tensor((Tn, n, n), "float32"),     # gradient out
+                     eps: T.float32):                              # constant
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
             ck = T.alloc_shared((ck_slots(iters, stride), nn, bt), "float32")
@@ -293,6 +308,7 @@ def _build_sinkhorn_bwd(n, C, dtype, cfg, iters):
                 for e in T.unroll(nn):
                     P[e] = logits[tok, e // n, e % n]
                     G[e] = grad[tok, e // n, e % n]
+                # dlogits[t] = the exact gradient of the unrolled rounds (recompute, then reverse)
                 sk_bwd(G, P, den, den2, ck, tx, eps, iters, stride)
                 for e in T.unroll(nn):
                     dlogits[tok, e // n, e % n] = G[e]
@@ -310,16 +326,18 @@ def _build_split_fwd(n, C, dtype, cfg, iters):
     split_post_comb = split_post_comb_macro(n)
 
     @T.prim_func
-    def split_mixes_fwd(mixes: T.Tensor((Tn, m), "float32"), scale: T.Tensor((3,), "float32"),
-                        base: T.Tensor((m,), "float32"), pre: T.Tensor((Tn, n), "float32"),
-                        post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                        pre_eps: T.float32, post_mult: T.float32, eps: T.float32):
+    def split_mixes_fwd(mixes: T.Tensor((Tn, m), "float32"), scale: T.Tensor((3,), "float32"),   # inputs
+                        base: T.Tensor((m,), "float32"),
+                        pre: T.Tensor((Tn, n), "float32"), post: T.Tensor((Tn, n), "float32"),   # outputs
+                        comb: T.Tensor((Tn, n, n), "float32"),
+                        pre_eps: T.float32, post_mult: T.float32, eps: T.float32):               # constants
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
             P = T.alloc_local((nn,), "float32")
             den = T.alloc_local((n,), "float32")
             tok = bx * bt + tx
             if tok < Tn:
+                # pre = sigmoid(mixes[:n] * scale0 + base[:n]) + pre_eps
                 for i in T.unroll(n):
                     pre[tok, i] = T.sigmoid(mixes[tok, i] * scale[0] + base[i]) + pre_eps
                 split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, eps, iters)
@@ -339,13 +357,14 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
     NR = cdiv(m, bt)
 
     @T.prim_func
-    def split_mixes_bwd(g_pre: T.Tensor((Tn, n), "float32"), g_post: T.Tensor((Tn, n), "float32"),
-                        g_comb: T.Tensor((Tn, n, n), "float32"), mixes: T.Tensor((Tn, m), "float32"),
-                        scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
-                        d_mixes: T.Tensor((Tn, m), "float32"),
-                        part_base: T.Tensor((T.ceildiv(Tn, bt), m), "float32"),
+    def split_mixes_bwd(g_pre: T.Tensor((Tn, n), "float32"), g_post: T.Tensor((Tn, n), "float32"),   # gradients in
+                        g_comb: T.Tensor((Tn, n, n), "float32"),
+                        mixes: T.Tensor((Tn, m), "float32"), scale: T.Tensor((3,), "float32"),   # saved inputs
+                        base: T.Tensor((m,), "float32"),
+                        d_mixes: T.Tensor((Tn, m), "float32"),                                   # gradients out
+                        part_base: T.Tensor((T.ceildiv(Tn, bt), m), "float32"),                  # per-block partials
                         part_scale: T.Tensor((T.ceildiv(Tn, bt), m), "float32"),
-                        post_mult: T.float32, eps: T.float32):
+                        post_mult: T.float32, eps: T.float32):                                   # constants
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
             ck = T.alloc_shared((ck_slots(iters, stride), nn, bt), "float32")
@@ -357,6 +376,7 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
             den2 = T.alloc_local((n,), "float32")
             tok = bx * bt + tx
             if tok < Tn:
+                # dz = g * sigmoid'(z) (pre) and g * post_mult * sigmoid'(z) (post); d_mixes = dz * s
                 for i in T.unroll(n):
                     z = T.alloc_var("float32")
                     z = mixes[tok, i] * scale[0] + base[i]
@@ -376,6 +396,7 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
                     dzm_s[2 * n + e, tx] = mixes[tok, 2 * n + e]
                     P[e] = dzm_s[2 * n + e, tx] * scale[2] + base[2 * n + e]
                     G[e] = g_comb[tok, e // n, e % n]
+                # dz[2n:] = the Sinkhorn backward of g_comb; d_mixes = dz * scale2
                 sk_bwd(G, P, den, den2, ck, tx, eps, iters, stride)
                 for e in T.unroll(nn):
                     d_mixes[tok, 2 * n + e] = G[e] * scale[2]
@@ -386,7 +407,8 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
                     dz_s[r, tx] = 0.0
                     dzm_s[r, tx] = 0.0
             T.sync_threads()
-            # per-block partial sums over the block's tokens, in token order
+            # part_base[b] = sum_t dz, part_scale[b] = sum_t dz * mixes: per-block partial sums over the
+            # block's tokens, in token order
             for q in T.serial(NR):
                 r = q * bt + tx
                 if r < m:
@@ -415,68 +437,60 @@ kernel_def(KernelDef("sinkhorn_bwd", "sinkhorn_bwd", _build_sinkhorn_bwd, BWD_KE
                      act_dependent=False))
 
 
-# -- launch wrappers ---------------------------------------------------------------------------------
-def _cfg(op, like, T, n, config, iters):
-    s = Shape(T, n, 1, torch.float32)
-    cfg = resolve_config(op, like, s, config, lambda sh: default_config(op, sh, iters))
-    if op in BWD_OPS and config is None and cfg["block_T"] * _ck_bytes(n, iters, cfg["ck_stride"]) > SMEM_MAX:
-        # a tuned entry is keyed without the iteration count: one tuned at the default 20 may not
-        # fit a much larger count, so fall back to the heuristic, which always fits
-        cfg = default_config(op, s, iters)
-    return cfg
+def check_config(op: str, n: int, iters: int, cfg: dict):
+    """Why ``cfg`` cannot run ``op`` at ``n`` streams and ``iters`` rounds (None if it can). A tuned entry is
+    keyed without the iteration count: one tuned at the default 20 may need too much shared memory for a
+    much larger count; the core then keeps the heuristic, which always fits."""
+    if op in BWD_OPS and cfg["block_T"] * _ck_bytes(n, iters, cfg["ck_stride"]) > SMEM_MAX:
+        return (f"{op}: block_T={cfg['block_T']} with ck_stride={cfg['ck_stride']} needs more than "
+                f"{SMEM_MAX} bytes of shared memory at n={n}, iters={iters}")
+    return None
 
 
-def _n_of(m: int) -> int:
-    return int(round((m + 1) ** 0.5)) - 1
-
-
-def sinkhorn_fwd(logits, iters, eps, *, config=None):
+# -- launch wrappers (torch_ref signatures + the config the core resolved) -----------------------------
+def sinkhorn_fwd(logits, iters, eps, *, config):
     Tt, n, _ = logits.shape
     out = torch.empty_like(logits)
     if Tt == 0:
         return out
-    cfg = _cfg("sinkhorn", logits, Tt, n, config, iters)
-    get_kernel("sinkhorn_fwd", n, 1, torch.float32, cfg, logits.device, iters=int(iters))(logits, out, float(eps))
+    get_kernel("sinkhorn_fwd", n, 1, torch.float32, config, logits.device, iters=int(iters))(logits, out, float(eps))
     return out
 
 
-def sinkhorn_bwd(grad, logits, iters, eps, *, config=None):
+def sinkhorn_bwd(grad, logits, iters, eps, *, config):
     Tt, n, _ = logits.shape
     out = torch.empty_like(logits)
     if Tt == 0:
         return out
-    cfg = _cfg("sinkhorn_bwd", logits, Tt, n, config, iters)
-    get_kernel("sinkhorn_bwd", n, 1, torch.float32, cfg, logits.device, iters=int(iters))(
+    get_kernel("sinkhorn_bwd", n, 1, torch.float32, config, logits.device, iters=int(iters))(
         grad, logits, out, float(eps))
     return out
 
 
-def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps, *, config=None):
+def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps, *, config):
     Tt, m = mixes.shape
-    n = _n_of(m)
+    n = stream_count(m)
     pre = mixes.new_empty((Tt, n))
     post = mixes.new_empty((Tt, n))
     comb = mixes.new_empty((Tt, n, n))
     if Tt == 0:
         return pre, post, comb
-    cfg = _cfg("split_mixes", mixes, Tt, n, config, iters)
-    get_kernel("split_mixes_fwd", n, 1, torch.float32, cfg, mixes.device, iters=int(iters))(
+    get_kernel("split_mixes_fwd", n, 1, torch.float32, config, mixes.device, iters=int(iters))(
         mixes, scale, base, pre, post, comb, float(pre_eps), float(post_mult), float(sinkhorn_eps))
     return pre, post, comb
 
 
 def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters, sinkhorn_eps, *,
-                    config=None):
+                    config):
     Tt, m = mixes.shape
-    n = _n_of(m)
+    n = stream_count(m)
     d_mixes = mixes.new_empty((Tt, m))
     if Tt == 0:
         return d_mixes, scale.new_zeros((3,)), base.new_zeros((m,))
-    cfg = _cfg("split_mixes_bwd", mixes, Tt, n, config, iters)
-    nb = cdiv(Tt, cfg["block_T"])
+    nb = cdiv(Tt, config["block_T"])
     part_base = mixes.new_empty((nb, m))
     part_scale = mixes.new_empty((nb, m))
-    get_kernel("split_mixes_bwd", n, 1, torch.float32, cfg, mixes.device, iters=int(iters))(
+    get_kernel("split_mixes_bwd", n, 1, torch.float32, config, mixes.device, iters=int(iters))(
         grad_pre.contiguous(), grad_post.contiguous(), grad_comb.contiguous(), mixes, scale, base, d_mixes,
         part_base, part_scale, float(post_mult), float(sinkhorn_eps))
     d_base = part_base.sum(0)

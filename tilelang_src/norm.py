@@ -27,14 +27,14 @@ their low 13 bits clear, so whatever the hardware does with those bits (it drops
 truncation, which DeepSeek's kernels pre-round against too) never matters, and no
 extra pass over ``fn`` or ``x`` is needed.
 
-Tiling, ``mma = "fma"``: a CTA owns ``block_T`` tokens and one K-range (``splits``
+Tiling, ``mma = "fma"``: a CTA owns ``block_T`` tokens and one K-range (``split_K``
 ranges when the token count is small, so enough CTAs stream ``x``); it stages ``block_K``
 columns of ``x`` and of ``fn`` (rows padded up to a multiple of the per-thread row
 tile, padded rows are zero) in shared memory, transposed so a warp reads
 consecutive words, and each thread accumulates a ``thread_T x thread_M`` register
 tile of dot products (``thread_T + thread_M`` shared loads per ``thread_T * thread_M``
 FMAs). The sum of squares is accumulated in the same main loop from the same staged
-tile of ``x``. With ``splits > 1`` the CTAs write per-split partial dots and sums of
+tile of ``x``. With ``split_K > 1`` the CTAs write per-split partial dots and sums of
 squares and a second kernel adds them in split order (deterministic) and applies rstd.
 
 Tiling, tensor cores (:func:`_build_fwd_mma`; same grid, split-K partials and finalize
@@ -57,17 +57,17 @@ The tuner checks every candidate config against the reference before timing it, 
 ``3xtf32`` config can only be tuned in where it is correct (and faster); the GPU test
 (tests/test_tilelang_gpu.py) checks both tensor-core modes against the oracle.
 
-Backward (DESIGN 2.8), with ``g = d mixes`` and ``r = rstd``:
+Backward (contract §9), with ``g = d mixes`` and ``r = rstd``:
 ``d_x = r * (g @ fn_eff) - (r^2 / K) * (g . mixes) * x`` -- one thread per column of
 ``x`` keeps that column of ``fn_eff`` in registers and loops over a staged block of
 tokens; ``d_fn_eff = (g * r)^T @ x`` -- one thread per column accumulates its ``m``
 sums over a token range, each CTA writing a per-token-range partial that the wrapper
 sums in order (deterministic, no atomics).
 
-Config keys: ``mma`` ("fma" | "3xtf32" | "tf32"), ``block_T``, ``block_K``, ``splits``
+Config keys: ``mma`` ("fma" | "3xtf32" | "tf32"), ``block_T``, ``block_K``, ``split_K``
 (forward, all modes); ``thread_T``, ``thread_M`` (forward, "fma" only: ignored by the
-tensor-core kernels but part of every config); ``bwd_block_T``, ``bwd_block_K``,
-``dfn_block_T``, ``dfn_splits`` (backward). Tensor-core candidates in
+tensor-core kernels but part of every config); ``dx_block_T``, ``block_K``,
+``dfn_block_T``, ``split_T`` (backward). Tensor-core candidates in
 :func:`config_space` also carry ``smem_bytes`` (an upper-bound estimate, which the
 tuner's pruning compares with the device's limit). Tensor-core tiles: ``block_T`` 32 or
 64, ``block_K`` a multiple of 64 (64, 128, 256 are the ones compiled and offered).
@@ -75,13 +75,15 @@ tuner's pruning compares with the device's limit). Tensor-core tiles: ``block_T`
 
 import torch
 
-from .common import KernelDef, Shape, cdiv, dtype_name, get_kernel, kernel_def, max_vec, num_sms, resolve_config
+from mhc_kernels.specs import prev_pow2
+
+from .common import KernelDef, Shape, cdiv, dtype_name, get_kernel, kernel_def, max_vec, num_sms
 
 FUSED_KEYS = ("block_T", "block_K", "thread_T", "thread_M", "mma")
-FWD_KEYS = FUSED_KEYS + ("splits",)
-FIN_KEYS = ("splits",)
-DX_KEYS = ("bwd_block_T", "bwd_block_K")
-DFN_KEYS = ("dfn_block_T", "bwd_block_K", "dfn_splits")
+FWD_KEYS = FUSED_KEYS + ("split_K",)
+FIN_KEYS = ("split_K",)
+DX_KEYS = ("dx_block_T", "block_K")
+DFN_KEYS = ("dfn_block_T", "block_K", "split_T")
 
 
 def mix_rows(n: int) -> int:
@@ -99,17 +101,19 @@ def _row_tiling(m: int):
     return 8, cdiv(m, 8)
 
 
-def _fwd_threads(cfg, m):
-    return (cfg["block_T"] // cfg["thread_T"]) * cdiv(m, cfg["thread_M"])
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (int(x).bit_length() - 1)
-
-
 def default_config(op: str, s: Shape) -> dict:
+    """``norm_fn``: the forward tiling (``block_T`` tokens x ``block_K`` columns per step, the
+    ``thread_T x thread_M`` register tile, ``split_K`` K ranges when the token blocks alone cannot fill
+    the GPU, ``mma``); ``norm_fn_bwd``: the d_x kernel's ``dx_block_T`` tokens per staged block, the
+    ``block_K`` columns per CTA of both kernels, the d_fn kernel's ``dfn_block_T`` and its ``split_T``
+    token ranges."""
     m = mix_rows(s.n)
     K = s.n * s.C
+    if op == "norm_fn_bwd":
+        # d_fn: enough token ranges that K/block_K * split_T CTAs fill the GPU
+        kblocks = cdiv(K, 128)
+        split_T = prev_pow2(max(1, min(cdiv(2 * num_sms(), kblocks), cdiv(max(s.T, 1), 32), 256)))
+        return {"dx_block_T": 32, "block_K": 128, "dfn_block_T": 32, "split_T": split_T}
     rg, tm = _row_tiling(m)
     tt = 4 if m > 4 else 2
     bt = 128 if rg <= 4 else 64
@@ -117,14 +121,9 @@ def default_config(op: str, s: Shape) -> dict:
     bk = 32
     # split K when the token blocks alone cannot fill the GPU (2 CTAs per SM)
     tblocks = max(1, cdiv(max(s.T, 1), bt))
-    splits = max(1, min(cdiv(2 * num_sms(), tblocks), cdiv(K, 8 * bk), 64))
-    splits = _pow2_floor(splits)  # few distinct values: each is a compiled kernel, whatever T is
-    cfg = {"block_T": bt, "block_K": bk, "thread_T": tt, "thread_M": tm, "splits": splits, "mma": "fma",
-           "bwd_block_T": 32, "bwd_block_K": 128, "dfn_block_T": 32}
-    # d_fn: enough token ranges that K/bwd_block_K * dfn_splits CTAs fill the GPU
-    kblocks = cdiv(K, 128)
-    cfg["dfn_splits"] = _pow2_floor(max(1, min(cdiv(2 * num_sms(), kblocks), cdiv(max(s.T, 1), 32), 256)))
-    return cfg
+    split_K = max(1, min(cdiv(2 * num_sms(), tblocks), cdiv(K, 8 * bk), 64))
+    split_K = prev_pow2(split_K)  # few distinct values: each is a compiled kernel, whatever T is
+    return {"block_T": bt, "block_K": bk, "thread_T": tt, "thread_M": tm, "split_K": split_K, "mma": "fma"}
 
 
 def config_space(op: str, s: Shape) -> list[dict]:
@@ -132,8 +131,8 @@ def config_space(op: str, s: Shape) -> list[dict]:
     out = [d]
     if op == "norm_fn":
         for bk in (16, 32, 64):
-            for sp in sorted({1, 2, 4, 8, d["splits"]}):
-                c = dict(d, block_K=bk, splits=sp)
+            for sp in sorted({1, 2, 4, 8, d["split_K"]}):
+                c = dict(d, block_K=bk, split_K=sp)
                 if c not in out:
                     out.append(c)
         # tensor cores: 3xtf32 only -- plain tf32 misses the float32 tolerance (see the module docstring)
@@ -143,15 +142,15 @@ def config_space(op: str, s: Shape) -> list[dict]:
                 smem = mma_smem_bytes(m, s.dtype, bt, bk, "3xtf32")
                 if smem > MMA_SMEM_BUDGET or mma_acc_per_thread(m, s.dtype, bt, bk, "3xtf32") > MMA_MAX_ACC:
                     continue
-                for sp in sorted({1, 2, 4, 8, d["splits"]}):
-                    c = dict(d, mma="3xtf32", block_T=bt, block_K=bk, splits=sp, smem_bytes=smem)
+                for sp in sorted({1, 2, 4, 8, d["split_K"]}):
+                    c = dict(d, mma="3xtf32", block_T=bt, block_K=bk, split_K=sp, smem_bytes=smem)
                     if c not in out:
                         out.append(c)
     else:
         for bt in (16, 32, 64):
             for bk in (64, 128, 256):
-                for ds in sorted({d["dfn_splits"], max(1, d["dfn_splits"] // 2), d["dfn_splits"] * 2}):
-                    c = dict(d, bwd_block_T=bt, bwd_block_K=bk, dfn_block_T=bt, dfn_splits=ds)
+                for ds in sorted({d["split_T"], max(1, d["split_T"] // 2), d["split_T"] * 2}):
+                    c = dict(d, dx_block_T=bt, block_K=bk, dfn_block_T=bt, split_T=ds)
                     if c not in out:
                         out.append(c)
     return out
@@ -195,14 +194,14 @@ def fma_tile_macros(TT: int, TM: int, m: int, Tn):
 
 
 def _build_fwd(n, C, dtype, cfg, fused, rows=None):
-    """Main loop. ``fused``: one K range (splits == 1), finalise in place; else write partials."""
+    """Main loop. ``fused``: one K range (split_K == 1), finalise in place; else write partials."""
     import tilelang.language as T
 
     dt = dtype_name(dtype)
     m = rows or mix_rows(n)
     K = n * C
     bt, bk, TT, TM = cfg["block_T"], cfg["block_K"], cfg["thread_T"], cfg["thread_M"]
-    S = 1 if fused else cfg["splits"]
+    S = 1 if fused else cfg["split_K"]
     RG = cdiv(m, TM)
     MP = RG * TM                      # m padded up to the register tile
     TG = bt // TT
@@ -219,6 +218,7 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
     accumulate, store_partials = fma_tile_macros(TT, TM, m, Tn)
 
     @T.prim_func
+    # inputs x, fn; outputs mixes, rstd (split_K == 1) or the partials part_mix, part_sq; constant eps
     def norm_fn_fwd(x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),
                     mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
                     part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
@@ -274,9 +274,11 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
                             for v in T.unroll(VF):
                                 fs[kv * VF + v, j] = 0.0
                 T.sync_threads()
+                # acc[t, j] += sum_k x[t, k] * fn[j, k];  sq[t] += sum_k x[t, k]^2   (this chunk's k)
                 accumulate(xs, fs, bk, xr, fr, acc, sq, tg, rg)
                 T.sync_threads()
             if fused:
+                # rstd = rsqrt(sq / K + eps);  mixes = acc * rstd
                 for a in T.unroll(TT):
                     tok = bx * bt + tg * TT + a
                     if tok < Tn:
@@ -356,7 +358,7 @@ def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
     bt, bk, mode = cfg["block_T"], cfg["block_K"], cfg["mma"]
     _check_mode(mode)
     assert mode != "fma"
-    S = 1 if fused else cfg["splits"]
+    S = 1 if fused else cfg["split_K"]
     split = mode == "3xtf32"                  # fn = hi + lo
     x_split = split and dtype == torch.float32  # x = hi + lo as well (bf16 / fp16 are exact in TF32)
     x_round = dtype == torch.float32
@@ -383,6 +385,7 @@ def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
                              "float32")
 
     @T.prim_func
+    # inputs x, fn; outputs mixes, rstd (split_K == 1) or the partials part_mix, part_sq; constant eps
     def norm_fn_fwd_mma(x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),
                         mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
                         part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
@@ -470,6 +473,7 @@ def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
                         else:
                             for v in T.unroll(V):
                                 xv[it * V + v] = T.cast(0, dt)
+                # acc[t, j] += sum_k x[t, k] * fn[j, k]   (this chunk, on tensor cores)
                 T.gemm(xs, fs, acc, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.sync_threads()
             # epilogue: per-token sums of squares (TPT partials in a fixed order), products added per token
@@ -512,21 +516,21 @@ def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
 
 
 def _build_fwd_fused(n, C, dtype, cfg, rows=None):
-    cfg = dict(cfg, splits=1)
+    cfg = dict(cfg, split_K=1)
     if cfg.get("mma", "fma") != "fma":
         return _build_fwd_mma(n, C, dtype, cfg, fused=True, rows=rows)
     return _build_fwd(n, C, dtype, cfg, fused=True, rows=rows)
 
 
 def _build_fwd_splitk(n, C, dtype, cfg, rows=None):
-    cfg = dict(cfg, splits=max(2, cfg["splits"]))
+    cfg = dict(cfg, split_K=max(2, cfg["split_K"]))
     if cfg.get("mma", "fma") != "fma":
         return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows)
     return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows)
 
 
 def _build_fwd_partials(n, C, dtype, cfg, rows=None):
-    """The main loop writing split partials for any ``splits`` (1 included): ``mhc_pre``'s projection,
+    """The main loop writing split partials for any ``split_K`` (1 included): ``mhc_pre``'s projection,
     whose reduce stage is the fused tail kernel (``fused.py``)."""
     if cfg.get("mma", "fma") != "fma":
         return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows)
@@ -563,19 +567,21 @@ def _build_fwd_finalize(n, C, dtype, cfg, rows=None):
 
     m = rows or mix_rows(n)
     K = n * C
-    S = cfg["splits"]
+    S = cfg["split_K"]
     bt = 128
     Tn = T.dynamic("T")
     split_sum, split_rstd = split_reduce_macros(S, K)
 
     @T.prim_func
-    def norm_fn_finalize(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
-                         mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"), eps: T.float32):
+    def norm_fn_finalize(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                         mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),            # out
+                         eps: T.float32):                                                                  # constant
         with T.Kernel(T.ceildiv(Tn, bt), threads=bt) as bx:
             tx = T.get_thread_binding(0)
             r = T.alloc_var("float32")
             tok = bx * bt + tx
             if tok < Tn:
+                # rstd = rsqrt(sum_s part_sq[s] / K + eps);  mixes = (sum_s part_mix[s]) * rstd
                 r = split_rstd(part_sq, tok, eps)
                 rstd[tok] = r
                 for j in T.serial(m):
@@ -594,16 +600,18 @@ def _build_bwd_dx(n, C, dtype, cfg, rows=None, apply=False, residual_grad=False)
     dt = dtype_name(dtype)
     m = rows or mix_rows(n)
     K = n * C
-    bt, bq = cfg["bwd_block_T"], cfg["bwd_block_K"]
+    bt, bq = cfg["dx_block_T"], cfg["block_K"]
     threads = bq
     GL = cdiv(bt * m, threads)
     Tn = T.dynamic("T")
 
     @T.prim_func
-    def norm_fn_bwd_dx(g: T.Tensor((Tn, m), "float32"), x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),
+    def norm_fn_bwd_dx(g: T.Tensor((Tn, m), "float32"),                                          # gradient in
+                       x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),                # saved inputs
                        mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
-                       w: T.Tensor((Tn, n), "float32"), g_apply: T.Tensor((Tn, C), dt),
-                       g_res: T.Tensor((Tn, K), dt), dx: T.Tensor((Tn, K), dt)):
+                       w: T.Tensor((Tn, n), "float32"), g_apply: T.Tensor((Tn, C), dt),          # extra terms
+                       g_res: T.Tensor((Tn, K), dt),
+                       dx: T.Tensor((Tn, K), dt)):                                               # gradient out
         with T.Kernel(T.ceildiv(K, bq), T.ceildiv(Tn, bt), threads=threads) as (bx, by):
             tx = T.get_thread_binding(0)
             grs = T.alloc_shared((bt, m), "float32")    # g * rstd
@@ -635,6 +643,7 @@ def _build_bwd_dx(n, C, dtype, cfg, rows=None, apply=False, residual_grad=False)
                     coef[tx] = 0.0
             T.sync_threads()
             if q < K:
+                # dx[t, q] = sum_j g[t, j] rstd[t] fn[j, q] - coef[t] x[t, q]  (+ w[t, i] g_apply[t, c] + g_res[t, q])
                 for t in T.serial(bt):
                     tok = by * bt + t
                     if tok < Tn:
@@ -657,14 +666,15 @@ def _build_bwd_dfn(n, C, dtype, cfg, rows=None):
     dt = dtype_name(dtype)
     m = rows or mix_rows(n)
     K = n * C
-    bt, bq, S = cfg["dfn_block_T"], cfg["bwd_block_K"], cfg["dfn_splits"]
+    bt, bq, S = cfg["dfn_block_T"], cfg["block_K"], cfg["split_T"]
     threads = bq
     GL = cdiv(bt * m, threads)
     Tn = T.dynamic("T")
 
     @T.prim_func
-    def norm_fn_bwd_dfn(g: T.Tensor((Tn, m), "float32"), x: T.Tensor((Tn, K), dt),
-                        rstd: T.Tensor((Tn,), "float32"), part_dfn: T.Tensor((S, m, K), "float32")):
+    def norm_fn_bwd_dfn(g: T.Tensor((Tn, m), "float32"),                                        # gradient in
+                        x: T.Tensor((Tn, K), dt), rstd: T.Tensor((Tn,), "float32"),              # saved inputs
+                        part_dfn: T.Tensor((S, m, K), "float32")):                               # partial gradients out
         with T.Kernel(T.ceildiv(K, bq), S, threads=threads) as (bx, bs):
             tx = T.get_thread_binding(0)
             grs = T.alloc_shared((bt, m), "float32")
@@ -689,6 +699,7 @@ def _build_bwd_dfn(n, C, dtype, cfg, rows=None):
                         else:
                             grs[t, row] = 0.0
                 T.sync_threads()
+                # part_dfn[s, j, q] += sum_t g[t, j] rstd[t] x[t, q]   (this split's tokens, in token order)
                 if q < K:
                     for t in T.serial(bt):
                         if tok0 + t < Tn:
@@ -705,7 +716,7 @@ def _build_bwd_dfn(n, C, dtype, cfg, rows=None):
 
 kernel_def(KernelDef("norm_fn_fwd", "norm_fn", _build_fwd_fused, FUSED_KEYS, aot_T=65536))
 kernel_def(KernelDef("norm_fn_fwd_splitk", "norm_fn", _build_fwd_splitk, FWD_KEYS, aot_T=16))
-kernel_def(KernelDef("mhc_pre_project", "mhc_pre", _build_fwd_partials, FWD_KEYS))
+kernel_def(KernelDef("mhc_pre_project", "norm_fn", _build_fwd_partials, FWD_KEYS))
 kernel_def(KernelDef("norm_fn_finalize", "norm_fn", _build_fwd_finalize, FIN_KEYS, aot_T=16))
 kernel_def(KernelDef("norm_fn_bwd_dx", "norm_fn_bwd", _build_bwd_dx, DX_KEYS))
 kernel_def(KernelDef("mhc_pre_bwd_dx", "norm_fn_bwd", _build_bwd_dx, DX_KEYS,
@@ -714,15 +725,11 @@ kernel_def(KernelDef("norm_fn_bwd_dfn", "norm_fn_bwd", _build_bwd_dfn, DFN_KEYS)
 
 
 # -- launch wrappers -----------------------------------------------------------------------------------
-def _cfg(op, like, T, n, C, dtype, config):
-    return resolve_config(op, like, Shape(T, n, C, dtype), config, lambda sh: default_config(op, sh))
-
-
 def _fold(fn, norm_weight):
     return fn.contiguous() if norm_weight is None else (fn * norm_weight).contiguous()
 
 
-def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config=None):
+def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config):
     """-> (mixes (T, rows), rstd (T,)); ``rows`` is fn's row count (m, or n for the head)."""
     Tt, n, C = residual.shape
     m = fn.shape[0]
@@ -731,11 +738,11 @@ def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config=None):
     rstd = fn.new_empty((Tt,))
     if Tt == 0:
         return mixes, rstd
-    cfg = _cfg("norm_fn", residual, Tt, n, C, residual.dtype, config)
+    cfg = config  # resolved by the core (registry.config_for)
     _check_mode(cfg["mma"])
     x = residual.view(Tt, n * C)
     f = _fold(fn, norm_weight)
-    S = cfg["splits"]
+    S = cfg["split_K"]
     dev = residual.device
     if S == 1:
         dummy = fn.new_empty((1, Tt, m)), fn.new_empty((1, Tt))
@@ -750,14 +757,15 @@ def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config=None):
     return mixes, rstd
 
 
-def norm_fn_partials(residual, fn, norm_weight, *, config=None):
+def norm_fn_partials(residual, fn, norm_weight, *, config):
     """-> (part_mix (S, T, m), part_sq (S, T)): the projection's per-split partial dot products and sums of
-    squares, unnormalised (``config``: mhc_pre's, whose ``splits`` may be 1); ``fused.mhc_pre_tail`` reduces them."""
+    squares, unnormalised (``config``: the projection's, whose ``split_K`` may be 1); ``fused.mhc_pre_tail``
+    reduces them."""
     Tt, n, C = residual.shape
     m = fn.shape[0]
-    cfg = _cfg("norm_fn", residual, Tt, n, C, residual.dtype, config)
+    cfg = config  # resolved by the core (registry.config_for)
     _check_mode(cfg["mma"])
-    S = cfg["splits"]
+    S = cfg["split_K"]
     pm = fn.new_empty((S, Tt, m))
     ps = fn.new_empty((S, Tt))
     if Tt == 0:
@@ -768,10 +776,11 @@ def norm_fn_partials(residual, fn, norm_weight, *, config=None):
     return pm, ps
 
 
-def norm_fn_bwd_fused(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, apply_w=None, apply_grad=None,
-                      grad_residual=None, config=None):
-    """-> (d_residual, d_fn_eff); optionally adds ``apply_w[t, i] * apply_grad[t, c]`` and
-    ``grad_residual`` to d_residual in float32 before its single rounding."""
+def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, config, apply_w=None, apply_grad=None,
+                grad_residual=None):
+    """-> (d_residual, d_fn_eff); d_fn_eff is the gradient of fn * norm_weight. Optionally adds
+    ``apply_w[t, i] * apply_grad[t, c]`` and ``grad_residual`` to d_residual in float32 before its single
+    rounding (a whole site's pre side in one full-size write)."""
     Tt, n, C = residual.shape
     m = fn.shape[0]
     K = n * C
@@ -779,7 +788,7 @@ def norm_fn_bwd_fused(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, app
     d_res = torch.empty_like(residual)
     if Tt == 0:
         return d_res, fn.new_zeros((m, K))
-    cfg = _cfg("norm_fn_bwd", residual, Tt, n, C, residual.dtype, config)
+    cfg = config
     x = residual.view(Tt, K)
     f = _fold(fn, norm_weight)
     g = grad_mixes.contiguous()
@@ -794,11 +803,6 @@ def norm_fn_bwd_fused(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, app
         consts.update(apply=apply, residual_grad=res)
     get_kernel("norm_fn_bwd_dx", n, C, residual.dtype, cfg, dev, **consts)(
         g, x, f, mixes, rstd, w, ga, gr, d_res.view(Tt, K))
-    part = fn.new_empty((cfg["dfn_splits"], m, K))
+    part = fn.new_empty((cfg["split_T"], m, K))
     get_kernel("norm_fn_bwd_dfn", n, C, residual.dtype, cfg, dev, rows=rows)(g, x, rstd, part)
     return d_res, part.sum(0)
-
-
-def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, config=None):
-    """-> (d_residual, d_fn_eff); d_fn_eff is the gradient of fn * norm_weight."""
-    return norm_fn_bwd_fused(grad_mixes, residual, fn, norm_weight, mixes, rstd, config=config)

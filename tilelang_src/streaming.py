@@ -17,7 +17,7 @@ elements per access (<= 16 bytes, a power of two dividing C).
 
 import torch
 
-from .common import Shape, cdiv, dtype_name, kernel_def, KernelDef, max_vec, next_pow2
+from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec, next_pow2
 
 KEYS = ("block_T", "block_C", "threads", "vec")
 
@@ -109,8 +109,8 @@ def _build_pre_apply_fwd(n, C, dtype, cfg):
     collapse = collapse_macro(n, V, dt)
 
     @T.prim_func
-    def pre_apply_mix_fwd(x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),
-                          out: T.Tensor((Tn, C), dt)):
+    def pre_apply_mix_fwd(x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),   # inputs
+                          out: T.Tensor((Tn, C), dt)):                                         # output
         with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
             xv = T.alloc_local((V,), dt)
             acc = T.alloc_local((V,), "float32")
@@ -122,6 +122,7 @@ def _build_pre_apply_fwd(n, C, dtype, cfg):
                 tok = by * bt + idx // NV
                 col = bx * bc + (idx % NV) * V
                 if tok < Tn and col < C:
+                    # out[t, c] = sum_i mix[t, i] * x[t, i, c]
                     collapse(x, out, mix, tok, tok, col, xv, acc, ov)
 
     return pre_apply_mix_fwd
@@ -137,8 +138,9 @@ def _build_pre_apply_bwd(n, C, dtype, cfg, write_dx=True):
     Tn = T.dynamic("T")
 
     @T.prim_func
-    def pre_apply_mix_bwd(g: T.Tensor((Tn, C), dt), x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),
-                          dx: T.Tensor((Tn, n, C), dt), dmix: T.Tensor((Tn, n), "float32")):
+    def pre_apply_mix_bwd(g: T.Tensor((Tn, C), dt),                                            # gradient in
+                          x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),      # saved inputs
+                          dx: T.Tensor((Tn, n, C), dt), dmix: T.Tensor((Tn, n), "float32")):   # gradients out
         with T.Kernel(T.ceildiv(Tn, bt), threads=th) as by:
             gv = T.alloc_local((V,), dt)
             gf = T.alloc_local((V,), "float32")
@@ -157,15 +159,18 @@ def _build_pre_apply_bwd(n, C, dtype, cfg, write_dx=True):
                         for v in T.vectorized(V):
                             gf[v] = T.cast(gv[v], "float32")
                         for i in T.unroll(n):
+                            # dmix[t, i] += <g[t, cols], x[t, i, cols]>   (per-vector partials)
                             for v in T.vectorized(V):
                                 xv[v] = x[tok, i, col + v]
                             for v in T.serial(V):
                                 part[t, i, cv] += gf[v] * T.cast(xv[v], "float32")
+                            # dx[t, i, c] = mix[t, i] * g[t, c]
                             if write_dx:
                                 for v in T.vectorized(V):
                                     ov[v] = T.cast(mix[tok, i] * gf[v], dt)
                                 for v in T.vectorized(V):
                                     dx[tok, i, col + v] = ov[v]
+            # dmix[t, i] = sum over the vectors of the partials (fixed order: deterministic)
             T.reduce_sum(part, red, dim=2)
             for t, i in T.Parallel(bt, n):
                 if by * bt + t < Tn:
@@ -184,8 +189,9 @@ def _build_post_fwd(n, C, dtype, cfg):
     Tn = T.dynamic("T")
 
     @T.prim_func
-    def post_fwd(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt), post: T.Tensor((Tn, n), "float32"),
-                 comb: T.Tensor((Tn, n, n), "float32"), out: T.Tensor((Tn, n, C), dt)):
+    def post_fwd(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),                  # inputs
+                 post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                 out: T.Tensor((Tn, n, C), dt)):                                                # output
         with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
             xv = T.alloc_local((n, V), dt)   # every stream's vector, read once
             xf = T.alloc_local((n, V), "float32")
@@ -211,6 +217,7 @@ def _build_post_fwd(n, C, dtype, cfg):
                         for v in T.vectorized(V):
                             xf[j, v] = T.cast(xv[j, v], "float32")
                     for i in T.unroll(n):
+                        # out[t, i, c] = post[t, i] * y[t, c] + sum_j comb[t, j, i] * x[t, j, c]
                         for v in T.vectorized(V):
                             acc[v] = post[tok, i] * yf[v]
                         for j in T.unroll(n):
@@ -234,9 +241,10 @@ def _build_post_bwd(n, C, dtype, cfg):
     Tn = T.dynamic("T")
 
     @T.prim_func
-    def post_bwd(g: T.Tensor((Tn, n, C), dt), y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),
+    def post_bwd(g: T.Tensor((Tn, n, C), dt),                                                    # gradient in
+                 y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),                  # saved inputs
                  post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                 dy: T.Tensor((Tn, C), dt), dx: T.Tensor((Tn, n, C), dt),
+                 dy: T.Tensor((Tn, C), dt), dx: T.Tensor((Tn, n, C), dt),                       # gradients out
                  dpost: T.Tensor((Tn, n), "float32"), dcomb: T.Tensor((Tn, n, n), "float32")):
         with T.Kernel(T.ceildiv(Tn, bt), threads=th) as by:
             gv = T.alloc_local((n, V), dt)
@@ -292,6 +300,7 @@ def _build_post_bwd(n, C, dtype, cfg):
                                 ov[v] = T.cast(acc[v], dt)
                             for v in T.vectorized(V):
                                 dx[tok, j, col + v] = ov[v]
+            # dcomb, dpost = sums over the vectors of the partials (fixed order: deterministic)
             T.reduce_sum(partc, redc, dim=2)
             T.reduce_sum(partp, redp, dim=2)
             for t, r in T.Parallel(bt, n * n):
@@ -314,7 +323,8 @@ def _build_expand_fwd(n, C, dtype, cfg):
     Tn = T.dynamic("T")
 
     @T.prim_func
-    def expand_fwd(h: T.Tensor((Tn, C), dt), out: T.Tensor((Tn, n, C), dt)):
+    def expand_fwd(h: T.Tensor((Tn, C), dt),           # input
+                   out: T.Tensor((Tn, n, C), dt)):     # output
         with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
             hv = T.alloc_local((V,), dt)
             tx = T.get_thread_binding(0)
@@ -324,6 +334,7 @@ def _build_expand_fwd(n, C, dtype, cfg):
                 tok = by * bt + idx // NV
                 col = bx * bc + (idx % NV) * V
                 if tok < Tn and col < C:
+                    # out[t, i, c] = h[t, c] for every stream i
                     for v in T.vectorized(V):
                         hv[v] = h[tok, col + v]
                     for i in T.unroll(n):
@@ -343,7 +354,8 @@ def _build_expand_bwd(n, C, dtype, cfg):
     Tn = T.dynamic("T")
 
     @T.prim_func
-    def expand_bwd(g: T.Tensor((Tn, n, C), dt), dh: T.Tensor((Tn, C), dt)):
+    def expand_bwd(g: T.Tensor((Tn, n, C), dt),        # gradient in
+                   dh: T.Tensor((Tn, C), dt)):         # gradient out
         with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
             gv = T.alloc_local((V,), dt)
             acc = T.alloc_local((V,), "float32")
@@ -355,6 +367,7 @@ def _build_expand_bwd(n, C, dtype, cfg):
                 tok = by * bt + idx // NV
                 col = bx * bc + (idx % NV) * V
                 if tok < Tn and col < C:
+                    # dh[t, c] = sum_i g[t, i, c]
                     for v in T.vectorized(V):
                         acc[v] = 0.0
                     for i in T.unroll(n):
@@ -379,26 +392,20 @@ for _name, _op, _build in (("pre_apply_mix_fwd", "pre_apply_mix", _build_pre_app
     kernel_def(KernelDef(_name, _op, _build, KEYS))
 
 
-# -- launch wrappers (torch_ref signatures + config=) -------------------------------------------
-from .common import get_kernel, resolve_config  # noqa: E402
+# -- launch wrappers (torch_ref signatures + the config the core resolved) -------------------------
+from .common import get_kernel  # noqa: E402
 
 
-def _cfg(op, like, T, n, C, dtype, config):
-    s = Shape(T, n, C, dtype)
-    return resolve_config(op, like, s, config, lambda sh: default_config(op, sh))
-
-
-def pre_apply_mix_fwd(residual, pre_mix, *, config=None, out=None):
+def pre_apply_mix_fwd(residual, pre_mix, *, config, out=None):
     Tt, n, C = residual.shape
     out = residual.new_empty((Tt, C)) if out is None else out
     if Tt == 0:
         return out
-    cfg = _cfg("pre_apply_mix", residual, Tt, n, C, residual.dtype, config)
-    get_kernel("pre_apply_mix_fwd", n, C, residual.dtype, cfg, residual.device)(residual, pre_mix, out)
+    get_kernel("pre_apply_mix_fwd", n, C, residual.dtype, config, residual.device)(residual, pre_mix, out)
     return out
 
 
-def pre_apply_mix_bwd(grad, residual, pre_mix, *, config=None, write_dx=True):
+def pre_apply_mix_bwd(grad, residual, pre_mix, *, config, write_dx=True):
     """-> (d_residual, d_pre_mix); with ``write_dx=False`` d_residual is left unwritten (the fused
     mhc_pre/mhc_head backward adds that term inside the projection's d_x kernel instead)."""
     Tt, n, C = residual.shape
@@ -406,24 +413,31 @@ def pre_apply_mix_bwd(grad, residual, pre_mix, *, config=None, write_dx=True):
     dmix = pre_mix.new_empty((Tt, n))
     if Tt == 0:
         return dx, dmix
-    cfg = _cfg("pre_apply_mix_bwd", residual, Tt, n, C, residual.dtype, config)
     consts = {} if write_dx else {"write_dx": False}
-    get_kernel("pre_apply_mix_bwd", n, C, residual.dtype, cfg, residual.device, **consts)(
+    get_kernel("pre_apply_mix_bwd", n, C, residual.dtype, config, residual.device, **consts)(
         grad, residual, pre_mix, dx, dmix)
     return dx, dmix
 
 
-def post_fwd(layer_output, residual, post_mix, comb_mix, *, config=None, out=None):
+def stream_weight_grad(grad, residual, *, config):
+    """d_w[t, i] = <grad[t], residual[t, i]> (T, n) float32: pre_apply_mix_bwd without d_residual (the composites'
+    backward adds that term inside norm_fn_bwd's d_x kernel). ``config``: pre_apply_mix_bwd's."""
+    Tt, n, _ = residual.shape
+    unread = grad.new_empty((Tt, n), dtype=torch.float32)  # the pre-mix only d_residual would need
+    return pre_apply_mix_bwd(grad, residual, unread, config=config, write_dx=False)[1]
+
+
+def post_fwd(layer_output, residual, post_mix, comb_mix, *, config, out=None):
     Tt, n, C = residual.shape
     out = torch.empty_like(residual) if out is None else out
     if Tt == 0:
         return out
-    cfg = _cfg("post", residual, Tt, n, C, residual.dtype, config)
-    get_kernel("post_fwd", n, C, residual.dtype, cfg, residual.device)(layer_output, residual, post_mix, comb_mix, out)
+    get_kernel("post_fwd", n, C, residual.dtype, config, residual.device)(
+        layer_output, residual, post_mix, comb_mix, out)
     return out
 
 
-def post_bwd(grad, layer_output, residual, post_mix, comb_mix, *, config=None):
+def post_bwd(grad, layer_output, residual, post_mix, comb_mix, *, config):
     Tt, n, C = residual.shape
     dy = torch.empty_like(layer_output)
     dx = torch.empty_like(residual)
@@ -431,27 +445,24 @@ def post_bwd(grad, layer_output, residual, post_mix, comb_mix, *, config=None):
     dcomb = comb_mix.new_empty((Tt, n, n))
     if Tt == 0:
         return dy, dx, dpost, dcomb
-    cfg = _cfg("post_bwd", residual, Tt, n, C, residual.dtype, config)
-    get_kernel("post_bwd", n, C, residual.dtype, cfg, residual.device)(
+    get_kernel("post_bwd", n, C, residual.dtype, config, residual.device)(
         grad, layer_output, residual, post_mix, comb_mix, dy, dx, dpost, dcomb)
     return dy, dx, dpost, dcomb
 
 
-def expand_fwd(hidden, n, *, config=None):
+def expand_fwd(hidden, n, *, config):
     Tt, C = hidden.shape
     out = hidden.new_empty((Tt, n, C))
     if Tt == 0:
         return out
-    cfg = _cfg("expand", hidden, Tt, n, C, hidden.dtype, config)
-    get_kernel("expand_fwd", n, C, hidden.dtype, cfg, hidden.device)(hidden, out)
+    get_kernel("expand_fwd", n, C, hidden.dtype, config, hidden.device)(hidden, out)
     return out
 
 
-def expand_bwd(grad, *, config=None):
+def expand_bwd(grad, *, config):
     Tt, n, C = grad.shape
     out = grad.new_empty((Tt, C))
     if Tt == 0:
         return out
-    cfg = _cfg("expand_bwd", grad, Tt, n, C, grad.dtype, config)
-    get_kernel("expand_bwd", n, C, grad.dtype, cfg, grad.device)(grad, out)
+    get_kernel("expand_bwd", n, C, grad.dtype, config, grad.device)(grad, out)
     return out

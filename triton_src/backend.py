@@ -1,46 +1,36 @@
 """Registers the Triton kernels as the ``triton`` backend.
 
-Every op of :data:`mhc_kernels.specs.SPECS` maps to a launch wrapper with the
-reference's signature (see :mod:`.common`). The registry serves CUDA tensors with
-them, and CPU tensors when ``TRITON_INTERPRET=1`` (the probe in ``__init__``).
+Every primitive op maps to a launch wrapper with the reference's signature plus the
+``config`` the core resolves (see :mod:`.common`). The composites (``mhc_pre``,
+``mhc_head``, ``post_pre``, ``multilayer_recompute`` and their backward) are the shared
+ones of :mod:`mhc_kernels.composite` over these kernels; Triton overrides none of them
+(its fusion is inside the primitives: ``norm_fn_bwd`` adds the collapse's gradient and an
+incoming residual gradient before its single rounding, so a site's backward writes one
+residual-gradient tensor). The registry serves CUDA tensors with them, and CPU tensors
+when ``TRITON_INTERPRET=1`` (the probe in ``__init__``).
 """
 
 from __future__ import annotations
 
 import functools
 
-from mhc_kernels import recompute
-from mhc_kernels.registry import register_kernel
+from mhc_kernels import composite
+from mhc_kernels.registry import Kernel, register_kernel
 
-from . import common, fused, mix, norm_fn, sinkhorn
+from . import common, mix, norm_fn, sinkhorn
 
-# op -> (module, wrapper name, tuned: the module declares the op's config space and default)
-_KERNELS = {
-    "norm_fn": (norm_fn, "norm_fn_fwd", True),
-    "norm_fn_bwd": (norm_fn, "norm_fn_bwd", True),
-    "split_mixes": (sinkhorn, "split_mixes_fwd", True),
-    "split_mixes_bwd": (sinkhorn, "split_mixes_bwd", True),
-    "sinkhorn": (sinkhorn, "sinkhorn_fwd", True),
-    "sinkhorn_bwd": (sinkhorn, "sinkhorn_bwd", True),
-    "pre_apply_mix": (mix, "pre_apply_mix_fwd", True),
-    "pre_apply_mix_bwd": (mix, "pre_apply_mix_bwd", True),
-    "post": (mix, "post_fwd", True),
-    "post_bwd": (mix, "post_bwd", True),
-    "expand": (mix, "expand_fwd", True),
-    "expand_bwd": (mix, "expand_bwd", True),
-    # compositions (their parts are tuned individually)
-    "mhc_pre": (fused, "mhc_pre_fwd", False),
-    "mhc_pre_bwd": (fused, "mhc_pre_bwd", False),
-    "mhc_head": (fused, "mhc_head_fwd", False),
-    "mhc_head_bwd": (fused, "mhc_head_bwd", False),
-    "post_pre": (fused, "post_pre_fwd", False),
+# op -> (module, launch wrapper); each module declares config_space(op, call) / default_config(op, call)
+# Each kernel module and the primitive ops it serves; an op's launch wrapper is ``<op>_fwd`` for a forward
+# op and ``<op>`` for a backward one (``norm_fn_fwd``, ``norm_fn_bwd``, ...).
+MODULES = {
+    norm_fn: ("norm_fn", "norm_fn_bwd"),
+    sinkhorn: ("split_mixes", "split_mixes_bwd", "sinkhorn", "sinkhorn_bwd"),
+    mix: ("pre_apply_mix", "pre_apply_mix_bwd", "post", "post_bwd", "expand", "expand_bwd"),
 }
+PRIMITIVES = {op: (mod, getattr(mod, op if op.endswith("_bwd") else f"{op}_fwd"))
+              for mod, ops in MODULES.items() for op in ops}
 
-KERNEL_MODULES = (norm_fn, sinkhorn, mix, fused)
-
-
-# ops whose kernels (or parts) run the Sinkhorn iterations, and so share its limits on n
-_RUN_SINKHORN = {"split_mixes", "split_mixes_bwd", "sinkhorn", "sinkhorn_bwd", "mhc_pre", "mhc_pre_bwd", "post_pre"}
+_RUN_SINKHORN = {"split_mixes", "split_mixes_bwd", "sinkhorn", "sinkhorn_bwd"}
 
 
 def _supports(op):
@@ -53,15 +43,11 @@ def _supports(op):
     return supports
 
 
-for _op, (_mod, _fn_name, _tuned) in _KERNELS.items():
-    register_kernel(
-        _op, "triton", getattr(_mod, _fn_name),
-        supports=_supports(_op),
-        config_space=functools.partial(_mod.config_space, _op) if _tuned else None,
-        default_config=functools.partial(_mod.default_config, _op) if _tuned else None,
-    )
+for _op, (_mod, _fn) in PRIMITIVES.items():
+    register_kernel(_op, "triton", _fn, supports=_supports(_op),
+                    config_space=functools.partial(_mod.config_space, _op),
+                    default_config=functools.partial(_mod.default_config, _op))
 
-# DESIGN 2.7's forward-only multilayer_recompute (op registered by mhc_kernels.recompute), composed
-# from the post and pre_apply_mix kernels writing straight into the per-layer output slices.
-register_kernel("multilayer_recompute", "triton", recompute.composed_kernel(mix.post_fwd, mix.pre_apply_mix_fwd),
-                supports=_supports("multilayer_recompute"))
+composite.register_composites("triton", extra_parts={composite.STREAM_WEIGHT_GRAD: Kernel(
+    composite.STREAM_WEIGHT_GRAD, "triton", mix.stream_weight_grad, supports=_supports(composite.STREAM_WEIGHT_GRAD),
+    default_config=functools.partial(mix.default_config, composite.STREAM_WEIGHT_GRAD))})

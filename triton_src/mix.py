@@ -21,9 +21,10 @@ Tiling. A program owns ``BLOCK_T`` tokens:
   partials are summed over the splits in a fixed order. No atomics: results are
   deterministic run to run.
 
-Configs are dicts with ``BLOCK_T``, ``BLOCK_C`` (powers of two), ``SPLIT_C`` (backward only),
-``num_warps`` and ``num_stages``. Any C works (every access is masked); a C that is a multiple
-of ``BLOCK_C`` simply has no partial tail block. ``T == 0`` returns empty outputs without a launch.
+Configs are dicts with ``block_T``, ``block_C`` (powers of two: the kernels' ``BLOCK_T``, ``BLOCK_C``),
+``split_C`` (backward only: ``SPLIT_C``), ``num_warps`` and ``num_stages``. Any C works (every access is
+masked); a C that is a multiple of ``block_C`` simply has no partial tail block. ``T == 0`` returns empty
+outputs without a launch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from mhc_kernels.composite import STREAM_WEIGHT_GRAD
+from mhc_kernels.specs import prev_pow2
 
 from . import common
 
@@ -202,14 +206,38 @@ def expand_bwd_kernel(g_ptr, d_h_ptr, T, C, N: tl.constexpr, BLOCK_T: tl.constex
     tl.store(d_h_ptr + t64[:, None] * C + c[None, :], acc.to(d_h_ptr.dtype.element_ty), mask=tc_ok)
 
 
+# -- stream-weight gradient: d_w[t, i] = sum_c g[t, c] * x[t, i, c] ---------------------------
+@triton.jit
+def stream_weight_grad_kernel(g_ptr, x_ptr, dw_ptr, T, C,
+                              N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    """g (T, C) and x (T, N, C) in the residual dtype -> d_w (T, N) float32.
+
+    Each program owns BLOCK_T tokens and loops over all of C, so the per-token sums are
+    deterministic (fixed order, no atomics). Traffic: reads x once and g once
+    (T*(N+1)*C elements), writes T*N floats.
+    """
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, BLOCK_N)
+    t_ok = t < T
+    i_ok = i < N
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        g = tl.load(g_ptr + t[:, None] * C + c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+        x_offs = (t[:, None, None] * N + i[None, :, None]) * C + c[None, None, :]
+        x_mask = t_ok[:, None, None] & i_ok[None, :, None] & c_ok[None, None, :]
+        x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
+        acc += tl.sum(x.to(tl.float32) * g.to(tl.float32)[:, None, :], axis=2)
+    tl.store(dw_ptr + t[:, None] * N + i[None, :], acc, mask=t_ok[:, None] & i_ok[None, :])
+
+
 # ================================================================================================
 # Configs
 # ================================================================================================
 _TARGET_PROGRAMS = 264  # ~2 waves of an H100 (132 SMs): below this a backward kernel splits C
-
-
-def _pow2_at_most(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
 
 
 def _tile(T: int, C: int, elems: int, rows: int = 1, max_block_c: int = 1024) -> tuple[int, int]:
@@ -218,19 +246,19 @@ def _tile(T: int, C: int, elems: int, rows: int = 1, max_block_c: int = 1024) ->
     C gets the block first (contiguous, vectorised); short rows are packed several tokens
     per program, never more tokens than there are.
     """
-    block_c = max(16, min(common.next_pow2(C), max_block_c, _pow2_at_most(elems // rows)))
-    block_t = max(1, min(_pow2_at_most(elems // (rows * block_c)), 16, common.next_pow2(max(T, 1))))
+    block_c = max(16, min(common.next_pow2(C), max_block_c, prev_pow2(elems // rows)))
+    block_t = max(1, min(prev_pow2(elems // (rows * block_c)), 16, common.next_pow2(max(T, 1))))
     return block_t, block_c
 
 
 def _warps(elems: int) -> int:
     """4 warps for ~1-4k elements per program, fewer for small tiles, 8 for big ones."""
-    return max(1, min(8, _pow2_at_most(elems // 256)))
+    return max(1, min(8, prev_pow2(elems // 256)))
 
 
 def _fwd_config(T, n, C, rows_live: int, budget: int) -> dict:
     bt, bc = _tile(T, C, budget, rows=rows_live)
-    return {"BLOCK_T": bt, "BLOCK_C": bc, "num_warps": _warps(bt * bc * rows_live), "num_stages": 1}
+    return {"block_T": bt, "block_C": bc, "num_warps": _warps(bt * bc * rows_live), "num_stages": 1}
 
 
 def _bwd_config(T, n, C, budget: int) -> dict:
@@ -240,7 +268,7 @@ def _bwd_config(T, n, C, budget: int) -> dict:
     token_programs = triton.cdiv(max(T, 1), bt)
     c_blocks = triton.cdiv(C, bc)
     split = max(1, min(c_blocks, triton.cdiv(_TARGET_PROGRAMS, token_programs), 32))
-    return {"BLOCK_T": bt, "BLOCK_C": bc, "SPLIT_C": split, "num_warps": _warps(bt * bn * bc), "num_stages": 2}
+    return {"block_T": bt, "block_C": bc, "split_C": split, "num_warps": _warps(bt * bn * bc), "num_stages": 2}
 
 
 def _defaults(op: str, T: int, n: int, C: int) -> dict:
@@ -257,6 +285,9 @@ def _defaults(op: str, T: int, n: int, C: int) -> dict:
         return _bwd_config(T, n, C, 2048)
     if op == "post_bwd":  # n=8 gets 4096: 2048 made ptxas 13.0 spill a few bytes on sm_100a
         return _bwd_config(T, n, C, max(2048, 512 * bn))
+    if op == STREAM_WEIGHT_GRAD:  # one token per program, walking all of C
+        return {"block_T": 1, "block_C": min(common.next_pow2(C), max(16, 1024 // bn)), "num_warps": 4,
+                "num_stages": 2}
     raise KeyError(op)
 
 
@@ -274,12 +305,12 @@ def config_space(op: str, call) -> list[dict]:
                 continue
             for w in (2, 4, 8):
                 if op.endswith("_bwd") and op != "expand_bwd":
-                    for split in sorted({1, _bwd_config(call.T, call.n, call.C, elems)["SPLIT_C"]}):
+                    for split in sorted({1, _bwd_config(call.T, call.n, call.C, elems)["split_C"]}):
                         for stages in (1, 2, 3):
-                            out.append({"BLOCK_T": bt, "BLOCK_C": bc, "SPLIT_C": split, "num_warps": w,
+                            out.append({"block_T": bt, "block_C": bc, "split_C": split, "num_warps": w,
                                         "num_stages": stages})
                 else:
-                    out.append({"BLOCK_T": bt, "BLOCK_C": bc, "num_warps": w, "num_stages": 1})
+                    out.append({"block_T": bt, "block_C": bc, "num_warps": w, "num_stages": 1})
     default = _defaults(op, call.T, call.n, call.C)
     if default not in out:
         out.insert(0, default)
@@ -291,9 +322,9 @@ def default_config(op: str, call) -> dict:
     return _defaults(op, call.T, call.n, call.C)
 
 
-def _config(op: str, like: Tensor, T: int, n: int, C: int, config) -> dict:
-    cfg = common.resolve_config(op, like, n, C, T, config, lambda: _defaults(op, T, n, C))
-    for key in ("BLOCK_T", "BLOCK_C"):
+def _check(op: str, cfg: dict) -> dict:
+    """The config the core resolved (or a caller gave), checked: a bad one fails with what is wrong."""
+    for key in ("block_T", "block_C"):
         v = cfg.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"triton {op}: config {key} must be a power of two >= 1; got {v!r} in {cfg}")
@@ -302,9 +333,9 @@ def _config(op: str, like: Tensor, T: int, n: int, C: int, config) -> dict:
 
 def _splits(cfg: dict, C: int) -> tuple[int, int]:
     """(number of C splits actually used, C elements per split: a multiple of BLOCK_C)."""
-    bc = cfg["BLOCK_C"]
+    bc = cfg["block_C"]
     c_blocks = triton.cdiv(C, bc)
-    split = max(1, min(int(cfg.get("SPLIT_C", 1)), c_blocks))
+    split = max(1, min(int(cfg.get("split_C", 1)), c_blocks))
     per = triton.cdiv(c_blocks, split) * bc
     return triton.cdiv(C, per), per
 
@@ -317,14 +348,14 @@ def _sum_splits(part: Tensor) -> Tensor:
 # ================================================================================================
 # Launch wrappers (signatures and outputs of mhc_kernels.reference.torch_ref)
 # ================================================================================================
-def pre_apply_mix_fwd(residual: Tensor, pre_mix: Tensor, *, config: dict | None = None,
+def pre_apply_mix_fwd(residual: Tensor, pre_mix: Tensor, *, config: dict,
                       out: Tensor | None = None) -> Tensor:
-    """layer_input[t, c] = sum_i pre_mix[t, i] * residual[t, i, c]  (DESIGN 2.3).
+    """layer_input[t, c] = sum_i pre_mix[t, i] * residual[t, i, c]  (contract §4).
 
     Args:
         residual: ``(T, n, C)`` bf16/fp16/fp32, contiguous.
         pre_mix: ``(T, n)`` float32.
-        config: ``BLOCK_T``, ``BLOCK_C``, ``num_warps``, ``num_stages``; ``None`` for the default.
+        config: ``block_T``, ``block_C``, ``num_warps``, ``num_stages`` (resolved by the core).
         out: optional contiguous ``(T, C)`` residual-dtype tensor to write into (e.g. a slice of a
             multi-layer buffer); allocated when ``None``.
 
@@ -339,55 +370,55 @@ def pre_apply_mix_fwd(residual: Tensor, pre_mix: Tensor, *, config: dict | None 
         out = _new_output((T, C), residual.dtype, residual.device)
     if out.numel() == 0:
         return out
-    cfg = _config("pre_apply_mix", residual, T, n, C, config)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(C, cfg["BLOCK_C"]))
-    pre_apply_mix_fwd_kernel[grid](residual, pre_mix, out, T, C, N=n, BLOCK_T=cfg["BLOCK_T"],
-                                   BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    cfg = _check("pre_apply_mix", config)
+    grid = (triton.cdiv(T, cfg["block_T"]), triton.cdiv(C, cfg["block_C"]))
+    pre_apply_mix_fwd_kernel[grid](residual, pre_mix, out, T, C, N=n, BLOCK_T=cfg["block_T"],
+                                   BLOCK_C=cfg["block_C"], num_warps=cfg["num_warps"],
                                    num_stages=cfg["num_stages"])
     return out
 
 
 def pre_apply_mix_bwd(grad: Tensor, residual: Tensor, pre_mix: Tensor, *,
-                      config: dict | None = None) -> tuple[Tensor, Tensor]:
+                      config: dict) -> tuple[Tensor, Tensor]:
     """Backward of :func:`pre_apply_mix_fwd`.
 
     Args:
         grad: ``(T, C)`` gradient of layer_input, residual dtype.
         residual: ``(T, n, C)`` bf16/fp16/fp32.
         pre_mix: ``(T, n)`` float32.
-        config: ``BLOCK_T``, ``BLOCK_C``, ``SPLIT_C``, ``num_warps``, ``num_stages``.
+        config: ``block_T``, ``block_C``, ``split_C``, ``num_warps``, ``num_stages``.
 
     Returns:
         ``d_residual[t, i, c] = pre_mix[t, i] * grad[t, c]`` ``(T, n, C)`` in the residual dtype and
         ``d_pre_mix[t, i] = <grad[t], residual[t, i]>`` ``(T, n)`` float32 (deterministic).
 
     Bytes moved: ``SPECS["pre_apply_mix_bwd"].bytes`` -- grad and the residual are read once,
-    d_residual written once (plus ``SPLIT_C`` float32 partials of d_pre_mix when C is split).
+    d_residual written once (plus ``split_C`` float32 partials of d_pre_mix when C is split).
     """
     T, n, C = residual.shape
     d_x = _new_output((T, n, C), residual.dtype, residual.device)
     if T == 0 or C == 0:
         return d_x, torch.zeros((T, n), dtype=pre_mix.dtype, device=residual.device)
-    cfg = _config("pre_apply_mix_bwd", residual, T, n, C, config)
+    cfg = _check("pre_apply_mix_bwd", config)
     split, per = _splits(cfg, C)
     d_pre = _new_output((split, T, n), torch.float32, residual.device)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), split)
+    grid = (triton.cdiv(T, cfg["block_T"]), split)
     pre_apply_mix_bwd_kernel[grid](grad, residual, pre_mix, d_x, d_pre, T, C, per, N=n,
-                                   BLOCK_N=common.next_pow2(n), BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"],
+                                   BLOCK_N=common.next_pow2(n), BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"],
                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return d_x, _sum_splits(d_pre)
 
 
 def post_fwd(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor, *,
-             config: dict | None = None, out: Tensor | None = None) -> Tensor:
-    """new_residual[t, i] = post_mix[t, i] * layer_output[t] + sum_j comb_mix[t, j, i] * residual[t, j]  (DESIGN 2.4).
+             config: dict, out: Tensor | None = None) -> Tensor:
+    """new_residual[t, i] = post_mix[t, i] * layer_output[t] + sum_j comb_mix[t, j, i] * residual[t, j]  (contract §5).
 
     Args:
         layer_output: ``(T, C)`` the sublayer output, residual dtype.
         residual: ``(T, n, C)`` bf16/fp16/fp32.
         post_mix: ``(T, n)`` float32.
         comb_mix: ``(T, n, n)`` float32; ``comb_mix[t, j, i]`` weights stream j into stream i.
-        config: ``BLOCK_T``, ``BLOCK_C``, ``num_warps``, ``num_stages``.
+        config: ``block_T``, ``block_C``, ``num_warps``, ``num_stages``.
         out: optional contiguous ``(T, n, C)`` residual-dtype tensor to write into; must not
             overlap ``residual``. Allocated when ``None``.
 
@@ -402,22 +433,22 @@ def post_fwd(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
         out = _new_output((T, n, C), residual.dtype, residual.device)
     if out.numel() == 0:
         return out
-    cfg = _config("post", residual, T, n, C, config)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    cfg = _check("post", config)
+    grid = (triton.cdiv(T, cfg["block_T"]), triton.cdiv(C, cfg["block_C"]))
     post_fwd_kernel[grid](layer_output, residual, post_mix, comb_mix, out, T, C, N=n, BLOCK_N=common.next_pow2(n),
-                          BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+                          BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"], num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"])
     return out
 
 
 def post_bwd(grad: Tensor, layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor, *,
-             config: dict | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             config: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`post_fwd`, one pass over grad, layer_output and the residual.
 
     Args:
         grad: ``(T, n, C)`` gradient of new_residual, residual dtype.
         layer_output: ``(T, C)``; residual: ``(T, n, C)``; post_mix ``(T, n)`` and comb_mix ``(T, n, n)`` float32.
-        config: ``BLOCK_T``, ``BLOCK_C``, ``SPLIT_C``, ``num_warps``, ``num_stages``.
+        config: ``block_T``, ``block_C``, ``split_C``, ``num_warps``, ``num_stages``.
 
     Returns:
         ``d_layer_output[t] = sum_i post_mix[t, i] g[t, i]`` ``(T, C)`` (layer_output dtype),
@@ -435,24 +466,24 @@ def post_bwd(grad: Tensor, layer_output: Tensor, residual: Tensor, post_mix: Ten
     if T == 0 or C == 0:
         return (d_y, d_x, torch.zeros((T, n), dtype=post_mix.dtype, device=dev),
                 torch.zeros((T, n, n), dtype=comb_mix.dtype, device=dev))
-    cfg = _config("post_bwd", residual, T, n, C, config)
+    cfg = _check("post_bwd", config)
     split, per = _splits(cfg, C)
     d_post = _new_output((split, T, n), torch.float32, dev)
     d_comb = _new_output((split, T, n, n), torch.float32, dev)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), split)
+    grid = (triton.cdiv(T, cfg["block_T"]), split)
     post_bwd_kernel[grid](grad, layer_output, residual, post_mix, comb_mix, d_y, d_x, d_post, d_comb, T, C, per,
-                          N=n, BLOCK_N=common.next_pow2(n), BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"],
+                          N=n, BLOCK_N=common.next_pow2(n), BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"],
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return d_y, d_x, _sum_splits(d_post), _sum_splits(d_comb)
 
 
-def expand_fwd(hidden: Tensor, n: int, *, config: dict | None = None) -> Tensor:
-    """residual[t, i] = hidden[t] for i < n  (DESIGN 2.6): a fresh tensor, never a view of ``hidden``.
+def expand_fwd(hidden: Tensor, n: int, *, config: dict) -> Tensor:
+    """residual[t, i] = hidden[t] for i < n  (contract §7): a fresh tensor, never a view of ``hidden``.
 
     Args:
         hidden: ``(T, C)`` bf16/fp16/fp32.
         n: number of streams.
-        config: ``BLOCK_T``, ``BLOCK_C``, ``num_warps``, ``num_stages``.
+        config: ``block_T``, ``block_C``, ``num_warps``, ``num_stages``.
 
     Returns:
         ``(T, n, C)`` in hidden's dtype. Bytes moved: ``SPECS["expand"].bytes`` (hidden read once).
@@ -461,19 +492,19 @@ def expand_fwd(hidden: Tensor, n: int, *, config: dict | None = None) -> Tensor:
     out = _new_output((T, n, C), hidden.dtype, hidden.device)
     if out.numel() == 0:
         return out
-    cfg = _config("expand", hidden, T, n, C, config)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(C, cfg["BLOCK_C"]))
-    expand_fwd_kernel[grid](hidden, out, T, C, N=n, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"],
+    cfg = _check("expand", config)
+    grid = (triton.cdiv(T, cfg["block_T"]), triton.cdiv(C, cfg["block_C"]))
+    expand_fwd_kernel[grid](hidden, out, T, C, N=n, BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"],
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
-def expand_bwd(grad: Tensor, *, config: dict | None = None) -> Tensor:
+def expand_bwd(grad: Tensor, *, config: dict) -> Tensor:
     """d_hidden[t, c] = sum_i grad[t, i, c], summed in float32 and rounded once.
 
     Args:
         grad: ``(T, n, C)`` bf16/fp16/fp32.
-        config: ``BLOCK_T``, ``BLOCK_C``, ``num_warps``, ``num_stages``.
+        config: ``block_T``, ``block_C``, ``num_warps``, ``num_stages``.
 
     Returns:
         ``(T, C)`` in grad's dtype. Bytes moved: ``SPECS["expand_bwd"].bytes`` (grad read once).
@@ -482,10 +513,28 @@ def expand_bwd(grad: Tensor, *, config: dict | None = None) -> Tensor:
     out = _new_output((T, C), grad.dtype, grad.device)
     if out.numel() == 0:
         return out
-    cfg = _config("expand_bwd", grad, T, n, C, config)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(C, cfg["BLOCK_C"]))
-    expand_bwd_kernel[grid](grad, out, T, C, N=n, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"],
+    cfg = _check("expand_bwd", config)
+    grid = (triton.cdiv(T, cfg["block_T"]), triton.cdiv(C, cfg["block_C"]))
+    expand_bwd_kernel[grid](grad, out, T, C, N=n, BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"],
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def stream_weight_grad(grad: Tensor, residual: Tensor, *, config: dict) -> Tensor:
+    """d_w[t, i] = <grad[t], residual[t, i]>: grad (T, C), residual (T, n, C) -> (T, n) float32.
+
+    pre_apply_mix's backward without d_residual (the composites' backward adds that term inside
+    norm_fn_bwd). Each program owns ``block_T`` tokens and walks all of C, so the per-token sums are
+    deterministic (fixed order, no atomics). Traffic: reads the residual and grad once, writes T*n floats.
+    """
+    T, n, C = residual.shape
+    out = torch.empty((T, n), dtype=torch.float32, device=residual.device)
+    if T == 0:
+        return out
+    cfg = _check(STREAM_WEIGHT_GRAD, config)
+    stream_weight_grad_kernel[(triton.cdiv(T, cfg["block_T"]),)](
+        grad, residual, out, T, C, N=n, BLOCK_N=common.next_pow2(n), BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
@@ -511,7 +560,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype) -> list[common.AotSpec]:
         const = {"N": n}
         if with_bn:
             const["BLOCK_N"] = bn
-        const.update({"BLOCK_T": cfg["BLOCK_T"], "BLOCK_C": cfg["BLOCK_C"]})
+        const.update({"BLOCK_T": cfg["block_T"], "BLOCK_C": cfg["block_C"]})
         sig.update({k: "constexpr" for k in const})
         return common.AotSpec(name=name, fn=fn, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
                               num_stages=cfg["num_stages"], config=cfg)
@@ -533,4 +582,6 @@ def aot_specs(n: int, C: int, dtype: torch.dtype) -> list[common.AotSpec]:
         spec("expand_fwd", expand_fwd_kernel, {"h_ptr": ptr, "out_ptr": ptr}, ("T", "C"), "expand", with_bn=False),
         spec("expand_bwd", expand_bwd_kernel, {"g_ptr": ptr, "d_h_ptr": ptr}, ("T", "C"), "expand_bwd",
              with_bn=False),
+        spec("stream_weight_grad", stream_weight_grad_kernel, {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": f32},
+             ("T", "C"), STREAM_WEIGHT_GRAD),
     ]

@@ -1,6 +1,6 @@
-"""Triton kernels for ``norm_fn`` (DESIGN 2.1) and its backward (DESIGN 2.8).
+"""Triton kernels for ``norm_fn`` (contract §2) and its backward (contract §9).
 
-Notation as in DESIGN.md: ``x`` the residual ``(T, n, C)`` (bf16, fp16 or fp32),
+Notation as in the contract (reference/README.md): ``x`` the residual ``(T, n, C)`` (bf16, fp16 or fp32),
 ``x_flat = x.reshape(T, K)`` with ``K = n*C``, ``fn`` the float32 projection
 ``(rows, K)`` (``rows = m = n*(n+2)`` for a site, ``n`` for ``mhc_head``), the
 optional RMSNorm gain ``norm_weight`` ``(K,)`` folded as ``fn_eff = fn * norm_weight``
@@ -13,24 +13,24 @@ Forward (:func:`norm_fn_fwd`)::
 
     mixes[t, r] = (sum_q x_flat[t, q] * fn_eff[r, q]) * rstd[t]
 
-One pass over the residual: a program owns ``block_t`` tokens and a contiguous
+One pass over the residual: a program owns ``block_T`` tokens and a contiguous
 range of ``K`` and produces all ``rows`` dot products plus the sum of squares of
-its tokens. With ``split_k == 1`` it applies ``rsqrt`` and stores ``mixes`` and
-``rstd`` itself. With ``split_k > 1`` (small ``T``: too few token blocks to fill
-the GPU) the ``K`` range is cut into ``split_k`` parts whose partial dot products
+its tokens. With ``split_K == 1`` it applies ``rsqrt`` and stores ``mixes`` and
+``rstd`` itself. With ``split_K > 1`` (small ``T``: too few token blocks to fill
+the GPU) the ``K`` range is cut into ``split_K`` parts whose partial dot products
 and sums of squares go to a float32 buffer; a second, tiny kernel adds the splits
 in a fixed order (deterministic, no atomics) and applies ``rsqrt``.
 
 Backward (:func:`norm_fn_bwd`), with ``g = dL/dmixes``::
 
     d_x_flat[t, q] = rstd[t] * sum_r g[t, r] fn_eff[r, q] - (rstd[t]^2 / K) * (g[t] . mixes[t]) * x_flat[t, q]
-                   (+ grad_residual[t, i, c] + pre_mix[t, i] * apply_grad[t, c],  q = i*C + c)
+                   (+ grad_residual[t, i, c] + apply_w[t, i] * apply_grad[t, c],  q = i*C + c)
     d_fn_eff[r, q] = sum_t g[t, r] * rstd[t] * x_flat[t, q]
 
 The optional extras make this the single residual-gradient kernel of a whole mHC
 site's pre side: the gradient from ``post`` and the collapse's gradient are added in
 float32 and the sum is rounded to the residual dtype once. A program owns one
-``(stream i, channel block)`` tile of ``K`` (so ``pre_mix[t, i]`` is one value per
+``(stream i, channel block)`` tile of ``K`` (so ``apply_w[t, i]`` is one value per
 token) and a range of tokens; ``d_fn_eff`` is a reduction over tokens, written as
 one float32 partial per token range and summed with ``torch.sum`` (fixed order,
 deterministic).
@@ -38,12 +38,14 @@ deterministic).
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from mhc_kernels.specs import mix_count, prev_pow2
 
 from . import common
 
@@ -139,7 +141,7 @@ def _norm_fn_bwd_kernel(
     rstd_ptr,       # rstd (T,) fp32
     gres_ptr,       # grad_residual (T, n, C), act   (HAS_GRAD_RES)
     ag_ptr,         # apply_grad (T, C), act         (HAS_APPLY)
-    pre_ptr,        # pre_mix (T, n) fp32            (HAS_APPLY)
+    pre_ptr,        # apply_w (T, n) fp32            (HAS_APPLY)
     dx_ptr,         # d_residual (T, n, C), act
     part_dfn_ptr,   # partial d_fn_eff (SPLIT_T, rows, K) fp32
     T, n, C, rows, n_c_blocks, t_per_split,
@@ -196,7 +198,7 @@ def _norm_fn_bwd_kernel(
 # -- configs ------------------------------------------------------------------------------------
 def _rows(call) -> int:
     rows = getattr(call, "rows", None)
-    return rows if rows is not None else call.n * (call.n + 2)
+    return rows if rows is not None else mix_count(call.n)
 
 
 def _is_cpu(call) -> bool:
@@ -204,26 +206,13 @@ def _is_cpu(call) -> bool:
     return dev is not None and torch.device(dev).type == "cpu"
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
-
-
 def norm_fn_config_space(call) -> list[dict]:
-    """Tunables of the forward: ``block_t`` tokens x ``block_k`` columns of x_flat per loop step,
-    ``split_k`` K splits (1 = no second kernel), ``num_warps``, ``num_stages``, ``precision``."""
+    """Tunables of the forward: ``block_T`` tokens x ``block_K`` columns of x_flat per loop step,
+    ``split_K`` K splits (1 = no second kernel), ``num_warps``, ``num_stages``, ``precision``."""
     K = call.n * call.C
-    space = []
-    for block_t in (16, 32, 64):
-        for block_k in (16, 32, 64):
-            for split_k in (1, 2, 4, 8, 16):
-                if split_k > 1 and split_k * block_k > K:
-                    continue
-                for num_warps in (4, 8):
-                    for num_stages in (2, 3):
-                        for precision in PRECISIONS:
-                            space.append(dict(block_t=block_t, block_k=block_k, split_k=split_k,
-                                              num_warps=num_warps, num_stages=num_stages, precision=precision))
-    return space
+    grid = itertools.product((16, 32, 64), (16, 32, 64), (1, 2, 4, 8, 16), (4, 8), (2, 3), PRECISIONS)
+    return [dict(block_T=bt, block_K=bk, split_K=sp, num_warps=w, num_stages=stages, precision=p)
+            for bt, bk, sp, w, stages, p in grid if sp == 1 or sp * bk <= K]
 
 
 def norm_fn_default_config(call) -> dict:
@@ -232,35 +221,28 @@ def norm_fn_default_config(call) -> dict:
     tens of ms) one large program per 64 tokens and no split."""
     K = call.n * call.C
     if _is_cpu(call):
-        return dict(block_t=64, block_k=min(256, max(16, common.next_pow2(K))), split_k=1, num_warps=4,
+        return dict(block_T=64, block_K=min(256, max(16, common.next_pow2(K))), split_K=1, num_warps=4,
                     num_stages=1, precision="tf32x3")
     # tf32x3 dots hold hi/lo copies of both operands in registers: these tiles are the largest that
     # assemble without spills for sm_80/90/100 (checked with ptxas in the tests' AOT check)
     rows_p = max(16, common.next_pow2(_rows(call)))
-    block_t, block_k = (64, 32) if rows_p <= 32 else (32, 32)
-    t_blocks = max(1, triton.cdiv(call.T, block_t))
-    split_k = 1
+    block_T, block_K = (64, 32) if rows_p <= 32 else (32, 32)
+    t_blocks = max(1, triton.cdiv(call.T, block_T))
+    split_K = 1
     if t_blocks < _TARGET_PROGRAMS:
         # at least 4 K steps per split, at most 16 splits
-        split_k = max(1, min(16, _pow2_floor(triton.cdiv(_TARGET_PROGRAMS, t_blocks)),
-                             _pow2_floor(max(1, K // (4 * block_k)))))
-    return dict(block_t=block_t, block_k=block_k, split_k=split_k, num_warps=8, num_stages=3 if rows_p <= 32 else 2,
+        split_K = max(1, min(16, prev_pow2(triton.cdiv(_TARGET_PROGRAMS, t_blocks)),
+                             prev_pow2(max(1, K // (4 * block_K)))))
+    return dict(block_T=block_T, block_K=block_K, split_K=split_K, num_warps=8, num_stages=3 if rows_p <= 32 else 2,
                 precision="tf32x3")
 
 
 def norm_fn_bwd_config_space(call) -> list[dict]:
-    """Tunables of the backward: ``block_t`` tokens per loop step, ``block_c`` channels of one stream
-    per program, ``split_t`` token ranges (partials of d_fn_eff), ``num_warps``, ``num_stages``, ``precision``."""
-    space = []
-    for block_t in (16, 32, 64):
-        for block_c in (16, 32, 64):
-            for split_t in (1, 2, 4, 8, 16, 32):
-                for num_warps in (4, 8):
-                    for num_stages in (1, 2):
-                        for precision in PRECISIONS:
-                            space.append(dict(block_t=block_t, block_c=block_c, split_t=split_t,
-                                              num_warps=num_warps, num_stages=num_stages, precision=precision))
-    return space
+    """Tunables of the backward: ``block_T`` tokens per loop step, ``block_C`` channels of one stream
+    per program, ``split_T`` token ranges (partials of d_fn_eff), ``num_warps``, ``num_stages``, ``precision``."""
+    grid = itertools.product((16, 32, 64), (16, 32, 64), (1, 2, 4, 8, 16, 32), (4, 8), (1, 2), PRECISIONS)
+    return [dict(block_T=bt, block_C=bc, split_T=sp, num_warps=w, num_stages=stages, precision=p)
+            for bt, bc, sp, w, stages, p in grid]
 
 
 def norm_fn_bwd_default_config(call) -> dict:
@@ -268,21 +250,21 @@ def norm_fn_bwd_default_config(call) -> dict:
     to 128 and gets smaller ones). On CPU: few, large programs."""
     rows_p = max(16, common.next_pow2(_rows(call)))
     if _is_cpu(call):
-        return dict(block_t=64, block_c=min(128, max(16, common.next_pow2(call.C))), split_t=1, num_warps=4,
+        return dict(block_T=64, block_C=min(128, max(16, common.next_pow2(call.C))), split_T=1, num_warps=4,
                     num_stages=1, precision="tf32x3")
     # n = 8 (rows padded to 128): tf32x3 operand copies spill on sm_80/100 at any tile that fills
     # the MMA, so it takes float32 FMA dots ("ieee") instead
-    block_t, block_c, num_warps, num_stages, precision = (
+    block_T, block_C, num_warps, num_stages, precision = (
         (32, 64, 8, 2, "tf32x3") if rows_p <= 32 else (16, 32, 8, 2, "ieee"))
-    k_programs = call.n * triton.cdiv(call.C, block_c)
-    t_blocks = max(1, triton.cdiv(call.T, block_t))
-    split_t = max(1, min(32, t_blocks, _pow2_floor(max(1, _TARGET_PROGRAMS // k_programs))))
-    return dict(block_t=block_t, block_c=block_c, split_t=split_t, num_warps=num_warps, num_stages=num_stages,
+    k_programs = call.n * triton.cdiv(call.C, block_C)
+    t_blocks = max(1, triton.cdiv(call.T, block_T))
+    split_T = max(1, min(32, t_blocks, prev_pow2(max(1, _TARGET_PROGRAMS // k_programs))))
+    return dict(block_T=block_T, block_C=block_C, split_T=split_T, num_warps=num_warps, num_stages=num_stages,
                 precision=precision)
 
 
-_FWD_KEYS = ("block_t", "block_k", "split_k", "num_warps", "num_stages", "precision")
-_BWD_KEYS = ("block_t", "block_c", "split_t", "num_warps", "num_stages", "precision")
+_FWD_KEYS = ("block_T", "block_K", "split_K", "num_warps", "num_stages", "precision")
+_BWD_KEYS = ("block_T", "block_C", "split_T", "num_warps", "num_stages", "precision")
 
 
 def config_space(op: str, call) -> list[dict]:
@@ -317,18 +299,13 @@ def _check_config(op: str, cfg: dict, keys, dot_dims, splits) -> dict:
     return cfg
 
 
-def _shape_call(residual: torch.Tensor, rows: int):
-    T, n, C = residual.shape
-    return SimpleNamespace(T=T, n=n, C=C, rows=rows, dtype=residual.dtype, device=residual.device)
-
-
 # -- wrappers -----------------------------------------------------------------------------------
-def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config: Optional[dict] = None):
-    """DESIGN 2.1 -> (mixes (T, rows) fp32, rstd (T,) fp32).
+def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config: dict):
+    """contract §2 -> (mixes (T, rows) fp32, rstd (T,) fp32).
 
     residual (T, n, C) bf16/fp16/fp32 contiguous; fn (rows, K) fp32; norm_weight (K,) fp32 or None.
     Bytes moved (specs.SPECS["norm_fn"].bytes): T*K*itemsize + rows*K*4 (+ K*4) + T*(rows+1)*4;
-    with split_k > 1 the partial buffer adds 2*split_k*T*(rows+1)*4. The residual is read once.
+    with split_K > 1 the partial buffer adds 2*split_K*T*(rows+1)*4. The residual is read once.
     """
     T, n, C = residual.shape
     rows, K = fn.shape
@@ -336,72 +313,68 @@ def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config: Optional[dict] =
     rstd = _alloc((T,), torch.float32, residual.device)
     if T == 0:
         return mixes, rstd
-    call = _shape_call(residual, rows)
-    cfg = common.resolve_config("norm_fn", residual, n, C, T, config, lambda: norm_fn_default_config(call))
-    cfg = _check_config("norm_fn", cfg, _FWD_KEYS, ("block_t", "block_k"), ("split_k",))
-    block_t, block_k = cfg["block_t"], cfg["block_k"]
-    split_k = max(1, min(cfg["split_k"], triton.cdiv(K, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)  # no empty split
+    cfg = _check_config("norm_fn", config, _FWD_KEYS, ("block_T", "block_K"), ("split_K",))
+    block_T, block_K = cfg["block_T"], cfg["block_K"]
+    split_K = max(1, min(cfg["split_K"], triton.cdiv(K, block_K)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_K), block_K) * block_K
+    split_K = triton.cdiv(K, k_per_split)  # no empty split
     rows_p = max(16, common.next_pow2(rows))
     nw = norm_weight if norm_weight is not None else fn
-    if split_k > 1:
-        part_dot = torch.empty((split_k, T, rows), dtype=torch.float32, device=residual.device)
-        part_sq = torch.empty((split_k, T), dtype=torch.float32, device=residual.device)
+    if split_K > 1:
+        part_dot = torch.empty((split_K, T, rows), dtype=torch.float32, device=residual.device)
+        part_sq = torch.empty((split_K, T), dtype=torch.float32, device=residual.device)
     else:
         part_dot = part_sq = mixes
-    grid = (triton.cdiv(T, block_t), split_k)
+    grid = (triton.cdiv(T, block_T), split_K)
     _norm_fn_fwd_kernel[grid](
         residual, fn, nw, mixes, rstd, part_dot, part_sq, T, K, rows, k_per_split, float(norm_eps),
-        ROWS_P=rows_p, BLOCK_T=block_t, BLOCK_K=block_k, SPLIT_K=split_k, HAS_NW=norm_weight is not None,
+        ROWS_P=rows_p, BLOCK_T=block_T, BLOCK_K=block_K, SPLIT_K=split_K, HAS_NW=norm_weight is not None,
         PRECISION=cfg["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split_k > 1:
-        _norm_fn_finalize_kernel[(triton.cdiv(T, block_t),)](
+    if split_K > 1:
+        _norm_fn_finalize_kernel[(triton.cdiv(T, block_T),)](
             part_dot, part_sq, mixes, rstd, T, K, rows, float(norm_eps),
-            ROWS_P=rows_p, BLOCK_T=block_t, SPLIT_K=split_k, num_warps=4)
+            ROWS_P=rows_p, BLOCK_T=block_T, SPLIT_K=split_K, num_warps=4)
     return mixes, rstd
 
 
-def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, config: Optional[dict] = None,
-                grad_residual=None, apply_grad=None, pre_mix=None):
-    """DESIGN 2.8 -> (d_residual (T, n, C) residual dtype, d_fn_eff (rows, K) fp32).
+def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, config: dict, apply_w=None, apply_grad=None,
+                grad_residual=None):
+    """contract §9 -> (d_residual (T, n, C) residual dtype, d_fn_eff (rows, K) fp32).
 
     grad_mixes, mixes (T, rows) fp32; rstd (T,) fp32; residual (T, n, C); fn (rows, K) fp32;
     norm_weight (K,) fp32 or None. Optional, for a whole site's pre side: grad_residual (T, n, C)
-    residual dtype, and apply_grad (T, C) residual dtype with pre_mix (T, n) fp32 (both or neither);
-    d_residual then also holds grad_residual + pre_mix (x) apply_grad, rounded once.
+    residual dtype, and apply_grad (T, C) residual dtype with apply_w (T, n) fp32 (both or neither);
+    d_residual then also holds grad_residual + apply_w (x) apply_grad, rounded once.
     d_fn_eff is the gradient of fn * norm_weight (d_fn = d_fn_eff * norm_weight, d_norm_weight =
     sum_r d_fn_eff * fn, left to the caller: they are (rows, K)-sized).
     Bytes moved (specs.SPECS["norm_fn_bwd"].bytes): 2*T*K*itemsize + T*(2*rows+1)*4 + 2*rows*K*4
     (+ T*K*itemsize for grad_residual, + T*(C*itemsize + n*4) for the collapse gradient), plus
-    split_t*rows*K*4 written and read for the d_fn_eff partials. The residual is read once.
+    split_T*rows*K*4 written and read for the d_fn_eff partials. The residual is read once.
     """
     T, n, C = residual.shape
     rows, K = fn.shape
-    if (apply_grad is None) != (pre_mix is None):
-        raise ValueError("triton norm_fn_bwd: apply_grad and pre_mix must be given together")
+    if (apply_grad is None) != (apply_w is None):
+        raise ValueError("triton norm_fn_bwd: apply_grad and apply_w must be given together")
     d_x = _alloc((T, n, C), residual.dtype, residual.device)
     if T == 0:
         return d_x, torch.zeros((rows, K), dtype=torch.float32, device=residual.device)
-    call = _shape_call(residual, rows)
-    cfg = common.resolve_config("norm_fn_bwd", residual, n, C, T, config, lambda: norm_fn_bwd_default_config(call))
-    cfg = _check_config("norm_fn_bwd", cfg, _BWD_KEYS, ("block_t", "block_c"), ("split_t",))
-    block_t, block_c = cfg["block_t"], cfg["block_c"]
-    split_t = max(1, min(cfg["split_t"], triton.cdiv(T, block_t)))
-    t_per_split = triton.cdiv(triton.cdiv(T, split_t), block_t) * block_t
-    split_t = triton.cdiv(T, t_per_split)  # no empty token range
-    n_c_blocks = triton.cdiv(C, block_c)
-    part = _alloc((split_t, rows, K), torch.float32, residual.device)
-    _norm_fn_bwd_kernel[(n * n_c_blocks, split_t)](
+    cfg = _check_config("norm_fn_bwd", config, _BWD_KEYS, ("block_T", "block_C"), ("split_T",))
+    block_T, block_C = cfg["block_T"], cfg["block_C"]
+    split_T = max(1, min(cfg["split_T"], triton.cdiv(T, block_T)))
+    t_per_split = triton.cdiv(triton.cdiv(T, split_T), block_T) * block_T
+    split_T = triton.cdiv(T, t_per_split)  # no empty token range
+    n_c_blocks = triton.cdiv(C, block_C)
+    part = _alloc((split_T, rows, K), torch.float32, residual.device)
+    _norm_fn_bwd_kernel[(n * n_c_blocks, split_T)](
         grad_mixes, residual, fn, norm_weight if norm_weight is not None else fn, mixes, rstd,
         grad_residual if grad_residual is not None else residual,
         apply_grad if apply_grad is not None else residual,
-        pre_mix if pre_mix is not None else rstd,
+        apply_w if apply_w is not None else rstd,
         d_x, part, T, n, C, rows, n_c_blocks, t_per_split,
-        ROWS_P=max(16, common.next_pow2(rows)), BLOCK_T=block_t, BLOCK_C=block_c,
+        ROWS_P=max(16, common.next_pow2(rows)), BLOCK_T=block_T, BLOCK_C=block_C,
         HAS_NW=norm_weight is not None, HAS_GRAD_RES=grad_residual is not None, HAS_APPLY=apply_grad is not None,
         PRECISION=cfg["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    d_fn = part[0] if split_t == 1 else torch.sum(part, dim=0)
+    d_fn = part[0] if split_T == 1 else torch.sum(part, dim=0)
     return d_x, d_fn
 
 
@@ -412,7 +385,7 @@ _TY = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.AotSpec]:
     """The kernels of this module at their default GPU configs for a (T=4096, n, C, dtype) call:
     forward (and the split-K finalize kernel when the default splits), backward plain and with
-    every fused extra (grad_residual, apply_grad/pre_mix) and norm_weight."""
+    every fused extra (grad_residual, apply_grad/apply_w) and norm_weight."""
     act = _TY[dtype]
     rows = n * (n + 2)
     rows_p = max(16, common.next_pow2(rows))
@@ -427,7 +400,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
     for has_nw in (False, True):
         specs.append(common.AotSpec(
             "norm_fn_fwd" + ("_nw" if has_nw else ""), _norm_fn_fwd_kernel, dict(sig),
-            dict(ROWS_P=rows_p, BLOCK_T=f["block_t"], BLOCK_K=f["block_k"], SPLIT_K=f["split_k"], HAS_NW=has_nw,
+            dict(ROWS_P=rows_p, BLOCK_T=f["block_T"], BLOCK_K=f["block_K"], SPLIT_K=f["split_K"], HAS_NW=has_nw,
                  PRECISION=f["precision"]),
             num_warps=f["num_warps"], num_stages=f["num_stages"], config=f))
     specs.append(common.AotSpec(
@@ -435,8 +408,8 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
         {"part_dot_ptr": "*fp32", "part_sq_ptr": "*fp32", "mixes_ptr": "*fp32", "rstd_ptr": "*fp32", "T": "i32",
          "K": "i32", "rows": "i32", "norm_eps": "fp32", "ROWS_P": "constexpr", "BLOCK_T": "constexpr",
          "SPLIT_K": "constexpr"},
-        dict(ROWS_P=rows_p, BLOCK_T=f["block_t"], SPLIT_K=max(2, f["split_k"])), num_warps=4, num_stages=1,
-        config=dict(block_t=f["block_t"], split_k=max(2, f["split_k"]))))
+        dict(ROWS_P=rows_p, BLOCK_T=f["block_T"], SPLIT_K=max(2, f["split_K"])), num_warps=4, num_stages=1,
+        config=dict(block_T=f["block_T"], split_K=max(2, f["split_K"]))))
 
     b = norm_fn_bwd_default_config(call)
     sig = {"g_ptr": "*fp32", "x_ptr": act, "fn_ptr": "*fp32", "nw_ptr": "*fp32", "mixes_ptr": "*fp32",
@@ -447,7 +420,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
     for fused in (False, True):
         specs.append(common.AotSpec(
             "norm_fn_bwd" + ("_site" if fused else ""), _norm_fn_bwd_kernel, dict(sig),
-            dict(ROWS_P=rows_p, BLOCK_T=b["block_t"], BLOCK_C=b["block_c"], HAS_NW=fused, HAS_GRAD_RES=fused,
+            dict(ROWS_P=rows_p, BLOCK_T=b["block_T"], BLOCK_C=b["block_C"], HAS_NW=fused, HAS_GRAD_RES=fused,
                  HAS_APPLY=fused, PRECISION=b["precision"]),
             num_warps=b["num_warps"], num_stages=b["num_stages"], config=b))
     return specs

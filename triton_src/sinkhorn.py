@@ -1,11 +1,11 @@
-"""Triton kernels for ``split_mixes`` and ``sinkhorn`` (DESIGN 2.2), forward and backward (DESIGN 2.8).
+"""Triton kernels for ``split_mixes`` and ``sinkhorn`` (contract §3), forward and backward (contract §9).
 
 Every kernel gives a program ``BLOCK_T`` tokens and keeps their ``n x n`` matrices
 in registers as a ``(BLOCK_T, n, n)`` float32 tile (n in {1, 2, 4, 8}: all powers
 of two, so no padding). Axis 2 of the tile is ``dim=-1`` (a row ``i``: sum over
 ``j``), axis 1 is ``dim=-2`` (a column ``j``: sum over ``i``).
 
-``sinkhorn(L)`` with ``I = iters``, ``e = eps`` (DESIGN 2.2)::
+``sinkhorn(L)`` with ``I = iters``, ``e = eps`` (contract §3)::
 
     P = softmax(L, dim=-1) + e;  P = P / (P.sum(dim=-2) + e)                  # step 0
     repeat I - 1 times: P = P / (P.sum(dim=-1) + e); P = P / (P.sum(dim=-2) + e)
@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mhc_kernels.specs import stream_count
+
 from . import common
 
 
@@ -76,7 +78,7 @@ def _softmax_rows(L):
 
 @triton.jit
 def _sinkhorn_tile(L, iters, eps):
-    """DESIGN 2.2 on a (BLOCK_T, N, N) tile of logits."""
+    """contract §3 on a (BLOCK_T, N, N) tile of logits."""
     P, _ = _cols_normalise(_softmax_rows(L) + eps, eps)
     for _r in range(1, iters):
         P, _ = _rows_normalise(P, eps)
@@ -231,7 +233,7 @@ def _split_mixes_bwd_kernel(
 
 
 # -- configs ---------------------------------------------------------------------------------------------
-_KEYS = ("block_t", "num_warps")
+_KEYS = ("block_T", "num_warps")
 
 
 def _is_cpu(call) -> bool:
@@ -240,19 +242,19 @@ def _is_cpu(call) -> bool:
 
 
 def config_space(op: str, call) -> list[dict]:
-    """Tunables of every op here (split_mixes[_bwd], sinkhorn[_bwd]): ``block_t`` tokens per program, ``num_warps``."""
-    return [dict(block_t=bt, num_warps=nw) for bt in (8, 16, 32, 64, 128) for nw in (1, 2, 4, 8)
+    """Tunables of every op here (split_mixes[_bwd], sinkhorn[_bwd]): ``block_T`` tokens per program, ``num_warps``."""
+    return [dict(block_T=bt, num_warps=nw) for bt in (8, 16, 32, 64, 128) for nw in (1, 2, 4, 8)
             if bt * call.n * call.n >= 32 * nw]   # at least one matrix element per thread
 
 
 def default_config(op: str, call) -> dict:
     if _is_cpu(call):
-        return dict(block_t=64, num_warps=4)
-    # the tile is block_t * n * n floats; these are spill-free with ptxas for sm_80/90/100
+        return dict(block_T=64, num_warps=4)
+    # the tile is block_T * n * n floats; these are spill-free with ptxas for sm_80/90/100
     backward = op.endswith("_bwd")
-    block_t, num_warps = {1: (128, 2), 2: (128, 2), 4: (32, 4) if backward else (64, 4),
+    block_T, num_warps = {1: (128, 2), 2: (128, 2), 4: (32, 4) if backward else (64, 4),
                           8: (16, 4) if backward else (32, 8)}.get(call.n, (16, 4))
-    return dict(block_t=block_t, num_warps=num_warps)
+    return dict(block_T=block_T, num_warps=num_warps)
 
 
 def _check_config(op: str, cfg: dict) -> dict:
@@ -261,21 +263,12 @@ def _check_config(op: str, cfg: dict) -> dict:
     if missing or unknown:
         raise ValueError(f"triton {op}: config {cfg} must have exactly the keys {list(_KEYS)} "
                          f"(missing {missing}, unknown {unknown})")
-    bt = cfg["block_t"]
+    bt = cfg["block_T"]
     if not isinstance(bt, int) or bt < 1 or bt & (bt - 1):
-        raise ValueError(f"triton {op}: config['block_t'] must be a power of two >= 1; got {bt!r}")
+        raise ValueError(f"triton {op}: config['block_T'] must be a power of two >= 1; got {bt!r}")
     if cfg["num_warps"] not in (1, 2, 4, 8, 16):
         raise ValueError(f"triton {op}: config['num_warps'] must be 1, 2, 4, 8 or 16; got {cfg['num_warps']!r}")
     return cfg
-
-
-def _resolve(op, t: torch.Tensor, T: int, n: int, config) -> dict:
-    call = SimpleNamespace(T=T, n=n, C=None, dtype=t.dtype, device=t.device)
-    return _check_config(op, common.resolve_config(op, t, n, 1, T, config, lambda: default_config(op, call)))
-
-
-def _stream_count(m: int) -> int:
-    return int(round((m + 1) ** 0.5)) - 1
 
 
 def supports(call) -> Optional[str]:
@@ -293,8 +286,8 @@ def _check_n(op: str, n: int):
 
 
 # -- wrappers ---------------------------------------------------------------------------------------------
-def sinkhorn_fwd(logits, iters, eps, *, config: Optional[dict] = None):
-    """DESIGN 2.2: logits (T, n, n) fp32 -> comb_mix (T, n, n) fp32.
+def sinkhorn_fwd(logits, iters, eps, *, config: dict):
+    """contract §3: logits (T, n, n) fp32 -> comb_mix (T, n, n) fp32.
 
     Bytes moved (specs.SPECS["sinkhorn"].bytes): 2 * T*n*n*4. One read of the logits.
     """
@@ -303,14 +296,14 @@ def sinkhorn_fwd(logits, iters, eps, *, config: Optional[dict] = None):
     out = _alloc((T, n, n), torch.float32, logits.device)
     if T == 0:
         return out
-    cfg = _resolve("sinkhorn", logits, T, n, config)
-    _sinkhorn_fwd_kernel[(triton.cdiv(T, cfg["block_t"]),)](
-        logits, out, T, int(iters), float(eps), N=n, BLOCK_T=cfg["block_t"], num_warps=cfg["num_warps"])
+    cfg = _check_config("sinkhorn", config)
+    _sinkhorn_fwd_kernel[(triton.cdiv(T, cfg["block_T"]),)](
+        logits, out, T, int(iters), float(eps), N=n, BLOCK_T=cfg["block_T"], num_warps=cfg["num_warps"])
     return out
 
 
-def sinkhorn_bwd(grad, logits, iters, eps, *, config: Optional[dict] = None):
-    """DESIGN 2.8: grad, logits (T, n, n) fp32 -> d_logits (T, n, n) fp32 (exact unrolled gradient).
+def sinkhorn_bwd(grad, logits, iters, eps, *, config: dict):
+    """contract §9: grad, logits (T, n, n) fp32 -> d_logits (T, n, n) fp32 (exact unrolled gradient).
 
     Bytes moved (specs.SPECS["sinkhorn_bwd"].bytes): 3 * T*n*n*4. Iterations recomputed on chip.
     """
@@ -319,20 +312,20 @@ def sinkhorn_bwd(grad, logits, iters, eps, *, config: Optional[dict] = None):
     out = _alloc((T, n, n), torch.float32, logits.device)
     if T == 0:
         return out
-    cfg = _resolve("sinkhorn_bwd", logits, T, n, config)
-    _sinkhorn_bwd_kernel[(triton.cdiv(T, cfg["block_t"]),)](
-        grad, logits, out, T, int(iters), float(eps), N=n, BLOCK_T=cfg["block_t"], num_warps=cfg["num_warps"])
+    cfg = _check_config("sinkhorn_bwd", config)
+    _sinkhorn_bwd_kernel[(triton.cdiv(T, cfg["block_T"]),)](
+        grad, logits, out, T, int(iters), float(eps), N=n, BLOCK_T=cfg["block_T"], num_warps=cfg["num_warps"])
     return out
 
 
-def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps, *, config: Optional[dict] = None):
-    """DESIGN 2.2: mixes (T, m) fp32, scale (3,), base (m,) -> (pre_mix (T, n), post_mix (T, n),
+def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps, *, config: dict):
+    """contract §3: mixes (T, m) fp32, scale (3,), base (m,) -> (pre_mix (T, n), post_mix (T, n),
     comb_mix (T, n, n)), all fp32, in one kernel.
 
     Bytes moved (specs.SPECS["split_mixes"].bytes): T*m*4 + (3 + m)*4 + T*(2n + n*n)*4.
     """
     T, m = mixes.shape
-    n = _stream_count(m)
+    n = stream_count(m)
     _check_n("split_mixes", n)
     dev = mixes.device
     pre = _alloc((T, n), torch.float32, dev)
@@ -340,16 +333,16 @@ def split_mixes_fwd(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
     comb = _alloc((T, n, n), torch.float32, dev)
     if T == 0:
         return pre, post, comb
-    cfg = _resolve("split_mixes", mixes, T, n, config)
-    _split_mixes_fwd_kernel[(triton.cdiv(T, cfg["block_t"]),)](
+    cfg = _check_config("split_mixes", config)
+    _split_mixes_fwd_kernel[(triton.cdiv(T, cfg["block_T"]),)](
         mixes, scale, base, pre, post, comb, T, float(pre_eps), float(post_mult), int(iters), float(sinkhorn_eps),
-        N=n, BLOCK_T=cfg["block_t"], num_warps=cfg["num_warps"])
+        N=n, BLOCK_T=cfg["block_T"], num_warps=cfg["num_warps"])
     return pre, post, comb
 
 
 def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters, sinkhorn_eps, *,
-                    config: Optional[dict] = None):
-    """DESIGN 2.8 -> (d_mixes (T, m), d_scale (3,), d_base (m,)), fp32.
+                    config: dict):
+    """contract §9 -> (d_mixes (T, m), d_scale (3,), d_base (m,)), fp32.
 
     grad_pre, grad_post (T, n), grad_comb (T, n, n), mixes (T, m), all fp32. The Sinkhorn
     iterations are recomputed from the mixes (nothing saved from the forward). d_scale and
@@ -358,20 +351,20 @@ def split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mul
     plus programs*(3 + m)*4 for the partials.
     """
     T, m = mixes.shape
-    n = _stream_count(m)
+    n = stream_count(m)
     _check_n("split_mixes_bwd", n)
     dev = mixes.device
     d_mixes = _alloc((T, m), torch.float32, dev)
     if T == 0:
         return d_mixes, torch.zeros(3, dtype=torch.float32, device=dev), torch.zeros(m, dtype=torch.float32,
                                                                                       device=dev)
-    cfg = _resolve("split_mixes_bwd", mixes, T, n, config)
-    programs = triton.cdiv(T, cfg["block_t"])
+    cfg = _check_config("split_mixes_bwd", config)
+    programs = triton.cdiv(T, cfg["block_T"])
     part_scale = _alloc((programs, 3), torch.float32, dev)
     part_base = _alloc((programs, m), torch.float32, dev)
     _split_mixes_bwd_kernel[(programs,)](
         grad_pre, grad_post, grad_comb, mixes, scale, base, d_mixes, part_scale, part_base,
-        T, float(post_mult), int(iters), float(sinkhorn_eps), N=n, BLOCK_T=cfg["block_t"],
+        T, float(post_mult), int(iters), float(sinkhorn_eps), N=n, BLOCK_T=cfg["block_T"],
         num_warps=cfg["num_warps"])
     return d_mixes, torch.sum(part_scale, dim=0), torch.sum(part_base, dim=0)
 
@@ -382,7 +375,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
     residual dtype do not enter these kernels: the mixes are fp32)."""
     call = SimpleNamespace(T=T, n=n, C=C, dtype=dtype, device=torch.device("cuda"))
     f, b = default_config("sinkhorn", call), default_config("sinkhorn_bwd", call)
-    ce = lambda cfg: dict(N=n, BLOCK_T=cfg["block_t"])  # noqa: E731
+    ce = lambda cfg: dict(N=n, BLOCK_T=cfg["block_T"])  # noqa: E731
     sk = {"T": "i32", "iters": "i32", "eps": "fp32", "N": "constexpr", "BLOCK_T": "constexpr"}
     return [
         common.AotSpec("sinkhorn_fwd", _sinkhorn_fwd_kernel, {"logits_ptr": "*fp32", "out_ptr": "*fp32", **sk},

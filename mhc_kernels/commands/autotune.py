@@ -22,17 +22,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mhc_kernels import registry, tuned
-from mhc_kernels.autotune import engine, plan as plan_mod, space, sweep
+from mhc_kernels.autotune import engine, space, sweep
+from mhc_kernels.autotune import plan as plan_mod
 from mhc_kernels.autotune.store import ConfigStore, store_path
+from mhc_kernels.specs import DTYPES_BY_NAME, dtype_name
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_GPU = ("mhc-kernels autotune: timing kernels needs a CUDA device, and none is present "
           "(torch.cuda.is_available() is False). Run it on the GPU you want configs for; "
           "`mhc-kernels autotune --dry-run` shows the plan on any machine.")
 
 
 def _shape(e) -> str:
-    return f"{tuned.dtype_name(e.dtype)} n={e.n} C={e.C} T={e.T}"
+    return f"{dtype_name(e.dtype)} n={e.n} C={e.C} T={e.T}"
 
 
 def _parse_ops(con, names):
@@ -47,7 +48,8 @@ def _parse_ops(con, names):
 def _dry_run(con: Console, args, ops) -> int:
     arch = args.arch or space.device_arch() or space.DEFAULT_ARCH
     backends = args.backends or list(plan_mod.TUNABLE_BACKENDS)
-    plans = plan_mod.plan(ops, backends, [DTYPES[d] for d in args.dtype], args.n, args.hidden, args.tokens, arch)
+    dtypes = [DTYPES_BY_NAME[d] for d in args.dtype]
+    plans = plan_mod.plan(ops, backends, dtypes, args.n, args.hidden, args.tokens, arch)
     gpu = tuned.device_identity("cuda")["name"] if torch.cuda.is_available() else None
     con.print(f"[bold]autotune plan[/] for sm_{arch} ({gpu or 'no CUDA device here: plan only'}); "
               f"tokens {', '.join(map(str, args.tokens))}; hidden {', '.join(map(str, args.hidden))}; "
@@ -115,25 +117,22 @@ def run(args) -> int:
                 con.print(f"[yellow]skipping backend {b}: {status[b].reason}[/]")
     out = args.out or tuned.user_config_dir()
     store = ConfigStore.for_device(out, identity)
-    plans = plan_mod.plan(ops, backends, [DTYPES[d] for d in args.dtype], args.n, args.hidden, args.tokens, arch,
-                          target=device)
+    plans = plan_mod.plan(ops, backends, [DTYPES_BY_NAME[d] for d in args.dtype], args.n, args.hidden, args.tokens,
+                          arch, target=device)
     entries = [e for kp in plans for e in kp.entries]
     todo, skipped = sweep.pending(entries, store, args.resume)
     con.print(f"tuning {len(todo)} entries on {identity['name']} (sm_{arch}, {identity['sm_count']} SMs)"
               + (f"; {len(skipped)} already done (--resume)" if skipped else "") + f" -> {store.path}")
 
     timer = engine.CudaTimer(warmup=args.warmup, repeats=args.repeats)
-    tuner = engine.Tuner(timer=timer, workers=args.workers, arch=arch)
+    tuner = engine.Tuner(timer=timer, arch=arch)
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=con) as prog:
-            task = prog.add_task("autotune", total=len(todo))
-            rep = sweep.run_sweep(todo, store, tuner, device,
-                                  on_start=lambda e: prog.update(task, description=f"{e.op} [{e.backend}] {_shape(e)}"),
-                                  on_done=lambda e: prog.advance(task))
-    finally:
-        tuner.close()
+    with Progress(*columns, console=con) as prog:
+        task = prog.add_task("autotune", total=len(todo))
+        rep = sweep.run_sweep(todo, store, tuner, device,
+                              on_start=lambda e: prog.update(task, description=f"{e.op} [{e.backend}] {_shape(e)}"),
+                              on_done=lambda e: prog.advance(task))
     results, failures = rep.results, rep.failures
 
     t = Table(title=f"tuned configs on {identity['name']} ({results[0].timing if results else 'no results'})")
@@ -143,7 +142,7 @@ def run(args) -> int:
     for r in results:
         sp = r.speedup
         ok = sum(c.status == "timed" for c in r.candidates)
-        t.add_row(r.op, r.backend, f"{tuned.dtype_name(r.dtype)} n={r.n} C={r.C} T={r.T}",
+        t.add_row(r.op, r.backend, f"{dtype_name(r.dtype)} n={r.n} C={r.C} T={r.T}",
                   space.format_config(r.best.config), f"{r.best.us:.2f}", f"{r.gbps:.0f}",
                   "-" if sp is None else f"{sp:.2f}x", f"{ok}/{len(r.candidates)}")
     con.print(t)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mhc_kernels import registry
+from mhc_kernels.specs import DTYPES_BY_NAME
 
 DEFAULT_TOKENS = (1, 16, 256, 1024, 4096, 16384, 65536)
 DEFAULT_N = (2, 4, 8)
@@ -99,7 +100,8 @@ def run(args) -> int:
         backends = _split(args.backends)
         for b in backends:
             if b not in registry.BACKENDS:
-                raise SystemExit(f"mhc-kernels bench: unknown backend '{b}'; choose from {', '.join(registry.BACKENDS)}")
+                raise SystemExit(f"mhc-kernels bench: unknown backend '{b}'; "
+                                 f"choose from {', '.join(registry.BACKENDS)}")
     elif quick and dev.type == "cpu":
         backends = ["reference"]  # the only CPU backend outside the Triton interpreter
     else:
@@ -118,7 +120,7 @@ def run(args) -> int:
                      "add --baselines eager,compile to include it")
     cfg = runner.SweepConfig(
         targets=ops, backends=backends, baselines=baselines, tokens=tokens, ns=ns, hiddens=hiddens,
-        dtype=runner.DTYPES[args.dtype], device=str(dev),
+        dtype=DTYPES_BY_NAME[args.dtype], device=str(dev),
         budget_s=args.budget if args.budget is not None else (QUICK["budget"] if quick else 0.3),
         min_repeats=QUICK["min_repeats"] if quick else 5, max_repeats=QUICK["max_repeats"] if quick else 100,
         warmup=QUICK["warmup"] if quick else 3)

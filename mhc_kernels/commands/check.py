@@ -1,10 +1,11 @@
 """``mhc-kernels check``: every available backend's correctness suite against the float64 oracle.
 
-For each backend available on the device (or the ones named), every public operator runs
-on a few curated shapes -- forward against the NumPy float64 oracle and backward against
-autograd through the float64 transcription, under the tolerances of
-:mod:`mhc_kernels.reference.cases` -- plus DESIGN 2.7's ``multilayer_recompute`` (forward
-only). The backend is forced (``use_backend``) for the forward and the backward.
+For each backend available on the device (or the ones named), every public operator of
+:data:`mhc_kernels.reference.cases.CASES` runs on a few curated shapes -- forward against the
+NumPy float64 oracle and backward against autograd through the float64 transcription, under
+the tolerances of :mod:`mhc_kernels.reference.cases` (``multilayer_recompute``, which has no
+autograd, forward only, with 3 and 1 layers). The backend is forced (``use_backend``) for the
+forward and the backward.
 
 Outcomes per case: ``pass``; ``FAIL`` (an error outside the tolerance, or an exception);
 ``skipped`` when the backend has no kernel for the op yet ("not implemented") or declares
@@ -31,7 +32,6 @@ from rich.table import Table
 import mhc_kernels as mk
 from mhc_kernels.errors import BackendError
 from mhc_kernels.reference import cases
-from mhc_kernels import recompute
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -109,13 +109,8 @@ def _run_case(backend, op, device, spec) -> Outcome:
     label = _case_label(lead, n, C, dtype, nw, consts, L)
     try:
         with mk.use_backend(backend):
-            if op == cases.RECOMPUTE_OP:
-                inputs = cases.make_recompute_inputs(lead, n, C, L, dtype, device)
-                with torch.no_grad():
-                    res = cases.check_recompute(recompute.multilayer_recompute, inputs)
-            else:
-                inputs = cases.make_inputs(op, lead, n, C, dtype, device, norm_weight=nw, consts=consts)
-                res = cases.check_forward(mk, op, inputs) + cases.check_backward(mk, op, inputs)
+            inputs = cases.make_inputs(op, lead, n, C, dtype, device, norm_weight=nw, consts=consts, L=L or 1)
+            res = cases.check_forward(mk, op, inputs) + cases.check_backward(mk, op, inputs)
     except Exception as e:  # noqa: BLE001 -- every failure becomes a row
         status, detail = _classify(e)
         if status == "FAIL" and not isinstance(e, (BackendError, mk.MHCError)):
@@ -144,7 +139,7 @@ def run_checks(device, backends: Optional[list] = None, ops: Optional[list] = No
     unknown = [b for b in names if b not in status]
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(status)}")
-    all_ops = list(cases.CASES) + [cases.RECOMPUTE_OP]
+    all_ops = list(cases.CASES)
     ops = ops or all_ops
     bad_ops = [o for o in ops if o not in all_ops]
     if bad_ops:

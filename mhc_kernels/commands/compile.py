@@ -17,14 +17,13 @@ import os
 import shutil
 import sys
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from mhc_kernels.specs import DTYPES_BY_NAME
+
 BACKENDS = ("triton", "tilelang")
-ARCHES = ("sm_80", "sm_90a", "sm_100a")
 
 
 def failures(records: list[dict]) -> list[str]:
@@ -111,7 +110,7 @@ def run(args) -> int:
             return 2
         backends.remove("tilelang")
 
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES_BY_NAME[args.dtype]
     records: list[dict] = []
     notes: list[str] = []
     for backend in backends:

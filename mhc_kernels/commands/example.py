@@ -16,8 +16,8 @@ from rich.table import Table
 import mhc_kernels as mk
 from mhc_kernels import registry
 from mhc_kernels.reference import cases, transcription
+from mhc_kernels.specs import DTYPES_BY_NAME
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REL_LIMIT = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 
 
@@ -44,7 +44,7 @@ class _Transcription:
 def run(args) -> int:
     con = Console()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES_BY_NAME[args.dtype]
     T, n, C = args.tokens, args.n, args.hidden
     d = cases.make_inputs("mhc_pre", (T,), n, C, dtype, device, norm_weight=True)
     g = torch.Generator().manual_seed(1)

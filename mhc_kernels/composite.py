@@ -1,0 +1,269 @@
+"""The composite operators, written once from a backend's primitive kernels (contract §6-§8).
+
+Every backend computes the composites with the same sequence of primitives:
+
+* ``mhc_pre``  = norm_fn -> split_mixes -> pre_apply_mix (the residual read twice);
+* ``mhc_pre_bwd`` = stream_weight_grad (``d_pre[t, i] = <g[t], x[t, i]>``) -> split_mixes_bwd ->
+  norm_fn_bwd with the collapse's term ``pre (x) g`` and an incoming residual gradient added in
+  float32 before the single rounding (one full-size write);
+* ``mhc_head`` / ``mhc_head_bwd`` = the same with ``n`` projection rows and sigmoid weights;
+* ``post_pre`` = post -> mhc_pre on the stored new residual;
+* ``multilayer_recompute`` = per layer pre_apply_mix and post writing into the output slices.
+
+A backend registers its primitives, then calls :func:`register_composites`, which registers
+each composite for it built from those primitives -- except the ones it passes as
+*overrides*: kernels that really fuse (TileLang's mhc_pre tail, its post fused into the
+projection). So a backend's registration is the one place that says what it fuses.
+
+Configs. A composite's config holds one sub-config per part, keyed by part name, e.g.
+``{"norm_fn": {...}, "split_mixes": {...}, "pre_apply_mix": {...}}``; its default is each part's
+default for the part's call (:meth:`~mhc_kernels.validation.Call.derive`), its space the default
+plus, part by part, the default with that part's config replaced by each point of the part's
+own space. The core resolves it once per call like any kernel's config (the composite's
+stored entry, else the default; ``registry.config_for``), and the composite hands each part
+its sub-config -- so the tuner tunes, and the store holds, exactly what one call runs.
+
+Also here: the per-token gate math the backends and ``mhc_kernels.nn`` share (scale vector,
+gate logits, the pre-mix, the head's weights), written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+
+from . import registry
+from .errors import BackendError
+from .specs import mix_count, stream_count
+
+Tensor = torch.Tensor
+
+
+# -- the gate math (contract §3, §7) ------------------------------------------------------------
+def scale_vector(scale: Tensor, n: int) -> Tensor:
+    """s = [scale0]*n + [scale1]*n + [scale2]*n*n  (length m)."""
+    return torch.cat([scale[0:1].expand(n), scale[1:2].expand(n), scale[2:3].expand(n * n)])
+
+
+def gate_logits(mixes: Tensor, scale: Tensor, base: Tensor, n: int) -> Tensor:
+    """z = mixes * s + base  (``(..., m)``)."""
+    return torch.addcmul(base, mixes, scale_vector(scale, n))
+
+
+def split_gates(z: Tensor, n: int, pre_eps: float, post_mult: float):
+    """-> (pre_mix = sigmoid(z[:n]) + pre_eps, post_mix = sigmoid(z[n:2n]) * post_mult, residual-mix logits
+    z[2n:] as ``(..., n, n)``)."""
+    pre = torch.sigmoid(z[..., :n]) + pre_eps
+    post = torch.sigmoid(z[..., n:2 * n]) * post_mult
+    return pre, post, z[..., 2 * n:].unflatten(-1, (n, n))
+
+
+def pre_mix(mixes: Tensor, scale: Tensor, base: Tensor, pre_eps: float) -> Tensor:
+    """The pre-mix ``(..., n)`` from the raw mixes, computed as split_mixes computes it (bit for bit on the
+    reference): sigmoid(mixes[:n] * scale0 + base[:n]) + pre_eps."""
+    n = stream_count(base.shape[0])
+    return torch.sigmoid(gate_logits(mixes, scale, base, n)[..., :n]) + pre_eps
+
+
+def head_weights(mixes: Tensor, scale: Tensor, base: Tensor, pre_eps: float):
+    """-> (z = mixes * scale + base, w = sigmoid(z) + pre_eps): the head's logits and stream weights ``(..., n)``."""
+    z = torch.addcmul(base, mixes, scale)
+    return z, torch.sigmoid(z) + pre_eps
+
+
+def dsigmoid(z: Tensor) -> Tensor:
+    """sigmoid'(z) = sigmoid(z) * sigmoid(-z); unlike s * (1 - s) it keeps full precision when saturated."""
+    return torch.sigmoid(z) * torch.sigmoid(-z)
+
+
+# -- the composites ---------------------------------------------------------------------------------
+def _sub(config, part):
+    return None if config is None else config.get(part)
+
+
+def mhc_pre_fwd(p, residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
+                config=None):
+    """-> (layer_input, post_mix, comb_mix, mixes, rstd): norm_fn -> split_mixes -> pre_apply_mix."""
+    mixes, rstd = p.norm_fn(residual, fn, norm_weight, norm_eps, config=_sub(config, "norm_fn"))
+    pre, post, comb = p.split_mixes(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
+                                    config=_sub(config, "split_mixes"))
+    return p.pre_apply_mix(residual, pre, config=_sub(config, "pre_apply_mix")), post, comb, mixes, rstd
+
+
+def mhc_pre_bwd(p, grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, mixes, rstd,
+                grad_residual, pre_eps, post_mult, iters, sinkhorn_eps, *, config=None):
+    """-> (d_residual, d_fn_eff, d_scale, d_base); the residual gradient's three terms (incoming, the
+    collapse's ``pre (x) g``, the projection's) are summed in float32 and written once."""
+    pre = pre_mix(mixes, scale, base, pre_eps)
+    d_pre = p.stream_weight_grad(grad_layer_input, residual, config=_sub(config, "stream_weight_grad"))
+    d_mixes, d_scale, d_base = p.split_mixes_bwd(d_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters,
+                                                 sinkhorn_eps, config=_sub(config, "split_mixes_bwd"))
+    d_res, d_fn = p.norm_fn_bwd(d_mixes, residual, fn, norm_weight, mixes, rstd, apply_w=pre,
+                                apply_grad=grad_layer_input, grad_residual=grad_residual,
+                                config=_sub(config, "norm_fn_bwd"))
+    return d_res, d_fn, d_scale, d_base
+
+
+def mhc_head_fwd(p, residual, fn, scale, base, norm_weight, norm_eps, pre_eps, *, config=None):
+    """-> (out, mixes (T, n), rstd): out = sum_i (sigmoid(norm_fn(x) * scale + base) + pre_eps)_i x_i."""
+    mixes, rstd = p.norm_fn(residual, fn, norm_weight, norm_eps, config=_sub(config, "norm_fn"))
+    _, w = head_weights(mixes, scale, base, pre_eps)
+    return p.pre_apply_mix(residual, w, config=_sub(config, "pre_apply_mix")), mixes, rstd
+
+
+def mhc_head_bwd(p, grad, residual, fn, scale, base, norm_weight, mixes, rstd, pre_eps, *, config=None):
+    """-> (d_residual, d_fn_eff, d_scale (1,), d_base (n,)); the residual gradient is written once."""
+    z, w = head_weights(mixes, scale, base, pre_eps)
+    d_z = p.stream_weight_grad(grad, residual, config=_sub(config, "stream_weight_grad")) * dsigmoid(z)
+    d_res, d_fn = p.norm_fn_bwd(d_z * scale, residual, fn, norm_weight, mixes, rstd, apply_w=w, apply_grad=grad,
+                                config=_sub(config, "norm_fn_bwd"))
+    return d_res, d_fn, (d_z * mixes).sum().reshape(1), d_z.sum(0)
+
+
+def post_pre_fwd(p, layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, norm_eps, pre_eps,
+                 post_mult, iters, sinkhorn_eps, *, config=None):
+    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd) of the next sublayer: post, then mhc_pre
+    on the stored new residual."""
+    new_residual = p.post(layer_output, residual, post_mix, comb_mix, config=_sub(config, "post"))
+    return (new_residual,) + p.mhc_pre(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult,
+                                       iters, sinkhorn_eps, config=_sub(config, "mhc_pre"))
+
+
+def multilayer_recompute_fwd(p, residual, layer_outputs, pre_mix, post_mix, comb_mix, *, config=None):
+    """-> (residuals (L, T, n, C), layer_inputs (L, T, C)) of L consecutive sites from x_0 (contract §8).
+
+    ``residuals[l] = x_l`` (x_0 copied), ``layer_inputs[l] = pre_apply_mix(x_l, pre_mix[l])`` and
+    ``x_{l+1} = post(layer_outputs[l], x_l, post_mix[l], comb_mix[l])``, each written straight into its
+    slice of the output buffers (no copies) and so stored in the residual dtype before it is read again.
+    Per layer x_l is read twice (collapse, post) and x_{l+1} and the layer input written once. The last
+    site's output and post/comb mixes are not read.
+    """
+    L = layer_outputs.shape[0]
+    T, n, C = residual.shape
+    residuals = residual.new_empty((L, T, n, C))
+    layer_inputs = residual.new_empty((L, T, C))
+    residuals[0].copy_(residual)
+    for layer in range(L):
+        x = residuals[layer]
+        p.pre_apply_mix(x, pre_mix[layer], config=_sub(config, "pre_apply_mix"), out=layer_inputs[layer])
+        if layer + 1 < L:
+            p.post(layer_outputs[layer], x, post_mix[layer], comb_mix[layer], config=_sub(config, "post"),
+                   out=residuals[layer + 1])
+    return residuals, layer_inputs
+
+
+# -- parts and registration -------------------------------------------------------------------------------
+def _rows_m(call):
+    return mix_count(call.n or 1)
+
+
+def _rows_n(call):
+    return call.n or 1
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a composite: its name (the key of its sub-config), the op whose kernel serves it, and
+    the projection rows of its call (``None``: the op's default)."""
+
+    name: str
+    op: str
+    rows: Optional[Callable] = None
+
+    def call(self, call):
+        return call.derive(self.op, rows=None if self.rows is None else self.rows(call))
+
+
+# A part that is not an op: d_w[t, i] = <g[t], x[t, i]>, i.e. pre_apply_mix_bwd without d_residual (its
+# call is pre_apply_mix_bwd's). Each backend passes its kernel to register_composites.
+STREAM_WEIGHT_GRAD = "stream_weight_grad"
+
+COMPOSITES: dict[str, tuple[Callable, tuple[Part, ...]]] = {
+    "mhc_pre": (mhc_pre_fwd, (Part("norm_fn", "norm_fn", _rows_m), Part("split_mixes", "split_mixes"),
+                              Part("pre_apply_mix", "pre_apply_mix"))),
+    "mhc_pre_bwd": (mhc_pre_bwd, (Part(STREAM_WEIGHT_GRAD, "pre_apply_mix_bwd"),
+                                  Part("split_mixes_bwd", "split_mixes_bwd"),
+                                  Part("norm_fn_bwd", "norm_fn_bwd", _rows_m))),
+    "mhc_head": (mhc_head_fwd, (Part("norm_fn", "norm_fn", _rows_n), Part("pre_apply_mix", "pre_apply_mix"))),
+    "mhc_head_bwd": (mhc_head_bwd, (Part(STREAM_WEIGHT_GRAD, "pre_apply_mix_bwd"),
+                                    Part("norm_fn_bwd", "norm_fn_bwd", _rows_n))),
+    "post_pre": (post_pre_fwd, (Part("post", "post"), Part("mhc_pre", "mhc_pre"))),
+    "multilayer_recompute": (multilayer_recompute_fwd, (Part("post", "post"), Part("pre_apply_mix", "pre_apply_mix"))),
+}
+
+
+def composite_default(parts: dict, layout: tuple, call) -> Optional[dict]:
+    """The parts' default configs for their calls (``None`` when no part is tunable)."""
+    cfg = {p.name: parts[p.name].default_config(p.call(call)) for p in layout if parts[p.name].tunable}
+    return cfg or None
+
+
+def composite_space(parts: dict, layout: tuple, call) -> list:
+    """The default, then part by part the default with that part's config replaced by each point of the
+    part's own space (the other parts at their defaults)."""
+    d = composite_default(parts, layout, call)
+    if d is None:
+        return []
+    out = [d]
+    for p in layout:
+        k = parts[p.name]
+        if k.config_space is None:
+            continue
+        for c in k.config_space(p.call(call)):
+            cand = dict(d, **{p.name: c})
+            if cand not in out:
+                out.append(cand)
+    return out
+
+
+def composite_supports(parts: dict, layout: tuple, call) -> Optional[str]:
+    """None when every part serves its call, else the first part's reason."""
+    for p in layout:
+        why = parts[p.name].reason_unsupported(p.call(call))
+        if why is not None:
+            return why
+    return None
+
+
+def composite_kernel(op: str, backend: str, parts: dict) -> registry.Kernel:
+    """The registry kernel of composite ``op`` on ``backend``, built from ``parts`` (part name -> kernel)."""
+    impl, layout = COMPOSITES[op]
+    ns = SimpleNamespace(**parts)
+    tunable = any(parts[p.name].tunable for p in layout)
+
+    def fn(*args, config=None, **kwargs):
+        return impl(ns, *args, config=config, **kwargs)
+
+    fn.__name__ = f"{backend}_{op}"
+    return registry.register_kernel(
+        op, backend, fn,
+        supports=lambda call: composite_supports(parts, layout, call),
+        config_space=(lambda call: composite_space(parts, layout, call)) if tunable else None,
+        default_config=(lambda call: composite_default(parts, layout, call)) if tunable else None,
+        parts={p.name: parts[p.name] for p in layout})
+
+
+def register_composites(backend: str, extra_parts: Optional[dict] = None,
+                        overrides: Optional[dict] = None) -> None:
+    """Register every composite of :data:`COMPOSITES` for ``backend`` from its registered primitive kernels
+    (plus ``extra_parts``, part name -> kernel, for parts that are not ops: ``stream_weight_grad``), except
+    the ops in ``overrides`` (op -> dict of :func:`registry.register_kernel` keyword arguments, with ``fn``),
+    which are registered as given. Composites of composites (``post_pre`` uses ``mhc_pre``) take the
+    backend's kernel for the inner one, override or not."""
+    overrides = overrides or {}
+    extra_parts = extra_parts or {}
+    for op, (_, layout) in COMPOSITES.items():
+        if op in overrides:
+            kw = dict(overrides[op])
+            registry.register_kernel(op, backend, kw.pop("fn"), **kw)
+            continue
+        parts = {}
+        for p in layout:
+            k = extra_parts.get(p.name) or registry.registered(p.op, backend)
+            if k is None:
+                raise BackendError(f"{backend}: composite {op} needs a kernel for its part {p.name!r}")
+            parts[p.name] = k
+        composite_kernel(op, backend, parts)
