@@ -228,8 +228,9 @@ def composite_supports(parts: dict, layout: tuple, call) -> Optional[str]:
     return None
 
 
-def composite_kernel(op: str, backend: str, parts: dict) -> registry.Kernel:
-    """The registry kernel of composite ``op`` on ``backend``, built from ``parts`` (part name -> kernel)."""
+def composite_kernel(op: str, backend: str, parts: dict, wrap: Optional[Callable] = None) -> registry.Kernel:
+    """The kernel of composite ``op`` on ``backend``, built from ``parts`` (part name -> kernel), not registered;
+    ``wrap(fn) -> fn`` changes how the shared function is run (see :func:`register_composites`)."""
     impl, layout = COMPOSITES[op]
     ns = SimpleNamespace(**parts)
     tunable = any(parts[p.name].tunable for p in layout)
@@ -238,8 +239,8 @@ def composite_kernel(op: str, backend: str, parts: dict) -> registry.Kernel:
         return impl(ns, *args, config=config, **kwargs)
 
     fn.__name__ = f"{backend}_{op}"
-    return registry.register_kernel(
-        op, backend, fn,
+    return registry.Kernel(
+        op, backend, wrap(fn) if wrap is not None else fn,
         supports=lambda call: composite_supports(parts, layout, call),
         config_space=(lambda call: composite_space(parts, layout, call)) if tunable else None,
         default_config=(lambda call: composite_default(parts, layout, call)) if tunable else None,
@@ -247,14 +248,16 @@ def composite_kernel(op: str, backend: str, parts: dict) -> registry.Kernel:
 
 
 def register_composites(backend: str, extra_parts: Optional[dict] = None,
-                        overrides: Optional[dict] = None) -> None:
+                        overrides: Optional[dict] = None, wrappers: Optional[dict] = None) -> None:
     """Register every composite of :data:`COMPOSITES` for ``backend`` from its registered primitive kernels
     (plus ``extra_parts``, part name -> kernel, for parts that are not ops: ``stream_weight_grad``), except
     the ops in ``overrides`` (op -> dict of :func:`registry.register_kernel` keyword arguments, with ``fn``),
-    which are registered as given. Composites of composites (``post_pre`` uses ``mhc_pre``) take the
-    backend's kernel for the inner one, override or not."""
+    which are registered as given. ``wrappers`` (op -> ``f(shared_fn) -> fn``) keep the shared composite but
+    change how it is run (the reference widens the residual once for all its parts). Composites of
+    composites (``post_pre`` uses ``mhc_pre``) take the backend's kernel for the inner one, as registered."""
     overrides = overrides or {}
     extra_parts = extra_parts or {}
+    wrappers = wrappers or {}
     for op, (_, layout) in COMPOSITES.items():
         if op in overrides:
             kw = dict(overrides[op])
@@ -266,4 +269,4 @@ def register_composites(backend: str, extra_parts: Optional[dict] = None,
             if k is None:
                 raise BackendError(f"{backend}: composite {op} needs a kernel for its part {p.name!r}")
             parts[p.name] = k
-        composite_kernel(op, backend, parts)
+        registry.add_kernel(composite_kernel(op, backend, parts, wrappers.get(op)))

@@ -115,10 +115,14 @@ def dtype_and_streams_reason(call, who: str, dtypes: tuple, max_n: int, why_max_
 
 def register_kernel(op: str, backend: str, fn: Callable[..., Any], **kwargs) -> Kernel:
     """Register (or replace) ``backend``'s kernel for ``op``. Called by backend packages."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    k = Kernel(op=op, backend=backend, fn=fn, **kwargs)
-    _KERNELS[(op, backend)] = k
+    return add_kernel(Kernel(op=op, backend=backend, fn=fn, **kwargs))
+
+
+def add_kernel(k: Kernel) -> Kernel:
+    """Register (or replace) the kernel ``k`` for ``(k.op, k.backend)``."""
+    if k.backend not in BACKENDS:
+        raise BackendError(f"unknown backend {k.backend!r}; known: {', '.join(BACKENDS)}")
+    _KERNELS[(k.op, k.backend)] = k
     clear_caches()
     return k
 

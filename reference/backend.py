@@ -3,11 +3,20 @@
 The reference serves any device PyTorch runs on and every dtype the contract allows,
 float64 included (the mode ``torch.autograd.gradcheck`` needs); it has no tunable
 parameters. Its composites are the shared ones (``mhc_kernels.composite``) over these
-primitives: the reference fuses nothing.
+primitives. What it fuses: the composites that read the residual twice (``mhc_pre``,
+``mhc_head`` and their backward) run on the residual widened to the mix dtype once, so their
+primitives skip their own widening (on CPU each is a full-size allocation and pass, ~40% of
+``mhc_pre``); the full-size outputs are rounded back once -- the same bits as the plain
+composite (``tests/test_reference_numerics.py``).
 """
+
+import functools
+
+import torch
 
 from mhc_kernels import composite
 from mhc_kernels.registry import Kernel, register_kernel
+from mhc_kernels.specs import ACT, SPECS
 
 from . import torch_ref
 
@@ -29,7 +38,30 @@ PRIMITIVES = {
 for _op, _fn in PRIMITIVES.items():
     register_kernel(_op, "reference", _fn)
 
+WIDENED_ONCE = ("mhc_pre", "mhc_pre_bwd", "mhc_head", "mhc_head_bwd")
+
+
+def _widen_once(op: str, shared):
+    """``shared`` (the composite's kernel function) run on the residual widened to the mix dtype, its
+    activation-shaped outputs rounded back to the residual's dtype: the rounding each primitive would
+    have done, so the same bits."""
+    spec = SPECS[op]
+    at = spec.arg_names.index("residual")
+    act_outputs = {i for i, o in enumerate(spec.outputs) if o.kind == ACT}
+
+    def fn(*args, config=None):
+        residual = args[at]
+        mix_dtype = torch.float64 if residual.dtype == torch.float64 else torch.float32
+        outs = shared(*args[:at], residual.to(mix_dtype), *args[at + 1:], config=config)
+        return tuple(o.to(residual.dtype) if i in act_outputs else o for i, o in enumerate(outs))
+
+    fn.__name__ = f"reference_{op}_widened_once"
+    return fn
+
+
 composite.register_composites(
     "reference",
     extra_parts={composite.STREAM_WEIGHT_GRAD: Kernel(composite.STREAM_WEIGHT_GRAD, "reference",
-                                                      torch_ref.stream_weight_grad)})
+                                                      torch_ref.stream_weight_grad)},
+    wrappers={op: functools.partial(_widen_once, op) for op in WIDENED_ONCE})
+

@@ -125,3 +125,21 @@ def test_sinkhorn_huge_logits_finite_and_exact(magnitude):
     assert torch.isfinite(logits.grad).all()
     ref = logits.detach().double().requires_grad_()
     transcription.sinkhorn(ref, 20).backward(torch.zeros_like(ref))  # graph builds in float64 too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("op", ["mhc_pre", "mhc_pre_bwd", "mhc_head", "mhc_head_bwd", "post_pre"])
+def test_reference_widening_the_residual_once_gives_the_shared_composites_bits(op, dtype):
+    """The reference runs its residual-reading composites on the residual widened once (a cost change);
+    the results are those of the shared composite over its primitives, bit for bit."""
+    from mhc_kernels import composite, registry
+    from mhc_kernels.validation import bind
+
+    kernel = registry.get_kernel(op, "reference")
+    assert kernel.fn.__name__.endswith("widened_once") or op == "post_pre"
+    args = cases.op_args(op, (37,), 4, 40, dtype, "cpu", norm_weight=True, seed=3, optional=True)
+    call = bind(mk.SPECS[op], args)
+    impl, layout = composite.COMPOSITES[op]
+    plain = composite.composite_kernel(op, "reference", {p.name: kernel.parts[p.name] for p in layout})
+    for a, b in zip(kernel(*call.args), plain(*call.args)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
