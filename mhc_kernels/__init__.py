@@ -25,7 +25,7 @@ from . import (  # noqa: E402,F401  (MHCSite & co, Amax gain, recompute)
     ops,  # noqa: E402,F401  (registers torch.ops.mhc.*)
     recompute,
 )
-from .errors import BackendError, MHCDtypeError, MHCError, MHCInputError  # noqa: E402
+from .errors import BackendError, MHCDtypeError, MHCError, MHCInputError, MHCUnsupportedError  # noqa: E402
 from .functional import (  # noqa: E402
     expand,
     mhc_head,
@@ -48,6 +48,6 @@ __all__ = [
     "post_pre", "multilayer_recompute",
     "available_backends", "use_backend", "which_backend", "BACKENDS", "BackendStatus",
     "set_eager_fastpath", "eager_fastpath_enabled",
-    "MHCError", "MHCInputError", "MHCDtypeError", "BackendError",
+    "MHCError", "MHCInputError", "MHCDtypeError", "MHCUnsupportedError", "BackendError",
     "SPECS",
 ]

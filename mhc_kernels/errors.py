@@ -22,3 +22,8 @@ class MHCDtypeError(MHCInputError, TypeError):
 
 class BackendError(MHCError, RuntimeError):
     """A forced backend cannot serve a call, or a backend name is unknown."""
+
+
+class MHCUnsupportedError(MHCError, RuntimeError):
+    """A use of autograd the ops do not support (double backward, forward-mode AD): refused, never a
+    silently wrong number."""

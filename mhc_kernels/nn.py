@@ -42,7 +42,8 @@ same model with plain residual connections computes.
 
 All modules run the mHC math in float32 with autocast switched off around the mHC ops
 (the sublayer still runs under the caller's autocast; its output is cast to the residual's
-dtype), keep their parameters in float32 even after ``model.bfloat16()`` (cast on use),
+dtype), keep their own parameters in float32 even after ``model.bfloat16()`` or ``.half()``
+(:class:`Float32Parameters`: the float32 master copy; the sublayers are cast as usual),
 and compile under ``torch.compile(fullgraph=True)`` without graph breaks.
 """
 
@@ -56,6 +57,8 @@ import torch
 from torch import nn
 
 from . import composite, functional
+from .errors import MHCInputError
+from .validation import check_constants, check_count
 
 Tensor = torch.Tensor
 
@@ -81,6 +84,33 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _check_streams(owner: str, residual: Tensor, n: int, C: int) -> None:
+    """The residual of a module built for ``n`` streams of width ``C`` must be ``(..., n, C)``."""
+    if residual.dim() >= 2 and tuple(residual.shape[-2:]) == (n, C):
+        return
+    hint = ""
+    if residual.shape[-1:] == (C,):
+        hint = (f" -- did you call MHCExpand first? An embedding (..., C) must be expanded into the n streams "
+                f"(MHCExpand({n})) before the first site")
+    raise MHCInputError(f"{owner}: the residual must have shape (..., n={n}, C={C}); got {tuple(residual.shape)}"
+                        f"{hint}")
+
+
+class Float32Parameters(nn.Module):
+    """Keeps the module's own parameters in float32 (the master copy mixed-precision training expects) when
+    the model is cast to a low-precision dtype: ``model.bfloat16()`` / ``.half()`` / ``.to(torch.bfloat16)``
+    cast the sublayers, not the mHC parameters (``.double()`` is kept: the float64 check mode)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for p in self._parameters.values():
+            if p is not None and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad.data = p.grad.data.float()
+        return self
+
+
 class MixTap(nn.Module):
     """Identity on ``(post_mix, comb_mix)``; a place for forward hooks to observe the mixes
     (see :mod:`mhc_kernels.diagnostics`). Costs nothing when no hook is registered."""
@@ -100,7 +130,8 @@ class MHCExpand(nn.Module):
 
     def __init__(self, n: int = 4):
         super().__init__()
-        self.n = int(n)
+        check_count("MHCExpand", "n", n, "the number of streams")
+        self.n = n
 
     def forward(self, hidden: Tensor) -> Tensor:
         return functional.expand(hidden, self.n)
@@ -109,7 +140,7 @@ class MHCExpand(nn.Module):
         return f"n={self.n}"
 
 
-class MHCSite(nn.Module):
+class MHCSite(Float32Parameters):
     """One mHC site: ``mhc_pre -> sublayer -> mhc_post`` (contract §6, §5).
 
     Args:
@@ -143,6 +174,12 @@ class MHCSite(nn.Module):
                  norm_eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
                  sinkhorn_eps: float = 1e-6, device=None):
         super().__init__()
+        check_count("MHCSite", "hidden", hidden, "the hidden width C")
+        check_count("MHCSite", "n", n, "the number of streams")
+        check_constants("MHCSite", norm_eps=norm_eps, pre_eps=pre_eps, post_mult=post_mult,
+                        sinkhorn_iters=sinkhorn_iters, sinkhorn_eps=sinkhorn_eps)
+        if not math.isfinite(alpha):
+            raise MHCInputError(f"MHCSite: alpha must be finite; got {alpha!r}")
         if residual_mix not in RESIDUAL_MIXES:
             raise ValueError(f"MHCSite: residual_mix must be one of {RESIDUAL_MIXES}; got {residual_mix!r}")
         if not 0 < identity_tol < 1:
@@ -202,6 +239,7 @@ class MHCSite(nn.Module):
         """``residual (..., n, C)`` -> ``(layer_input, post_mix, comb_mix, mixes)``; ``mixes`` are the
         raw (pre-gain) mixes ``(..., n*(n+2))`` that :meth:`pre_mix_from_mixes` turns back into
         the pre-mix."""
+        _check_streams("MHCSite", residual, self.n, self.hidden)
         md = _mix_dtype(residual)
         fn, scale, base, nw = self._params(md)
         with _autocast_off(residual.device):
@@ -246,7 +284,7 @@ class MHCSite(nn.Module):
                 f"norm_weight={self.norm_weight is not None}")
 
 
-class MHCHead(nn.Module):
+class MHCHead(Float32Parameters):
     """``(..., n, C) -> (..., C)``: the final collapse of the streams before the LM head (contract §7).
 
     Parameters ``fn (n, n*C)``, ``scale (1,)``, ``base (n,)``, optional ``norm_weight (n*C,)``;
@@ -261,6 +299,11 @@ class MHCHead(nn.Module):
     def __init__(self, hidden: int, n: int = 4, *, norm_weight: bool = True, alpha: float = 0.01,
                  norm_eps: float = 1e-6, pre_eps: float = 1e-6, device=None):
         super().__init__()
+        check_count("MHCHead", "hidden", hidden, "the hidden width C")
+        check_count("MHCHead", "n", n, "the number of streams")
+        check_constants("MHCHead", norm_eps=norm_eps, pre_eps=pre_eps)
+        if not math.isfinite(alpha):
+            raise MHCInputError(f"MHCHead: alpha must be finite; got {alpha!r}")
         self.hidden, self.n, self.alpha = int(hidden), int(n), float(alpha)
         self.norm_eps, self.pre_eps = float(norm_eps), float(pre_eps)
         K = n * hidden
@@ -283,6 +326,7 @@ class MHCHead(nn.Module):
             self.norm_weight.fill_(1.0)
 
     def forward(self, residual: Tensor) -> Tensor:
+        _check_streams("MHCHead", residual, self.n, self.hidden)
         md = _mix_dtype(residual)
         with _autocast_off(residual.device):
             return functional.mhc_head(residual, _as(self.fn, md), _as(self.scale, md), _as(self.base, md),

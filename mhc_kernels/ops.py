@@ -22,7 +22,15 @@ one) and take an ``ops`` namespace for the backward kernels. They are used twice
 
 Auxiliary outputs (the raw ``mixes`` and ``rstd`` that ``mhc_pre``/``mhc_head``/
 ``post_pre``/``norm_fn`` return so their backward need not re-read the residual)
-are marked non-differentiable. Double backward is not supported.
+are marked non-differentiable.
+
+Higher-order and forward-mode autograd are refused with :class:`~mhc_kernels.errors.MHCUnsupportedError`
+on every path, never answered with a wrong number: a backward run with ``create_graph=True``
+(double backward: ``gradgradcheck``, Hessian-vector products, gradient penalties through mHC ops)
+raises in the backward formula (grad mode is on there only then); any op called while a
+forward-mode level is active (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``)
+raises in the op body, which is the one place every path goes through (PyTorch's custom-op
+autograd would otherwise drop the tangent silently).
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ import os
 import types
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import registry
+from .errors import MHCUnsupportedError
 from .specs import SPECS
 from .validation import bind, complete
 
@@ -41,12 +51,51 @@ def _make_body(name: str):
     spec = SPECS[name]
 
     def body(*args, **kwargs):
+        if _forward_ad._current_level >= 0:
+            _refuse_forward_ad(name)
         c = bind(spec, complete(spec, args, kwargs) if kwargs or len(args) < len(spec.args) else args)
         return c.unflatten(registry.run(c))
 
     body.__name__ = f"mhc_{name}"
     body.__qualname__ = body.__name__
     return body
+
+
+def _refuse_forward_ad(name: str):
+    raise MHCUnsupportedError(
+        f"mhc.{name}: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not supported: the "
+        f"mHC kernels have no JVP rule, and a custom op would silently drop the tangent. Use reverse mode "
+        f"(backward, torch.autograd.grad, torch.func.vjp / jacrev); for a JVP of the math itself use the float64 "
+        f"transcription, mhc_kernels.reference.transcription.")
+
+
+def _differentiated_again() -> bool:
+    """Whether the backward now running will itself be differentiated. Autograd runs a backward formula
+    with grad mode on only under ``create_graph=True``; torch.func's reverse transforms always ask for it,
+    which is harmless with one level of them (``grad``, ``vjp``, ``jacrev``: the backward runs under the
+    top interpreter) and a second derivative when another Grad/Jvp level sits below (``grad(grad(f))``,
+    ``hessian``)."""
+    if not torch.is_grad_enabled():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if not stack:
+        return True
+    higher = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return any(i.key() in higher for i in stack[:-1])
+
+
+def _first_order_only(name: str, backward):
+    """``backward`` refusing a double backward (see :func:`_differentiated_again`)."""
+    def wrapped(ops, ctx, *grads):
+        if _differentiated_again():
+            raise MHCUnsupportedError(
+                f"mhc.{name}: double backward (a backward with create_graph=True -- gradgradcheck, Hessian-vector "
+                f"products, gradient penalties through mHC ops) is not supported: the backward kernels are not "
+                f"differentiable. Run the backward without create_graph; for higher derivatives of the math use "
+                f"the float64 transcription, mhc_kernels.reference.transcription.")
+        return backward(ops, ctx, *grads)
+
+    return wrapped
 
 
 def _make_fake(name: str):
@@ -76,7 +125,7 @@ def _formula(name: str):
     ``backward`` (``_formula("post")(setup)(backward)``)."""
     def with_setup(setup):
         def with_backward(backward):
-            _AUTOGRAD[name] = (setup, backward)
+            _AUTOGRAD[name] = (setup, _first_order_only(name, backward))
             return backward
         return with_backward
     return with_setup

@@ -31,6 +31,7 @@ from .specs import (
     POS,
     SPECS,
     OpSpec,
+    ScalarArg,
     TensorArg,
     dim_value,
     format_template,
@@ -132,28 +133,55 @@ def _fail(spec: OpSpec, msg: str, cls=MHCInputError):
     raise cls(f"mhc.{spec.name}: {msg}")
 
 
-def _check_scalar(spec: OpSpec, arg, value):
+def _check_scalar(where: str, arg, value):
+    """``value`` against the value class of ``arg`` (a :class:`~mhc_kernels.specs.ScalarArg`); errors start
+    with ``where`` (``mhc.<op>`` at the op boundary, the module's name at construction)."""
     if arg.kind in (ITERS, COUNT):
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(spec, f"argument '{arg.name}' must be an int; got {type(value).__name__} {value!r}", MHCDtypeError)
+            _raise(where, f"argument '{arg.name}' must be an int; got {type(value).__name__} {value!r}", MHCDtypeError)
         if value < 1:
             what = "the number of Sinkhorn rounds" if arg.kind == ITERS else "the number of streams"
-            _fail(spec, f"argument '{arg.name}' ({what}) must be >= 1; got {value}")
+            _raise(where, f"argument '{arg.name}' ({what}) must be >= 1; got {value}")
         if arg.kind == ITERS and value > MAX_SINKHORN_ITERS:
-            _fail(spec, f"argument '{arg.name}' must be <= {MAX_SINKHORN_ITERS}; got {value} (each round is "
+            _raise(where, f"argument '{arg.name}' must be <= {MAX_SINKHORN_ITERS}; got {value} (each round is "
                         f"unrolled into the GPU kernels and replayed by the backward; Sinkhorn has converged to "
                         f"float32 precision long before)")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(spec, f"argument '{arg.name}' must be a float; got {type(value).__name__} {value!r}", MHCDtypeError)
+        _raise(where, f"argument '{arg.name}' must be a float; got {type(value).__name__} {value!r}", MHCDtypeError)
     if not math.isfinite(value):
-        _fail(spec, f"argument '{arg.name}' must be finite; got {value!r}")
+        _raise(where, f"argument '{arg.name}' must be finite; got {value!r}")
     if arg.kind == EPS and value < 0:
-        _fail(spec, f"argument '{arg.name}' must be >= 0; got {value!r}")
+        _raise(where, f"argument '{arg.name}' must be >= 0; got {value!r}")
     if arg.kind == POS and value <= 0:
         why = ("it multiplies the post mix" if arg.name == "post_mult" else
                "it guards a division or rsqrt that is 0/0 or rsqrt(0) for an all-zero row or column")
-        _fail(spec, f"argument '{arg.name}' must be > 0 ({why}); got {value!r}")
+        _raise(where, f"argument '{arg.name}' must be > 0 ({why}); got {value!r}")
+
+
+def _raise(where: str, msg: str, cls=MHCInputError):
+    raise cls(f"{where}: {msg}")
+
+
+# The constants of a site (contract §1), by name, with their value classes.
+CONSTANTS = {a.name: a for a in SPECS["mhc_pre"].args if isinstance(a, ScalarArg)}
+
+
+def check_constants(where: str, **values) -> None:
+    """Validate mHC constants by name (``norm_eps``, ``pre_eps``, ``post_mult``, ``sinkhorn_iters``,
+    ``sinkhorn_eps``) with the errors the ops raise: modules call it at construction, so a bad value fails
+    there and not at the first forward."""
+    for name, value in values.items():
+        _check_scalar(where, CONSTANTS[name], value)
+
+
+def check_count(where: str, name: str, value, what: str) -> None:
+    """``value`` must be an int >= 1 (``what`` says what it counts, for the message)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        _raise(where, f"argument '{name}' ({what}) must be an int; got {type(value).__name__} {value!r}",
+               MHCDtypeError)
+    if value < 1:
+        _raise(where, f"argument '{name}' ({what}) must be >= 1; got {value}")
 
 
 def _solve_n_from_m(spec, name, m):
@@ -239,7 +267,7 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
     iters = None
     for a, v in zip(spec.args, args):
         if not isinstance(a, TensorArg):
-            _check_scalar(spec, a, v)
+            _check_scalar(f"mhc.{spec.name}", a, v)
             if a.kind == COUNT:
                 n = v
             elif a.kind == ITERS:

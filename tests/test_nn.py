@@ -174,15 +174,64 @@ def test_autocast_bf16(residual_dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_bfloat16_module_params_still_work():
-    """model.bfloat16() casts the parameters; the site casts them back to float32 on use."""
+def test_low_precision_casts_keep_float32_master_parameters():
+    """model.bfloat16() / .half() / .to(bf16) cast the sublayers; the mHC parameters stay float32 (the master
+    copy mixed-precision training keeps), as the module docstring says; .double() is honoured (float64 mode)."""
     C, n = 16, 2
+    for cast in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.bfloat16)):
+        site = cast(MHCSite(C, n, sublayer=_mlp(C, torch.float32)))
+        head = cast(MHCHead(C, n))
+        for name, p in list(site.named_parameters(recurse=False)) + list(head.named_parameters()):
+            assert p.dtype == torch.float32, name
+        assert all(p.dtype != torch.float32 for p in site.sublayer.parameters())
     site = MHCSite(C, n, sublayer=_mlp(C, torch.bfloat16)).bfloat16()
     head = MHCHead(C, n).bfloat16()
     x = torch.randn(4, n, C, dtype=torch.bfloat16)
     out = head(site(x))
     out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and site.fn.grad is not None and site.fn.grad.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and site.fn.grad is not None and site.fn.grad.dtype == torch.float32
+    assert MHCSite(C, n).double().fn.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(hidden=0, n=4), "'hidden' .* must be >= 1"),
+    (dict(hidden=8, n=-1), "'n' .* must be >= 1"),
+    (dict(hidden=8.5, n=4), "'hidden' .* must be an int"),
+    (dict(hidden=8, n=4, sinkhorn_iters=0), "'sinkhorn_iters' .* must be >= 1"),
+    (dict(hidden=8, n=4, sinkhorn_iters=10 ** 9), "'sinkhorn_iters' must be <= 1000"),
+    (dict(hidden=8, n=4, norm_eps=0.0), "'norm_eps' must be > 0"),
+    (dict(hidden=8, n=4, sinkhorn_eps=-1e-6), "'sinkhorn_eps' must be > 0"),
+    (dict(hidden=8, n=4, post_mult=0.0), "'post_mult' must be > 0"),
+    (dict(hidden=8, n=4, pre_eps=-1.0), "'pre_eps' must be >= 0"),
+    (dict(hidden=8, n=4, alpha=float("nan")), "alpha must be finite"),
+])
+def test_modules_validate_their_arguments_at_construction(kwargs, match):
+    hidden, n = kwargs.pop("hidden"), kwargs.pop("n")
+    with pytest.raises(mk.MHCInputError, match=f"MHCSite: .*{match}"):
+        MHCSite(hidden, n, **kwargs)
+    head_kwargs = {k: v for k, v in kwargs.items() if k in ("norm_eps", "pre_eps", "alpha")}
+    if head_kwargs or not kwargs:
+        with pytest.raises(mk.MHCInputError, match=f"MHCHead: .*{match}"):
+            MHCHead(hidden, n, **head_kwargs)
+
+
+def test_expand_validates_n():
+    with pytest.raises(mk.MHCInputError, match="MHCExpand: argument 'n'"):
+        MHCExpand(0)
+
+
+def test_a_residual_of_the_wrong_shape_names_the_expected_shape_and_mhcexpand():
+    C, n = 8, 4
+    site, head = MHCSite(C, n, sublayer=nn.Identity()), MHCHead(C, n)
+    embedding = torch.randn(2, 5, C)   # forgot MHCExpand
+    with pytest.raises(mk.MHCInputError, match=r"MHCSite: the residual must have shape \(\.\.\., n=4, C=8\); got "
+                                               r"\(2, 5, 8\) -- did you call MHCExpand first"):
+        site(embedding)
+    with pytest.raises(mk.MHCInputError, match="MHCHead: .*did you call MHCExpand first"):
+        head(embedding)
+    with pytest.raises(mk.MHCInputError, match=r"got \(2, 3, 4, 9\)$"):   # wrong C: no MHCExpand hint
+        site(torch.randn(2, 3, 4, 9))
+    assert site(MHCExpand(n)(embedding)).shape == (2, 5, n, C)
 
 
 def test_float64_residual_for_gradcheck():
