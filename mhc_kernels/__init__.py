@@ -27,13 +27,17 @@ from . import (  # noqa: E402,F401  (MHCSite & co, Amax gain, recompute)
 )
 from .errors import BackendError, MHCDtypeError, MHCError, MHCInputError, MHCUnsupportedError  # noqa: E402
 from .functional import (  # noqa: E402
+    V41,
     expand,
     mhc_head,
+    mhc_head_sp,
     mhc_post,
     mhc_pre,
+    mhc_pre_sp,
     multilayer_recompute,
     norm_fn,
     post_pre,
+    post_pre_sp,
     pre_apply_mix,
     sinkhorn,
     split_mixes,
@@ -45,7 +49,7 @@ from .specs import SPECS  # noqa: E402
 __all__ = [
     "__version__",
     "mhc_pre", "mhc_post", "norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "expand", "mhc_head",
-    "post_pre", "multilayer_recompute",
+    "post_pre", "multilayer_recompute", "mhc_pre_sp", "post_pre_sp", "mhc_head_sp", "V41",
     "available_backends", "use_backend", "which_backend", "BACKENDS", "BackendStatus",
     "set_eager_fastpath", "eager_fastpath_enabled",
     "MHCError", "MHCInputError", "MHCDtypeError", "MHCUnsupportedError", "BackendError",

@@ -155,6 +155,115 @@ def multilayer_recompute_fwd(p, residual, layer_outputs, pre_mix, post_mix, comb
     return residuals, layer_inputs
 
 
+# -- single-pass mHC (contract §14) ------------------------------------------------------------------------
+def out_norm(u: Tensor, weight: Optional[Tensor], eps: float, mix_dtype: torch.dtype):
+    """-> (v, rho): the sublayer's RMSNorm of the stored collapse ``u (T, C)``,
+    ``v = round(u * rho * weight)`` with ``rho = rsqrt(mean(u^2) + eps)`` taken from the rounded ``u``;
+    without a weight ``v`` is ``u`` and ``rho`` ones (not used)."""
+    if weight is None:
+        return u, torch.ones(u.shape[:-1], dtype=mix_dtype, device=u.device)
+    uf = u.to(mix_dtype)
+    rho = torch.rsqrt(torch.linalg.vector_norm(uf, dim=-1).square() / uf.shape[-1] + eps)
+    return (uf * rho.unsqueeze(-1) * weight).to(u.dtype), rho
+
+
+def out_norm_bwd(grad: Tensor, u: Tensor, weight: Optional[Tensor], rho: Tensor):
+    """-> (d_u in ``u``'s dtype, d_weight ``(C,)``) of :func:`out_norm` (the rounding of ``v`` as identity):
+    ``d_u = rho * (w * g) - (rho^3 / C) * <u, w * g> * u``, ``d_weight = sum_t rho * u * g``."""
+    if weight is None:
+        return grad, None
+    md = rho.dtype
+    uf, g = u.to(md), grad.to(md)
+    wg = g * weight
+    coef = rho.pow(3) / uf.shape[-1] * torch.linalg.vecdot(uf, wg)
+    d_u = rho.unsqueeze(-1) * wg - coef.unsqueeze(-1) * uf
+    d_w = (uf * rho.unsqueeze(-1) * g).sum(0)
+    return d_u.to(u.dtype), d_w
+
+
+def first_stream(residual: Tensor) -> Tensor:
+    """``residual[:, 0]`` as a fresh tensor: the collapse with the one-hot pre on stream 0, bit for bit."""
+    return residual[:, 0].clone(memory_format=torch.contiguous_format)
+
+
+def one_hot_pre(residual: Tensor, mix_dtype: torch.dtype) -> Tensor:
+    """The first site's constant pre ``(T, n)``: 1 on stream 0."""
+    w = torch.zeros(residual.shape[:2], dtype=mix_dtype, device=residual.device)
+    w[:, 0] = 1.0
+    return w
+
+
+def _collapse(p, residual, prev_pre, config):
+    return first_stream(residual) if prev_pre is None else p.pre_apply_mix(residual, prev_pre,
+                                                                           config=_sub(config, "pre_apply_mix"))
+
+
+def mhc_pre_sp_fwd(p, residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult,
+                   iters, sinkhorn_eps, out_norm_eps, *, config=None):
+    """-> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd): this site's coefficients from the
+    residual (norm_fn -> split_mixes) and the layer input collapsed with ``prev_pre`` (stream 0 when None),
+    then RMS-normalised when ``out_norm_weight`` is given."""
+    mixes, rstd = p.norm_fn(residual, fn, norm_weight, norm_eps, config=_sub(config, "norm_fn"))
+    pre, post, comb = p.split_mixes(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
+                                    config=_sub(config, "split_mixes"))
+    v, out_rstd = out_norm(_collapse(p, residual, prev_pre, config), out_norm_weight, out_norm_eps, fn.dtype)
+    return v, pre, post, comb, mixes, rstd, out_rstd
+
+
+def mhc_pre_sp_bwd(p, grad_layer_input, grad_pre, grad_post, grad_comb, residual, prev_pre, fn, scale, base,
+                   norm_weight, out_norm_weight, mixes, rstd, out_rstd, grad_residual, pre_eps, post_mult, iters,
+                   sinkhorn_eps, *, config=None):
+    """-> (d_residual, d_prev_pre, d_fn_eff, d_scale, d_base, d_out_norm_weight). ``grad_pre`` is the next
+    site's gradient of this site's pre; the residual gradient's terms (incoming, the collapse's
+    ``prev_pre (x) d_u``, the projection's) are summed in float32 and written once, as mhc_pre_bwd's."""
+    md = fn.dtype
+    g_u = grad_layer_input
+    d_onw = None
+    if out_norm_weight is not None:
+        u = _collapse(p, residual, prev_pre, config)   # recomputed: one more read of the residual
+        g_u, d_onw = out_norm_bwd(grad_layer_input, u, out_norm_weight, out_rstd)
+    if prev_pre is None:
+        d_prev, apply_w = torch.zeros(residual.shape[:2], dtype=md, device=residual.device), one_hot_pre(residual, md)
+    else:
+        d_prev = p.stream_weight_grad(g_u, residual, config=_sub(config, "stream_weight_grad"))
+        apply_w = prev_pre
+    d_mixes, d_scale, d_base = p.split_mixes_bwd(grad_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters,
+                                                 sinkhorn_eps, config=_sub(config, "split_mixes_bwd"))
+    d_res, d_fn = p.norm_fn_bwd(d_mixes, residual, fn, norm_weight, mixes, rstd, apply_w=apply_w, apply_grad=g_u,
+                                grad_residual=grad_residual, config=_sub(config, "norm_fn_bwd"))
+    if d_onw is None:
+        d_onw = torch.zeros(residual.shape[-1:], dtype=md, device=residual.device)
+    return d_res, d_prev, d_fn, d_scale, d_base, d_onw
+
+
+def post_pre_sp_fwd(p, layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
+                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config=None):
+    """-> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd): post of site s-1, then
+    mhc_pre_sp of site s on the stored new residual."""
+    new_residual = p.post(layer_output, residual, post_mix, comb_mix, config=_sub(config, "post"))
+    return (new_residual,) + p.mhc_pre_sp(new_residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight,
+                                          norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
+                                          config=_sub(config, "mhc_pre_sp"))
+
+
+def mhc_head_sp_fwd(p, residual, pre, out_norm_weight, out_norm_eps, *, config=None):
+    """-> (out, out_rstd): the final residual collapsed with the last site's pre, optionally normalised."""
+    u = p.pre_apply_mix(residual, pre, config=_sub(config, "pre_apply_mix"))
+    return out_norm(u, out_norm_weight, out_norm_eps, pre.dtype)
+
+
+def mhc_head_sp_bwd(p, grad, residual, pre, out_norm_weight, out_rstd, *, config=None):
+    """-> (d_residual, d_pre, d_out_norm_weight)."""
+    g_u, d_onw = grad, None
+    if out_norm_weight is not None:
+        u = p.pre_apply_mix(residual, pre, config=_sub(config, "pre_apply_mix"))
+        g_u, d_onw = out_norm_bwd(grad, u, out_norm_weight, out_rstd)
+    d_res, d_pre = p.pre_apply_mix_bwd(g_u, residual, pre, config=_sub(config, "pre_apply_mix_bwd"))
+    if d_onw is None:
+        d_onw = torch.zeros(residual.shape[-1:], dtype=pre.dtype, device=residual.device)
+    return d_res, d_pre, d_onw
+
+
 # -- parts and registration -------------------------------------------------------------------------------
 def _rows_m(call):
     return mix_count(call.n or 1)
@@ -192,6 +301,16 @@ COMPOSITES: dict[str, tuple[Callable, tuple[Part, ...]]] = {
                                     Part("norm_fn_bwd", "norm_fn_bwd", _rows_n))),
     "post_pre": (post_pre_fwd, (Part("post", "post"), Part("mhc_pre", "mhc_pre"))),
     "multilayer_recompute": (multilayer_recompute_fwd, (Part("post", "post"), Part("pre_apply_mix", "pre_apply_mix"))),
+    "mhc_pre_sp": (mhc_pre_sp_fwd, (Part("norm_fn", "norm_fn", _rows_m), Part("split_mixes", "split_mixes"),
+                                    Part("pre_apply_mix", "pre_apply_mix"))),
+    "mhc_pre_sp_bwd": (mhc_pre_sp_bwd, (Part("pre_apply_mix", "pre_apply_mix"),
+                                        Part(STREAM_WEIGHT_GRAD, "pre_apply_mix_bwd"),
+                                        Part("split_mixes_bwd", "split_mixes_bwd"),
+                                        Part("norm_fn_bwd", "norm_fn_bwd", _rows_m))),
+    "post_pre_sp": (post_pre_sp_fwd, (Part("post", "post"), Part("mhc_pre_sp", "mhc_pre_sp"))),
+    "mhc_head_sp": (mhc_head_sp_fwd, (Part("pre_apply_mix", "pre_apply_mix"),)),
+    "mhc_head_sp_bwd": (mhc_head_sp_bwd, (Part("pre_apply_mix", "pre_apply_mix"),
+                                          Part("pre_apply_mix_bwd", "pre_apply_mix_bwd"))),
 }
 
 

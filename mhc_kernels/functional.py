@@ -233,3 +233,112 @@ def multilayer_recompute(residual: Tensor, layer_outputs: Tensor, pre_mix: Tenso
         (torch.Size([3, 8, 4, 64]), torch.Size([3, 8, 64]))
     """
     return call("multilayer_recompute", residual, layer_outputs, pre_mix, post_mix, comb_mix)
+
+
+# -- single-pass mHC (DeepSeek-V4.1; contract §14) ---------------------------------------------------------
+V41 = dict(norm_eps=1e-20, out_norm_eps=1e-20, pre_eps=1e-6, sinkhorn_eps=1e-6, post_mult=2.0, sinkhorn_iters=20)
+"""DeepSeek-V4.1's constants, as keywords: ``mk.mhc_pre_sp(..., **mk.V41)``. The projection RMS and the
+sublayer norms use ``rms_norm_eps = 1e-20``; the pre and Sinkhorn eps are ``hc_eps = 1e-6``."""
+
+
+def _weight(w: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """An out-norm weight given in the residual's dtype (as models store it) as the mix dtype: exact."""
+    if w is None or w.dtype == like.dtype:
+        return w
+    return w.to(like.dtype) if w.is_floating_point() else w
+
+
+def mhc_pre_sp(residual: Tensor, prev_pre: Optional[Tensor], fn: Tensor, scale: Tensor, base: Tensor, *,
+               norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6, pre_eps: float = 1e-6,
+               post_mult: float = 2.0, sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6,
+               out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6) -> tuple[Tensor, ...]:
+    """Single-pass pre (contract §14): the sublayer input is the residual collapsed with the *previous*
+    site's pre; this site's coefficients come from the same residual.
+
+    Args:
+        residual: ``(..., n, C)``.
+        prev_pre: ``(..., n)`` float32, the previous site's ``pre`` (differentiable), or ``None`` at the first
+            site: the one-hot on stream 0, so the layer input is ``residual[..., 0, :]`` bit for bit.
+        fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: this site's
+            coefficient head, as :func:`mhc_pre`.
+        out_norm_weight: optional ``(C,)`` (float32 or the residual's dtype): the sublayer's RMSNorm, applied to
+            the rounded collapse ``u``: ``round(u * rsqrt(mean(u^2) + out_norm_eps) * w)``.
+
+    Returns:
+        ``(layer_input (..., C), pre (..., n), post_mix (..., n), comb_mix (..., n, n))``: ``pre``, ``post_mix``,
+        ``comb_mix`` are exactly :func:`mhc_pre`'s from the same residual (``pre`` includes ``pre_eps``); pass
+        ``pre`` to the next site as its ``prev_pre`` and ``post_mix``/``comb_mix`` to :func:`mhc_post`.
+
+    Example::
+
+        >>> x = torch.randn(8, 4, 64, dtype=torch.bfloat16)
+        >>> fn, scale, base = torch.randn(24, 256) / 16, torch.full((3,), 0.01), torch.zeros(24)
+        >>> h, pre, post_mix, comb_mix = mk.mhc_pre_sp(x, None, fn, scale, base, **mk.V41)   # first site
+        >>> torch.equal(h, x[:, 0])
+        True
+        >>> h2, pre2, _, _ = mk.mhc_pre_sp(x, pre, fn, scale, base, **mk.V41)                 # the next site
+    """
+    out = call("mhc_pre_sp", residual, prev_pre, fn, scale, base, norm_weight, _weight(out_norm_weight, fn),
+               _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps),
+               _float(out_norm_eps))
+    return out[:4]
+
+
+def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor,
+                prev_pre: Optional[Tensor], fn: Tensor, scale: Tensor, base: Tensor, *,
+                norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6, pre_eps: float = 1e-6,
+                post_mult: float = 2.0, sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6,
+                out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6) -> tuple[Tensor, ...]:
+    """The single-pass boundary (contract §14): :func:`mhc_post` of site s-1, then :func:`mhc_pre_sp` of site s
+    on the stored new residual. ``post_mix``/``comb_mix`` are site s-1's, ``prev_pre`` is site s-1's pre,
+    ``fn``/``scale``/``base``/``norm_weight``/``out_norm_weight`` are site s's.
+
+    Returns ``(new_residual, layer_input, pre, post_mix, comb_mix)`` (the last three: site s's). Its floor is
+    ``(2n+2)*C`` elements per token: the residual and the layer output read once, the new residual and the
+    layer input written once.
+
+    Example::
+
+        >>> x, y = torch.randn(8, 4, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)
+        >>> fn, scale, base = torch.randn(24, 256) / 16, torch.full((3,), 0.01), torch.zeros(24)
+        >>> h, pre, post_mix, comb_mix = mk.mhc_pre_sp(x, None, fn, scale, base)
+        >>> x, h, pre, post_mix, comb_mix = mk.post_pre_sp(y, x, post_mix, comb_mix, pre, fn, scale, base)
+        >>> x.shape, h.shape, pre.shape
+        (torch.Size([8, 4, 64]), torch.Size([8, 64]), torch.Size([8, 4]))
+    """
+    out = call("post_pre_sp", layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
+               _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
+               _float(sinkhorn_eps), _float(out_norm_eps))
+    return out[:5]
+
+
+def mhc_head_sp(residual: Tensor, pre: Optional[Tensor] = None, *, out_norm_weight: Optional[Tensor] = None,
+                out_norm_eps: float = 1e-6, mean: bool = False) -> Tensor:
+    """Single-pass head (contract §14): the final residual collapsed with the last site's ``pre`` (no learned
+    head parameters), optionally followed by the model's final RMSNorm (``out_norm_weight``).
+
+    ``mean=True`` (with ``pre=None``) is GLM-5.3's unweighted mean over the streams: the collapse with the
+    constant pre ``1/n``. ``residual (..., n, C)``, ``pre (..., n)`` float32 -> ``(..., C)``.
+
+    Example::
+
+        >>> x, pre = torch.randn(8, 4, 64), torch.full((8, 4), 0.25)
+        >>> mk.mhc_head_sp(x, pre).shape
+        torch.Size([8, 64])
+        >>> torch.allclose(mk.mhc_head_sp(x, mean=True), x.mean(-2))
+        True
+    """
+    if mean:
+        if pre is not None:
+            from .errors import MHCInputError
+
+            raise MHCInputError("mhc.mhc_head_sp: give either pre or mean=True, not both")
+        md = torch.float64 if residual.dtype == torch.float64 else torch.float32
+        pre = torch.full(residual.shape[:-1], 1.0 / residual.shape[-2], dtype=md, device=residual.device)
+    elif pre is None:
+        from .errors import MHCInputError
+
+        raise MHCInputError("mhc.mhc_head_sp: pre is required (the last site's pre), or mean=True for the "
+                            "unweighted mean over the streams")
+    out, _ = call("mhc_head_sp", residual, pre, _weight(out_norm_weight, pre), _float(out_norm_eps))
+    return out

@@ -265,6 +265,70 @@ def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, _g_mixes, _g_r
     return (d_y, d_res, d_post_mix, d_comb_mix, d_fn, d_scale, d_base, d_nw) + (None,) * 5
 
 
+# -- single-pass mHC (contract §14) ----------------------------------------------------------------
+def _grad_or_none(needed: bool, grad):
+    return grad if needed else None
+
+
+def _setup_mhc_pre_sp(ctx, inputs, output):
+    (residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, _norm_eps, pre_eps, post_mult, iters, eps,
+     _out_eps) = inputs
+    _li, _pre, _post, _comb, mixes, rstd, out_rstd = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
+    ctx.consts = (pre_eps, post_mult, iters, eps)
+    # Only the caller's residual (by reference) and O(n^2) floats per token, as mhc_pre.
+    ctx.save_for_backward(residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd, out_rstd)
+
+
+@_formula("mhc_pre_sp")(_setup_mhc_pre_sp)
+def _backward_mhc_pre_sp(ops, ctx, g_li, g_pre, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+    residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd, out_rstd = ctx.saved_tensors
+    d_res, d_prev, d_fn, d_scale, d_base, d_onw = ops.mhc_pre_sp_bwd(
+        g_li, g_pre, g_post, g_comb, residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd,
+        out_rstd, None, *ctx.consts)
+    d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
+    return ((d_res, _grad_or_none(prev_pre is not None, d_prev), d_fn, d_scale, d_base, d_nw,
+             _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 6)
+
+
+def _setup_post_pre_sp(ctx, inputs, output):
+    (layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight, out_norm_weight,
+     _norm_eps, pre_eps, post_mult, iters, eps, _out_eps) = inputs
+    new_residual, _li, _pre, _post, _comb, mixes, rstd, out_rstd = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
+    ctx.consts = (pre_eps, post_mult, iters, eps)
+    ctx.save_for_backward(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
+                          out_norm_weight, new_residual, mixes, rstd, out_rstd)
+
+
+@_formula("post_pre_sp")(_setup_post_pre_sp)
+def _backward_post_pre_sp(ops, ctx, g_new_res, g_li, g_pre, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+    (layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight, out_norm_weight,
+     new_residual, mixes, rstd, out_rstd) = ctx.saved_tensors
+    # as post_pre: the new residual's two gradients (direct, through the next pre) are summed by the pre backward
+    d_new, d_prev, d_fn, d_scale, d_base, d_onw = ops.mhc_pre_sp_bwd(
+        g_li, g_pre, g_post, g_comb, new_residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, mixes,
+        rstd, out_rstd, g_new_res, *ctx.consts)
+    d_y, d_res, d_post_mix, d_comb_mix = ops.post_bwd(d_new, layer_output, residual, post_mix, comb_mix)
+    d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
+    return ((d_y, d_res, d_post_mix, d_comb_mix, _grad_or_none(prev_pre is not None, d_prev), d_fn, d_scale, d_base,
+             d_nw, _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 6)
+
+
+def _setup_mhc_head_sp(ctx, inputs, output):
+    residual, pre, out_norm_weight, _out_eps = inputs
+    _out, out_rstd = output
+    ctx.mark_non_differentiable(out_rstd)
+    ctx.save_for_backward(residual, pre, out_norm_weight, out_rstd)
+
+
+@_formula("mhc_head_sp")(_setup_mhc_head_sp)
+def _backward_mhc_head_sp(ops, ctx, grad, _g_out_rstd):
+    residual, pre, out_norm_weight, out_rstd = ctx.saved_tensors
+    d_res, d_pre, d_onw = ops.mhc_head_sp_bwd(grad, residual, pre, out_norm_weight, out_rstd)
+    return d_res, d_pre, _grad_or_none(out_norm_weight is not None, d_onw), None
+
+
 _missing = [name for name, spec in SPECS.items() if spec.differentiable and name not in _AUTOGRAD]
 if _missing:
     raise RuntimeError(f"mhc_kernels.ops: no autograd formula for the differentiable ops {_missing}")

@@ -475,6 +475,75 @@ _register(OpSpec(
     differentiable=False,
 ))
 
+# -- single-pass mHC (contract §14): the sublayer input collapsed with the previous site's pre --------------
+_OUT_NORM_EPS = ScalarArg("out_norm_eps", POS, 1e-6)
+
+
+# FLOPs of the single-pass ops leave out the optional out-norm (4 per element: a small, separate term of a
+# memory-bound op), as bytes leave out absent optional tensors.
+
+_SP_PRE_ARGS = (_residual(), _t("prev_pre", ("*", "n"), optional=True), _t("fn", ("m", "K")), _t("scale", (3,)),
+                _t("base", ("m",)), _t("norm_weight", ("K",), optional=True),
+                _t("out_norm_weight", ("C",), optional=True))
+_SP_CONSTS = (_NORM_EPS,) + _SPLIT_CONSTS + (_OUT_NORM_EPS,)
+_SP_PRE_OUTPUTS = (_hidden("layer_input"), _t("pre", ("*", "n")), _t("post_mix", ("*", "n")),
+                   _t("comb_mix", ("*", "n", "n")), _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True),
+                   _t("out_rstd", ("*",), aux=True))
+
+
+def _f_pre_sp(T, n, C, I):
+    return _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I) + _f_apply(T, n, C)
+
+
+_register(OpSpec(
+    "mhc_pre_sp", _SP_PRE_ARGS + _SP_CONSTS, _SP_PRE_OUTPUTS, "residual",
+    lambda T, n, C, I, z: _f_pre_sp(T, n, C, I),
+    "single-pass pre: this site's (pre, post_mix, comb_mix) from the residual, and the layer input collapsed "
+    "with the previous site's pre (one-hot on stream 0 when absent), optionally RMS-normalised; the residual "
+    "read once ((n+1)*C elements per token)",
+))
+_register(OpSpec(
+    "mhc_pre_sp_bwd",
+    (_hidden("grad_layer_input"), _t("grad_pre", ("*", "n")), _t("grad_post_mix", ("*", "n")),
+     _t("grad_comb_mix", ("*", "n", "n"))) + _SP_PRE_ARGS
+    + (_t("mixes", ("*", "m")), _t("rstd", ("*",)), _t("out_rstd", ("*",)),
+       _t("grad_residual", ("*", "n", "C"), ACT, optional=True)) + _SPLIT_CONSTS,
+    (_residual("d_residual"), _t("d_prev_pre", ("*", "n")), _t("d_fn", ("m", "K")), _t("d_scale", (3,)),
+     _t("d_base", ("m",)), _t("d_out_norm_weight", ("C",))),
+    "residual",
+    lambda T, n, C, I, z: _f_norm_bwd(T, n, C, mix_count(n)) + _f_split_bwd(T, n, I) + 3 * T * n * C,
+    "mhc_pre_sp backward: takes the next site's gradient of this site's pre, returns the previous site's; "
+    "d_fn is the gradient of fn * norm_weight; d_prev_pre / d_out_norm_weight are zeros when absent",
+))
+_register(OpSpec(
+    "post_pre_sp",
+    (_hidden("layer_output"), _residual(), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")))
+    + _SP_PRE_ARGS[1:] + _SP_CONSTS,
+    (_residual("new_residual"),) + _SP_PRE_OUTPUTS,
+    "residual",
+    lambda T, n, C, I, z: _f_post(T, n, C) + _f_pre_sp(T, n, C, I),
+    "post of site s-1 fused with mhc_pre_sp of site s on the stored new residual: residual and layer output "
+    "read once, new residual and layer input written once ((2n+2)*C elements per token)",
+))
+_register(OpSpec(
+    "mhc_head_sp",
+    (_residual(), _t("pre", ("*", "n")), _t("out_norm_weight", ("C",), optional=True), _OUT_NORM_EPS),
+    (_hidden("out"), _t("out_rstd", ("*",), aux=True)),
+    "residual",
+    lambda T, n, C, I, z: _f_apply(T, n, C),
+    "single-pass head: the final residual collapsed with the last site's pre, optionally RMS-normalised (the "
+    "model's final norm)",
+))
+_register(OpSpec(
+    "mhc_head_sp_bwd",
+    (_hidden("grad_out"), _residual(), _t("pre", ("*", "n")), _t("out_norm_weight", ("C",), optional=True),
+     _t("out_rstd", ("*",))),
+    (_residual("d_residual"), _t("d_pre", ("*", "n")), _t("d_out_norm_weight", ("C",))),
+    "residual",
+    lambda T, n, C, I, z: 3 * T * n * C,
+    "mhc_head_sp backward (d_out_norm_weight is zeros without a weight)",
+))
+
 # Forward ops (each exposed as a public function; all but multilayer_recompute differentiable) and the
 # backward ops their autograd formulas call.
 FORWARD_OPS = tuple(name for name in SPECS if not name.endswith("_bwd"))

@@ -137,3 +137,34 @@ def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, s
         inputs.append(pre_apply_mix(read, pre[layer]))
         x = post(ys[layer], read, post_m[layer], comb[layer])
     return np.stack(residuals), np.stack(inputs)
+
+
+# -- single-pass mHC (contract §14) -------------------------------------------------------------------------
+def collapse_norm(residual, pre, out_norm_weight=None, out_norm_eps=1e-6):
+    """u = sum_i pre_i x_i (stream 0 when ``pre`` is None), then u * rsqrt(mean(u^2) + eps) * w with a weight."""
+    x = f64(residual)
+    u = x[..., 0, :] if pre is None else pre_apply_mix(x, pre)
+    if out_norm_weight is None:
+        return u
+    return u / np.sqrt((u * u).mean(-1, keepdims=True) + out_norm_eps) * f64(out_norm_weight)
+
+
+def mhc_pre_sp(residual, prev_pre, fn, scale, base, norm_weight=None, out_norm_weight=None, norm_eps=1e-6,
+               pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, out_norm_eps=1e-6):
+    """contract §14: -> (layer_input, pre, post_mix, comb_mix); layer_input collapses with ``prev_pre``."""
+    mixes = norm_fn(residual, fn, norm_weight, norm_eps)
+    pre, post_mix, comb = split_mixes(mixes, scale, base, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps)
+    return collapse_norm(residual, prev_pre, out_norm_weight, out_norm_eps), pre, post_mix, comb
+
+
+def post_pre_sp(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight=None,
+                out_norm_weight=None, store=None, **consts):
+    """contract §14: -> (new_residual, layer_input, pre, post_mix, comb_mix); ``store`` as for post_pre."""
+    new_residual = post(layer_output, residual, post_mix, comb_mix)
+    stored = new_residual if store is None else f64(store(new_residual))
+    return (new_residual,) + mhc_pre_sp(stored, prev_pre, fn, scale, base, norm_weight, out_norm_weight, **consts)
+
+
+def mhc_head_sp(residual, pre, out_norm_weight=None, out_norm_eps=1e-6):
+    """contract §14: the final collapse with the last site's pre, optionally normalised."""
+    return collapse_norm(residual, pre, out_norm_weight, out_norm_eps)

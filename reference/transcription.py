@@ -98,3 +98,33 @@ def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, s
         inputs.append(pre_apply_mix(read, pre_mix[layer]))
         x = post(layer_outputs[layer], read, post_mix[layer], comb_mix[layer])
     return torch.stack(residuals), torch.stack(inputs)
+
+
+# -- single-pass mHC -------------------------------------------------------------------------------------------
+def collapse_norm(residual, pre, out_norm_weight=None, out_norm_eps=1e-6):
+    """The stored collapse u (stream 0 when ``pre`` is None), then its RMSNorm from the stored u."""
+    u = residual[..., 0, :] if pre is None else pre_apply_mix(residual, pre)
+    if out_norm_weight is None:
+        return u if pre is not None else u.clone()
+    uf = u.to(out_norm_weight.dtype)
+    return (uf * torch.rsqrt(uf.pow(2).mean(-1, keepdim=True) + out_norm_eps) * out_norm_weight).to(residual.dtype)
+
+
+def mhc_pre_sp(residual, prev_pre, fn, scale, base, norm_weight=None, out_norm_weight=None, norm_eps=1e-6,
+               pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, out_norm_eps=1e-6):
+    mixes = norm_fn(residual, fn, norm_weight, norm_eps)
+    pre, post_mix, comb = split_mixes(mixes, scale, base, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps)
+    return collapse_norm(residual, prev_pre, out_norm_weight, out_norm_eps), pre, post_mix, comb
+
+
+def post_pre_sp(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight=None,
+                out_norm_weight=None, store=None, **consts):
+    new_residual = post(layer_output, residual, post_mix, comb_mix)
+    if store is not None:
+        new_residual = store(new_residual)
+    return (new_residual,) + mhc_pre_sp(new_residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight,
+                                        **consts)
+
+
+def mhc_head_sp(residual, pre, out_norm_weight=None, out_norm_eps=1e-6):
+    return collapse_norm(residual, pre, out_norm_weight, out_norm_eps)

@@ -49,3 +49,19 @@ def served(monkeypatch):
 
     monkeypatch.setattr(registry, "select", spy)
     return seen
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend named by the test's ``backend`` parameter (``backends.BACKENDS``, ``indirect=True``), the
+    TileLang one with the CPU emulator switched on; the registry's caches are cleared around the test."""
+    from mhc_kernels import registry
+
+    name = request.param
+    if name == "tilelang":
+        from mhc_kernels.tilelang_src import EMULATE_ENV
+
+        monkeypatch.setenv(EMULATE_ENV, "1")
+    registry.clear_caches()
+    yield name
+    registry.clear_caches()

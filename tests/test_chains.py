@@ -17,46 +17,14 @@ that are exact in every dtype, which truncation and rounding store alike.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import BACKENDS
 
 import mhc_kernels as mk
-from mhc_kernels import registry
 from mhc_kernels.nn import MHCExpand, MHCHead, MHCSite
 from mhc_kernels.reference import cases
-
-
-def _backend_params():
-    out = [pytest.param("reference", id="reference")]
-    triton_ok = importlib.util.find_spec("triton") is not None and (
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-    out.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        not triton_ok, reason="Triton needs CUDA or TRITON_INTERPRET=1 (set by conftest without a GPU)")))
-    tl_ok = importlib.util.find_spec("tilelang") is not None and shutil.which(os.environ.get("CXX", "g++"))
-    out.append(pytest.param("tilelang", id="tilelang", marks=pytest.mark.skipif(
-        not tl_ok, reason="the TileLang emulator needs tilelang and a host C++ compiler")))
-    return out
-
-
-BACKENDS = _backend_params()
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """The backend under test, forced for the test's mHC calls (the TileLang one under the CPU emulator)."""
-    name = request.param
-    if name == "tilelang":
-        from mhc_kernels.tilelang_src import EMULATE_ENV
-
-        monkeypatch.setenv(EMULATE_ENV, "1")
-    registry.clear_caches()
-    yield name
-    registry.clear_caches()
 
 
 def _parametrize_backend():
