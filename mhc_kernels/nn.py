@@ -128,16 +128,20 @@ class MHCExpand(nn.Module):
         torch.Size([2, 8, 4, 64])
     """
 
-    def __init__(self, n: int = 4):
+    def __init__(self, n: int = 4, *, single_pass: bool = False):
         super().__init__()
         check_count("MHCExpand", "n", n, "the number of streams")
         self.n = n
+        self.single_pass = bool(single_pass)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return functional.expand(hidden, self.n)
+    def forward(self, hidden: Tensor):
+        """-> the residual ``(..., n, C)``; with ``single_pass`` the chain's start ``(residual, None)`` (the first
+        site collapses stream 0)."""
+        x = functional.expand(hidden, self.n)
+        return (x, None) if self.single_pass else x
 
     def extra_repr(self) -> str:
-        return f"n={self.n}"
+        return f"n={self.n}" + (", single_pass=True" if self.single_pass else "")
 
 
 class MHCSite(Float32Parameters):
@@ -155,11 +159,18 @@ class MHCSite(Float32Parameters):
         alpha: initial value of the three gains ``scale``.
         identity_tol: at initialisation ``max |H_res - I| ~ identity_tol`` (sinkhorn mode).
         norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: the contract's constants.
+        single_pass: DeepSeek-V4.1's dataflow (contract §14): :meth:`forward` takes and returns the chain
+            state ``(residual, pre)``; the sublayer input is collapsed with the previous site's ``pre``
+            (stream 0 when it is None, after :class:`MHCExpand` with ``single_pass=True``).
+        sublayer_norm: (single-pass) learn the sublayer's input RMSNorm ``out_norm_weight (C,)`` (init 1)
+            and apply it inside the op, from the rounded collapse; then the sublayer should not carry
+            its own pre-norm. ``out_norm_eps`` is its eps (V4.1: 1e-20).
         device: where to create the parameters (always float32).
 
     Parameters: ``fn (n*(n+2), n*C)``, ``scale (3,)``, ``base (n*(n+2),)``, optional
-    ``norm_weight (n*C,)`` -- the layout of the contract (§1). See the module docstring for the
-    initialisation.
+    ``norm_weight (n*C,)`` -- the layout of the contract (§1) -- and with ``sublayer_norm``
+    ``out_norm_weight (C,)``. See the module docstring for the initialisation (the same in both
+    dataflows).
 
     Example::
 
@@ -172,9 +183,17 @@ class MHCSite(Float32Parameters):
     def __init__(self, hidden: int, n: int = 4, *, sublayer: Optional[nn.Module] = None, norm_weight: bool = True,
                  residual_mix: str = "sinkhorn", alpha: float = 0.01, identity_tol: float = 1e-2,
                  norm_eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
-                 sinkhorn_eps: float = 1e-6, device=None):
+                 sinkhorn_eps: float = 1e-6, single_pass: bool = False, sublayer_norm: bool = False,
+                 out_norm_eps: float = 1e-6, device=None):
         super().__init__()
         check_count("MHCSite", "hidden", hidden, "the hidden width C")
+        check_constants("MHCSite", out_norm_eps=out_norm_eps)
+        if sublayer_norm and not single_pass:
+            raise MHCInputError("MHCSite: sublayer_norm=True needs single_pass=True (the two-pass site leaves the "
+                                "norm to the sublayer)")
+        if single_pass and residual_mix != "sinkhorn":
+            raise MHCInputError("MHCSite: single_pass=True supports residual_mix='sinkhorn' only")
+        self.single_pass, self.out_norm_eps = bool(single_pass), float(out_norm_eps)
         check_count("MHCSite", "n", n, "the number of streams")
         check_constants("MHCSite", norm_eps=norm_eps, pre_eps=pre_eps, post_mult=post_mult,
                         sinkhorn_iters=sinkhorn_iters, sinkhorn_eps=sinkhorn_eps)
@@ -198,6 +217,10 @@ class MHCSite(Float32Parameters):
             self.norm_weight = nn.Parameter(torch.empty(K, **f32))
         else:
             self.register_parameter("norm_weight", None)
+        if sublayer_norm:
+            self.out_norm_weight = nn.Parameter(torch.empty(hidden, **f32))
+        else:
+            self.register_parameter("out_norm_weight", None)
         self.sublayer = sublayer
         self.mix_tap = MixTap()
         self.reset_parameters()
@@ -225,6 +248,8 @@ class MHCSite(Float32Parameters):
         self.base.copy_(self.initial_base())
         if self.norm_weight is not None:
             self.norm_weight.fill_(1.0)
+        if self.out_norm_weight is not None:
+            self.out_norm_weight.fill_(1.0)
 
     # -- the two halves (also used by mhc_kernels.recompute) ----------------------------------
     def _params(self, md):
@@ -271,17 +296,40 @@ class MHCSite(Float32Parameters):
         with _autocast_off(residual.device):
             return functional.mhc_post(self.cast_output(layer_output, residual), residual, post_mix, comb_mix)
 
-    def forward(self, residual: Tensor, sublayer: Optional[nn.Module] = None) -> Tensor:
-        """``residual (..., n, C)`` -> the new residual ``(..., n, C)``, same dtype."""
+    def pre_single_pass(self, residual: Tensor, prev_pre: Optional[Tensor]):
+        """``(residual, prev_pre)`` -> ``(layer_input, pre, post_mix, comb_mix)`` (contract §14)."""
+        _check_streams("MHCSite", residual, self.n, self.hidden)
+        md = _mix_dtype(residual)
+        fn, scale, base, nw = self._params(md)
+        with _autocast_off(residual.device):
+            li, pre, post_mix, comb_mix = functional.mhc_pre_sp(
+                residual, _as(prev_pre, md), fn, scale, base, norm_weight=nw, norm_eps=self.norm_eps,
+                pre_eps=self.pre_eps, post_mult=self.post_mult, sinkhorn_iters=self.sinkhorn_iters,
+                sinkhorn_eps=self.sinkhorn_eps, out_norm_weight=_as(self.out_norm_weight, md),
+                out_norm_eps=self.out_norm_eps)
+        post_mix, comb_mix = self.mix_tap(post_mix, comb_mix)
+        return li, pre, post_mix, comb_mix
+
+    def forward(self, residual, sublayer: Optional[nn.Module] = None):
+        """``residual (..., n, C)`` -> the new residual ``(..., n, C)``, same dtype; single-pass: ``(residual,
+        prev_pre)`` -> ``(new_residual, pre)``."""
         sublayer = sublayer if sublayer is not None else self.sublayer
         if sublayer is None:
             raise ValueError("MHCSite: no sublayer (pass one to forward or build the site with sublayer=...)")
+        if self.single_pass:
+            if not isinstance(residual, (tuple, list)) or len(residual) != 2:
+                raise MHCInputError("MHCSite(single_pass=True): forward takes the chain state (residual, pre); "
+                                    "start it with MHCExpand(n, single_pass=True), which gives (residual, None)")
+            residual, prev_pre = residual
+            li, pre, post_mix, comb_mix = self.pre_single_pass(residual, prev_pre)
+            return self.post(sublayer(li), residual, post_mix, comb_mix), pre
         li, post_mix, comb_mix, _ = self.pre(residual)
         return self.post(sublayer(li), residual, post_mix, comb_mix)
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, n={self.n}, residual_mix={self.residual_mix!r}, "
-                f"norm_weight={self.norm_weight is not None}")
+                f"norm_weight={self.norm_weight is not None}"
+                + (f", single_pass=True, sublayer_norm={self.out_norm_weight is not None}" if self.single_pass else ""))
 
 
 class MHCHead(Float32Parameters):
@@ -335,3 +383,49 @@ class MHCHead(Float32Parameters):
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, n={self.n}, norm_weight={self.norm_weight is not None}"
+
+
+class MHCSinglePassHead(Float32Parameters):
+    """``(residual, pre) -> (..., C)``: the single-pass model's last collapse (contract §14): the final
+    residual collapsed with the last site's ``pre`` -- no learned head parameters -- optionally followed by
+    the model's final RMSNorm (``final_norm``: a weight ``(C,)``, init 1, eps ``out_norm_eps``). ``mean=True``
+    collapses with the constant ``1/n`` instead (GLM-5.3's mean head; the chain's ``pre`` is ignored).
+
+    Example::
+
+        >>> C, n = 64, 4
+        >>> sites = [MHCSite(C, n, sublayer=torch.nn.Linear(C, C), single_pass=True, sublayer_norm=True)
+        ...          for _ in range(2)]
+        >>> model = torch.nn.Sequential(MHCExpand(n, single_pass=True), *sites, MHCSinglePassHead(C, n))
+        >>> model(torch.randn(2, 8, C)).shape
+        torch.Size([2, 8, 64])
+    """
+
+    def __init__(self, hidden: int, n: int = 4, *, final_norm: bool = True, out_norm_eps: float = 1e-6,
+                 mean: bool = False, device=None):
+        super().__init__()
+        check_count("MHCSinglePassHead", "hidden", hidden, "the hidden width C")
+        check_count("MHCSinglePassHead", "n", n, "the number of streams")
+        check_constants("MHCSinglePassHead", out_norm_eps=out_norm_eps)
+        self.hidden, self.n, self.mean, self.out_norm_eps = int(hidden), int(n), bool(mean), float(out_norm_eps)
+        if final_norm:
+            self.norm_weight = nn.Parameter(torch.ones(hidden, device=device, dtype=torch.float32))
+        else:
+            self.register_parameter("norm_weight", None)
+
+    def forward(self, state) -> Tensor:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise MHCInputError("MHCSinglePassHead: forward takes the chain state (residual, pre)")
+        residual, pre = state
+        _check_streams("MHCSinglePassHead", residual, self.n, self.hidden)
+        md = _mix_dtype(residual)
+        if pre is None and not self.mean:
+            raise MHCInputError("MHCSinglePassHead: the chain has no pre yet (no site ran); use mean=True or add a "
+                                "site")
+        with _autocast_off(residual.device):
+            return functional.mhc_head_sp(residual, None if self.mean else _as(pre, md),
+                                          out_norm_weight=_as(self.norm_weight, md), out_norm_eps=self.out_norm_eps,
+                                          mean=self.mean)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, n={self.n}, final_norm={self.norm_weight is not None}, mean={self.mean}"

@@ -164,13 +164,13 @@ def _raise(where: str, msg: str, cls=MHCInputError):
 
 
 # The constants of a site (contract §1), by name, with their value classes.
-CONSTANTS = {a.name: a for a in SPECS["mhc_pre"].args if isinstance(a, ScalarArg)}
+CONSTANTS = {a.name: a for a in SPECS["mhc_pre_sp"].args if isinstance(a, ScalarArg)}
 
 
 def check_constants(where: str, **values) -> None:
     """Validate mHC constants by name (``norm_eps``, ``pre_eps``, ``post_mult``, ``sinkhorn_iters``,
-    ``sinkhorn_eps``) with the errors the ops raise: modules call it at construction, so a bad value fails
-    there and not at the first forward."""
+    ``sinkhorn_eps``, ``out_norm_eps``) with the errors the ops raise: modules call it at construction, so a
+    bad value fails there and not at the first forward."""
     for name, value in values.items():
         _check_scalar(where, CONSTANTS[name], value)
 

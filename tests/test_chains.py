@@ -89,7 +89,7 @@ def test_model_of_sites_forward_and_backward_match_float64(backend, sites):
 @pytest.mark.parametrize("reaches_loss", ["layer_input", "post_mix", "comb_mix"])
 def test_backward_when_only_one_output_of_mhc_pre_reaches_the_loss(backend, reaches_loss):
     """The other outputs' gradients arrive as None (or zeros): the backward must still be right."""
-    n, C = 4, 16
+    n, C = 4, 24
     d = cases.make_inputs("mhc_pre", (6,), n, C, torch.float32, norm_weight=True, seed=4)
     names = ("residual", "fn", "scale", "base", "norm_weight")
 
@@ -111,10 +111,10 @@ def test_backward_when_only_one_output_of_mhc_pre_reaches_the_loss(backend, reac
 
 
 # -- large and odd widths, few tokens (split-K over K up to 65536, masked tails) -----------------------------
-# 1280 (many blocks, no split remainder), 5129 (odd: scalar accesses, masked tails everywhere), 7680 (the
-# reference only: it adds nothing the kernels have not seen at 1280), 16384 (K = 65536, the widest split-K)
+# 1280 and 7680 (many blocks, no split remainder; on the reference only: the CPU-run kernels see the same code
+# paths at 16384), 5129 (odd: scalar accesses, masked tails everywhere), 16384 (K = 65536, the widest split-K)
 WIDE = [1280, 5129, 7680, 16384]
-REFERENCE_ONLY_WIDTHS = (7680,)
+REFERENCE_ONLY_WIDTHS = (1280, 7680)
 
 
 @_parametrize_backend()
@@ -122,7 +122,7 @@ REFERENCE_ONLY_WIDTHS = (7680,)
 @pytest.mark.parametrize("op", ["mhc_pre", "post"])
 def test_large_and_odd_hidden_widths(backend, op, C):
     if backend != "reference" and C in REFERENCE_ONLY_WIDTHS:
-        pytest.skip("on the reference only (the CPU-run kernels saw the same code paths at C=1280)")
+        pytest.skip("on the reference only (the CPU-run kernels see the same code paths at C=16384)")
     inputs = cases.make_inputs(op, (2,), 4, C, torch.bfloat16, norm_weight=True, seed=C)
     with mk.use_backend(backend):
         results = cases.check_forward(mk, op, inputs) + cases.check_backward(mk, op, inputs)
@@ -180,7 +180,7 @@ def test_strided_residual_and_column_major_mixes_give_the_contiguous_results(bac
 @_parametrize_backend()
 def test_tiny_norm_eps_with_an_all_zero_token_stays_finite(backend):
     """rstd = rsqrt(0 + 1e-20) = 1e10 for the zero token: its mixes are 0 and every gradient finite."""
-    n, C = 4, 16
+    n, C = 4, 24
     d = cases.make_inputs("mhc_pre", (3,), n, C, torch.float32, norm_weight=True, seed=2)
     x = d["residual"].clone()
     x[1] = 0.0

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import mhc_kernels as mk
-from mhc_kernels.nn import MHCExpand, MHCHead, MHCSite
+from mhc_kernels.nn import MHCExpand, MHCHead, MHCSinglePassHead, MHCSite
 
 
 def _mlp(C, dtype=torch.float32):
@@ -240,3 +240,77 @@ def test_float64_residual_for_gradcheck():
     _perturb(site)
     x = torch.randn(2, n, C, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: site(t), (x,), eps=1e-6, atol=1e-6)
+
+
+# -- single-pass (DeepSeek-V4.1) stack -------------------------------------------------------------------------
+class _AttentionLike(nn.Module):
+    """Token mixing over the sequence (a causal running mean) followed by a projection: attention's shape."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, h):
+        steps = torch.arange(1, h.shape[-2] + 1, device=h.device, dtype=h.dtype).unsqueeze(-1)
+        return self.proj(h.cumsum(-2) / steps)
+
+
+def _single_pass_model(C, n, layers=2):
+    sites = []
+    for _ in range(layers):
+        sites.append(MHCSite(C, n, sublayer=_AttentionLike(C), single_pass=True, sublayer_norm=True,
+                             norm_eps=1e-20, out_norm_eps=1e-20))
+        sites.append(MHCSite(C, n, sublayer=_mlp(C, torch.float32)[1:], single_pass=True, sublayer_norm=True,
+                             norm_eps=1e-20, out_norm_eps=1e-20))
+    return nn.Sequential(MHCExpand(n, single_pass=True), *sites, MHCSinglePassHead(C, n, out_norm_eps=1e-20))
+
+
+def test_single_pass_stack_matches_the_functional_chain_and_trains():
+    """MHCExpand(single_pass) -> 4 single-pass sites (attention-like, MLP) -> MHCSinglePassHead equals the chain
+    written with the functional ops, and a few SGD steps reduce the loss."""
+    C, n = 16, 4
+    torch.manual_seed(0)
+    model = _single_pass_model(C, n)
+    tokens, target = torch.randn(2, 6, C), torch.randn(2, 6, C)
+    x, pre = mk.expand(tokens, n), None
+    for site in list(model)[1:-1]:
+        li, pre_new, post, comb = mk.mhc_pre_sp(x, pre, site.fn, site.scale, site.base, norm_weight=site.norm_weight,
+                                                out_norm_weight=site.out_norm_weight, **mk.V41)
+        x, pre = mk.mhc_post(site.sublayer(li), x, post, comb), pre_new
+    by_hand = mk.mhc_head_sp(x, pre, out_norm_weight=list(model)[-1].norm_weight, out_norm_eps=1e-20)
+    torch.testing.assert_close(model(tokens), by_hand)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = (model(tokens) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_single_pass_site_refuses_a_plain_residual_and_the_head_needs_a_pre():
+    C, n = 8, 2
+    site = MHCSite(C, n, sublayer=nn.Identity(), single_pass=True)
+    with pytest.raises(mk.MHCInputError, match=r"takes the chain state \(residual, pre\)"):
+        site(torch.randn(3, n, C))
+    with pytest.raises(mk.MHCInputError, match="no pre yet"):
+        MHCSinglePassHead(C, n)((torch.randn(3, n, C), None))
+    with pytest.raises(mk.MHCInputError, match="sublayer_norm=True needs single_pass=True"):
+        MHCSite(C, n, sublayer_norm=True)
+
+
+@pytest.mark.slow
+def test_single_pass_stack_trains_under_torch_compile_fullgraph():
+    C, n = 16, 4
+    torch.manual_seed(1)
+    model = _single_pass_model(C, n, layers=2)
+    tokens = torch.randn(2, 6, C)
+    eager = model(tokens)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(tokens)
+    torch.testing.assert_close(out, eager)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
