@@ -27,6 +27,10 @@ Memory per token (elements; paper, section "recomputing"): resident
 transient ``(n+2)*C*L_r`` while one block is rebuilt. The default block size minimises
 ``n*C*ceil(L/L_r) + (n+2)*C*L_r``, i.e. ``L_r ~ sqrt(n*L/(n+2))`` (:func:`default_block_size`).
 
+Single-pass sites (contract §14; Megatron's single-pass mHC refuses activation recompute) are rebuilt the
+same way: per site the carried pre entering it (``n`` floats per token, the first site's one-hot as None)
+replaces the raw mixes, the collapse is rebuilt with it and the fused RMSNorm applied again.
+
 The helper composes with an enclosing ``torch.autograd.graph.saved_tensors_hooks``
 (tensors it does not replace are handed to the enclosing hooks). It runs in eager
 mode; while ``torch.compile`` traces, it runs the plain path.
@@ -129,9 +133,11 @@ def _rebuildable(ref: Tensor) -> bool:
 class _Block:
     """Forward bookkeeping of one block, and its rebuilt activations in backward."""
 
-    def __init__(self, x0: Tensor):
+    def __init__(self, x0: Tensor, single_pass: bool = False):
         self.x0 = x0
-        self.sites = []      # per site: (site, layer_output, mixes, post_mix, comb_mix)
+        self.single_pass = single_pass
+        # per site: (site, layer_output, mixes -- single-pass: the carried pre entering it --, post_mix, comb_mix)
+        self.sites = []
         self.watch = []      # (tensor, kind, layer) the current site may save: its residual and layer input
         self.cache = None
         top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -162,12 +168,38 @@ class _Block:
         if self.cache is None:
             with torch.no_grad():
                 ys = torch.stack([s[1] for s in self.sites])
-                pre = torch.stack([site.pre_mix_from_mixes(mixes) for site, _, mixes, _, _ in self.sites])
+                if self.single_pass:  # the collapse uses the carried pre (one-hot at the model's first site)
+                    pre = torch.stack([_collapse_pre(carried, self.x0) for _, _, carried, _, _ in self.sites])
+                else:
+                    pre = torch.stack([site.pre_mix_from_mixes(mixes) for site, _, mixes, _, _ in self.sites])
                 post = torch.stack([s[3] for s in self.sites])
                 comb = torch.stack([s[4] for s in self.sites])
                 residuals, inputs = multilayer_recompute(self.x0, ys, pre, post, comb)
+                if self.single_pass:  # the sublayer's input is the normalised collapse (contract §14)
+                    inputs = torch.stack([_sublayer_input(site, u) for (site, *_), u in zip(self.sites, inputs)])
             self.cache = {"residual": residuals, "layer_input": inputs}
         return self.cache
+
+
+def _collapse_pre(carried: Optional[Tensor], x0: Tensor) -> Tensor:
+    """The pre a single-pass site collapses with; None (the model's first site) as the one-hot on stream 0,
+    whose float32 collapse is stream 0 exactly, as the forward's copy."""
+    from .composite import one_hot_pre
+
+    md = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    return one_hot_pre(x0.reshape(-1, *x0.shape[-2:]), md).reshape(x0.shape[:-1]) if carried is None else carried
+
+
+def _sublayer_input(site, u: Tensor) -> Tensor:
+    """A single-pass site's layer input from its rebuilt collapse ``u``: the fused RMSNorm, as in forward."""
+    from .composite import out_norm
+
+    if site.out_norm_weight is None:
+        return u
+    md = torch.float64 if u.dtype == torch.float64 else torch.float32
+    flat = u.reshape(-1, u.shape[-1])
+    v, _ = out_norm(flat, site.out_norm_weight.to(md), site.out_norm_eps, md)
+    return v.reshape(u.shape)
 
 
 def _pairs(sites, sublayers):
@@ -210,12 +242,34 @@ def _run_block(x0: Tensor, pairs) -> Tensor:
     return x
 
 
+def _run_block_single_pass(x0: Tensor, pre0: Optional[Tensor], pairs):
+    """A block of single-pass sites: kept are x_0, the carried pre entering the block, every sublayer output
+    and per site (carried pre, post, comb); the residuals and layer inputs inside are rebuilt."""
+    block = _Block(x0, single_pass=True)
+    x, carried = x0, pre0
+    with torch.autograd.graph.saved_tensors_hooks(block.pack, block.unpack):
+        for layer, (site, sub) in enumerate(pairs):
+            own = [] if layer == 0 else [(x, "residual", layer)]
+            block.set_watch(own)
+            li, pre, post_mix, comb_mix = site.pre_single_pass(x, carried)
+            block.set_watch(own + [(li, "layer_input", layer)])
+            y = site.cast_output(sub(li), x)
+            block.set_watch(own)
+            new_x = site.post(y, x, post_mix, comb_mix)
+            block.sites.append((site, y.detach(), None if carried is None else carried.detach(),
+                                post_mix.detach(), comb_mix.detach()))
+            block.set_watch([])
+            x, carried = new_x, pre
+    return x, carried
+
+
 def checkpoint_sites(residual: Tensor, sites: Sequence, sublayers: Optional[Sequence] = None, *,
                      block_size: Optional[int] = None, enabled: bool = True) -> Tensor:
     """Run mHC sites in blocks with multi-layer recompute; returns the last residual.
 
     Args:
-        residual: ``(..., n, C)`` the first site's input.
+        residual: ``(..., n, C)`` the first site's input; for single-pass sites
+            (``MHCSite(single_pass=True)``) the chain state ``(residual, pre)``, and the chain state is returned.
         sites: :class:`~mhc_kernels.nn.MHCSite` modules (each with its ``sublayer``), or
             ``(site, sublayer)`` pairs.
         sublayers: optional sublayers, one per site (overrides ``site.sublayer``).
@@ -237,12 +291,23 @@ def checkpoint_sites(residual: Tensor, sites: Sequence, sublayers: Optional[Sequ
     pairs = _pairs(sites, sublayers)
     if not pairs:
         return residual
+    single = {bool(getattr(site, "single_pass", False)) for site, _ in pairs}
+    if len(single) > 1:
+        raise MHCInputError("checkpoint_sites: the sites mix single-pass and two-pass dataflows")
+    single_pass = single.pop()
+    if single_pass and not (isinstance(residual, (tuple, list)) and len(residual) == 2):
+        raise MHCInputError("checkpoint_sites: single-pass sites take the chain state (residual, pre); start it "
+                            "with MHCExpand(n, single_pass=True)")
     if (not enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return _run_plain(residual, pairs)
-    n = residual.shape[-2]
+    x = residual[0] if single_pass else residual
+    n = x.shape[-2]
     b = block_size or default_block_size(len(pairs), n)
     if b < 1:
         raise MHCInputError(f"checkpoint_sites: block_size must be >= 1; got {b}")
     for start in range(0, len(pairs), b):
-        residual = _run_block(residual, pairs[start:start + b])
+        if single_pass:
+            residual = _run_block_single_pass(residual[0], residual[1], pairs[start:start + b])
+        else:
+            residual = _run_block(residual, pairs[start:start + b])
     return residual

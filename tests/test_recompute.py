@@ -8,7 +8,7 @@ from torch import nn
 
 import mhc_kernels as mk
 from mhc_kernels import recompute
-from mhc_kernels.nn import MHCExpand, MHCHead, MHCSite
+from mhc_kernels.nn import MHCExpand, MHCHead, MHCSinglePassHead, MHCSite
 from mhc_kernels.reference import cases
 
 
@@ -203,3 +203,90 @@ def test_recompute_composes_with_outer_hooks_and_no_grad():
     torch.testing.assert_close(recompute.checkpoint_sites(x, pairs).detach(), y.detach(), rtol=0, atol=0)
     with pytest.raises(mk.MHCInputError, match="no sublayer"):
         recompute.checkpoint_sites(x, [MHCSite(C, n)])
+
+
+# -- single-pass (DeepSeek-V4.1) blocks -----------------------------------------------------------------------
+def _sp_model(L, C, n, dtype, sublayer_norm=True):
+    torch.manual_seed(2)
+    sites = nn.ModuleList([MHCSite(C, n, sublayer=Proj(C, dtype), single_pass=True, sublayer_norm=sublayer_norm)
+                           for _ in range(L)])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for s in sites:
+            s.base.add_(torch.randn(s.base.shape, generator=g) * 0.5)
+            s.scale.fill_(0.5)
+            if s.out_norm_weight is not None:
+                s.out_norm_weight.add_(torch.randn(s.out_norm_weight.shape, generator=g) * 0.2)
+    return sites
+
+
+def _run_sp(sites, head, h, *, enabled, block_size=None):
+    sites.zero_grad()
+    head.zero_grad()
+    hl = h.detach().clone().requires_grad_()
+    params = {p.untyped_storage().data_ptr() for p in list(sites.parameters()) + list(head.parameters())}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        state = recompute.checkpoint_sites(MHCExpand(sites[0].n, single_pass=True)(hl), sites,
+                                           block_size=block_size, enabled=enabled)
+    out = head(state)
+    out.float().square().mean().backward()
+    grads = [hl.grad] + [p.grad for p in sites.parameters()] + [p.grad for p in head.parameters()]
+    return out.detach(), grads, sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sublayer_norm", [True, False])
+@pytest.mark.parametrize("block_size", [None, 1, 5, 12])
+def test_single_pass_recompute_gradients_equal_the_plain_path_bitwise(dtype, sublayer_norm, block_size):
+    """Single-pass blocks rebuild their residuals and (normalised) layer inputs from x_0, the carried pre
+    entering the block, the sublayer outputs and per site (pre, post, comb): on the reference the rebuilt
+    values are the forward's, so gradients are bit for bit the plain path's."""
+    L, C, n = 12, 16, 4
+    sites = _sp_model(L, C, n, dtype, sublayer_norm)
+    head = MHCSinglePassHead(C, n)
+    h = torch.randn(2, 3, C, dtype=dtype)
+    out0, g0, _ = _run_sp(sites, head, h, enabled=False)
+    out1, g1, _ = _run_sp(sites, head, h, enabled=True, block_size=block_size)
+    assert torch.equal(out1, out0)
+    for a, b in zip(g1, g0):
+        assert a is not None and torch.equal(a, b)
+
+
+def test_single_pass_recompute_saves_less(capsys):
+    """12 single-pass sites, n=4, bf16: bytes saved for backward, plain path vs recompute."""
+    L, C, n, dtype = 12, 64, 4, torch.bfloat16
+    T = 2 * 32
+    sites = _sp_model(L, C, n, dtype)
+    head = MHCSinglePassHead(C, n)
+    h = torch.randn(2, 32, C, dtype=dtype)
+    _, g_plain, plain = _run_sp(sites, head, h, enabled=False)
+    _, g_rc, saved = _run_sp(sites, head, h, enabled=True)
+    for a, b in zip(g_rc, g_plain):
+        assert torch.equal(a, b)
+    head_bytes = n * C * T * 2 + n * T * 4   # the head keeps the last residual and the last pre
+    budget = recompute.memory_budget(L, n, C, tokens=T, act_bytes=2)
+    assert saved - head_bytes <= budget["saved_budget"], (saved, budget)
+    assert saved < 0.6 * plain
+    with capsys.disabled():
+        print(f"\n[recompute, single-pass] 12 sites, n={n}, C={C}, {T} tokens, bf16, block {budget['block_size']}: "
+              f"saved for backward {(plain - head_bytes) / 1024:.0f} KiB plain -> {(saved - head_bytes) / 1024:.0f} "
+              f"KiB recompute ({1 - (saved - head_bytes) / (plain - head_bytes):.0%} less)")
+
+
+def test_checkpoint_sites_refuses_a_mixed_or_unstarted_single_pass_chain():
+    C, n = 8, 2
+    sp = MHCSite(C, n, sublayer=nn.Identity(), single_pass=True)
+    two = MHCSite(C, n, sublayer=nn.Identity())
+    x = torch.randn(3, n, C, requires_grad=True)
+    with pytest.raises(mk.MHCInputError, match="mix single-pass and two-pass"):
+        recompute.checkpoint_sites((x, None), [sp, two])
+    with pytest.raises(mk.MHCInputError, match=r"chain state \(residual, pre\)"):
+        recompute.checkpoint_sites(x, [sp])
