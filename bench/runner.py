@@ -65,6 +65,8 @@ TARGETS[SITE] = Target(SITE, "fwd+bwd", "mhc_pre")
 # (multilayer_recompute, a forward op, runs with the recipe's cases.DEFAULT_LAYERS layers)
 
 FUSED = ("mhc_pre", "post_pre", SITE)
+# Single-pass mHC (contract §14): the spec bytes of post_pre_sp are its (2n+2)*C floor per token.
+SINGLE_PASS = ("mhc_pre_sp", "post_pre_sp", "mhc_head_sp", "mhc_pre_sp_bwd", "mhc_head_sp_bwd")
 
 # Upper bound of the working set of one measurement relative to the spec's minimum
 # bytes (float32 intermediates of the reference and of autograd through the transcription).

@@ -335,3 +335,22 @@ def test_default_backends_on_cpu_leave_out_interpreted_and_emulated_kernels(monk
     assert chosen == ["reference"]
     if shutil.which("g++") and importlib.util.find_spec("tilelang"):
         assert any(n.startswith("tilelang: left out on CPU") and "emulator" in n for n in notes), notes
+
+
+def test_single_pass_group_times_the_single_pass_ops_against_their_floor(tmp_path):
+    """``bench --ops single_pass``: the five single-pass ops, GB/s from the spec bytes -- for post_pre_sp the
+    (2n+2)*C elements per token floor plus the mixes and fn."""
+    from mhc_kernels.bench.runner import SINGLE_PASS
+    from mhc_kernels.commands.bench import resolve_ops
+
+    assert resolve_ops(["single_pass"]) == list(SINGLE_PASS)
+    p = _bench(["--ops", "single_pass", "--tokens", "4", "--hidden", "16", "--n", "2", "--backends", "reference",
+                "--baselines", "eager", "--budget", "0.001", "--no-plots", "--out", str(tmp_path)], cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert {r["op"] for r in recs} == set(SINGLE_PASS)
+    assert all(r["status"] == "ok" for r in recs), [(r["op"], r["impl"], r["note"]) for r in recs]
+    T, n, C = 4, 2, 16
+    floor = (2 * n + 2) * C * T * 4   # float32 residual: 4 bytes per element
+    pp = next(r for r in recs if r["op"] == "post_pre_sp" and r["impl"] == "reference")
+    assert pp["bytes"] >= floor

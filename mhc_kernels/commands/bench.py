@@ -26,7 +26,7 @@ DEFAULT_N = (2, 4, 8)
 DEFAULT_HIDDEN = (1280, 4096, 7168)
 QUICK = dict(tokens=(1, 1024), n=(4,), hidden=(1280,), baselines=("eager",), budget=0.08, min_repeats=3,
              max_repeats=30, warmup=1, copy_bytes=128 << 20)
-OP_GROUPS = ("all", "fwd", "bwd", "fused")
+OP_GROUPS = ("all", "fwd", "bwd", "fused", "single_pass")
 
 
 def _split(values, cast=str) -> list:
@@ -37,7 +37,7 @@ def _split(values, cast=str) -> list:
 
 
 def resolve_ops(names) -> list:
-    from mhc_kernels.bench.runner import FUSED, TARGETS
+    from mhc_kernels.bench.runner import FUSED, SINGLE_PASS, TARGETS
 
     names = _split(names) or ["all"]
     out = []
@@ -48,6 +48,8 @@ def resolve_ops(names) -> list:
             out += [t for t, tg in TARGETS.items() if tg.pass_ == nm]
         elif nm == "fused":
             out += list(FUSED)
+        elif nm == "single_pass":
+            out += list(SINGLE_PASS)
         elif nm in TARGETS:
             out.append(nm)
         else:
