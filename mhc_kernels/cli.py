@@ -112,6 +112,9 @@ COMMANDS = {"info": _add_info, "autotune": _add_autotune, "example": _add_exampl
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhc-kernels",
                                      description="Fused, autotuned kernels for Manifold-Constrained Hyper-Connections")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"mhc-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS.values():
         add(sub)

@@ -18,6 +18,7 @@ import sys
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -80,7 +81,7 @@ def _dry_run(con: Console, args, ops) -> int:
         con.print(t)
     for (backend, why), names in notes.items():
         which = "every op" if len(names) == len(ops) else ", ".join(names)
-        con.print(f"[yellow]{backend}[/]: nothing to tune for {which}: {why}")
+        con.print(f"[yellow]{backend}[/]: nothing to tune for {which}: {escape(why)}")
     out = args.out or tuned.user_config_dir()
     con.print(f"{total_entries} entries, {total_cands} candidate configs to check and time; results would go to "
               f"{store_path(out, gpu) if gpu else out + '/<device name>.json'}")
@@ -108,13 +109,13 @@ def run(args) -> int:
         backends = args.backends
         for b in backends:
             if not status[b].available:
-                con.print(f"[red]backend {b} cannot run on {device}: {status[b].reason}[/]")
+                con.print(f"[red]backend {b} cannot run on {device}: {escape(status[b].reason)}[/]")
                 return 2
     else:
         backends = [b for b in plan_mod.TUNABLE_BACKENDS if status[b].available]
         for b in plan_mod.TUNABLE_BACKENDS:
             if not status[b].available:
-                con.print(f"[yellow]skipping backend {b}: {status[b].reason}[/]")
+                con.print(f"[yellow]skipping backend {b}: {escape(status[b].reason)}[/]")
     out = args.out or tuned.user_config_dir()
     store = ConfigStore.for_device(out, identity)
     plans = plan_mod.plan(ops, backends, [DTYPES_BY_NAME[d] for d in args.dtype], args.n, args.hidden, args.tokens,
@@ -147,7 +148,7 @@ def run(args) -> int:
                   "-" if sp is None else f"{sp:.2f}x", f"{ok}/{len(r.candidates)}")
     con.print(t)
     for e, why in failures:
-        con.print(f"[red]{e.op} [{e.backend}] {_shape(e)}: {why}[/]")
+        con.print(f"[red]{escape(f'{e.op} [{e.backend}] {_shape(e)}: {why}')}[/]")
     con.print(f"wrote {len(results)} entries to {store.path}")
     return 1 if failures else 0
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mhc_kernels import registry
+from mhc_kernels.commands import device_for
 from mhc_kernels.specs import DTYPES_BY_NAME
 
 DEFAULT_TOKENS = (1, 16, 256, 1024, 4096, 16384, 65536)
@@ -81,7 +83,7 @@ def run(args) -> int:
     if not con.is_terminal:  # a log or a pipe: do not squeeze the table into 80 columns
         con = Console(width=max(con.width, 150))
     t_start = time.perf_counter()
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = device_for("bench", args.device)
     quick = args.quick
     notes = []
     threads = args.threads if args.threads is not None else (1 if quick and dev.type == "cpu" else None)
@@ -167,7 +169,7 @@ def run(args) -> int:
     written = ["bench.json", "bench.csv", "report.md"] + list(made.values())
     con.print(f"wrote {', '.join(str(out / w) for w in written)}")
     if plot_note and not made:
-        con.print(f"[yellow]{plot_note}[/]")
+        con.print(f"[yellow]{escape(plot_note)}[/]")
     con.print(f"[dim]{len(records)} measurements in {time.perf_counter() - t_start:.1f} s[/]")
     # a failing backend fails the command; a failing baseline (e.g. no compiler for torch.compile) only warns
     return 0 if all(r["status"] != "error" or r["impl_kind"] == "baseline" for r in records) else 1

@@ -27,9 +27,11 @@ from typing import Optional
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import mhc_kernels as mk
+from mhc_kernels.commands import device_for
 from mhc_kernels.errors import BackendError
 from mhc_kernels.reference import cases
 
@@ -165,7 +167,7 @@ _STYLE = {"pass": "[green]pass[/]", "FAIL": "[bold red]FAIL[/]", "skipped": "[ye
 def run(args) -> int:
     con = Console()
     con = Console(width=max(con.width, 140))  # the table is wide; don't fold op names in a narrow pipe
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_for("check", args.device)
     t0 = time.perf_counter()
     summaries, unavailable, requested = run_checks(device, args.backends, args.ops)
     tab = Table(title=f"mhc-kernels check on {device}: backends vs the float64 oracle (forward and backward)")
@@ -182,10 +184,10 @@ def run(args) -> int:
             notes = sorted({x.detail for x in items if x.status != "pass" and x.detail})
             tab.add_row(s.backend, s.op, f"{len(ran)}/{len(items)}" if o is None else o.case, _STYLE[st],
                         f"{max(x.max_abs_err for x in ran):.3g}" if ran else "-",
-                        f"{max(x.worst_ratio for x in ran):.3g}" if ran else "-", "; ".join(notes)[:300])
+                        f"{max(x.worst_ratio for x in ran):.3g}" if ran else "-", escape("; ".join(notes)[:300]))
         failed += sum(o.status == "FAIL" for o in s.outcomes)
     for b, reason in unavailable.items():
-        tab.add_row(b, "*", "-", "[bold red]FAIL[/]" if requested else "[dim]unavailable[/]", "-", "-", reason)
+        tab.add_row(b, "*", "-", "[bold red]FAIL[/]" if requested else "[dim]unavailable[/]", "-", "-", escape(reason))
     con.print(tab)
     n_cases = sum(len(s.outcomes) for s in summaries)
     n_skip = sum(o.status == "skipped" for s in summaries for o in s.outcomes)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 import mhc_kernels as mk
 from mhc_kernels import registry
+from mhc_kernels.commands import device_for, positive
 from mhc_kernels.reference import cases, transcription
 from mhc_kernels.specs import DTYPES_BY_NAME
 
@@ -43,9 +44,10 @@ class _Transcription:
 
 def run(args) -> int:
     con = Console()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_for("example", args.device)
     dtype = DTYPES_BY_NAME[args.dtype]
     T, n, C = args.tokens, args.n, args.hidden
+    positive("example", tokens=T, n=n, hidden=C)
     d = cases.make_inputs("mhc_pre", (T,), n, C, dtype, device, norm_weight=True)
     g = torch.Generator().manual_seed(1)
     params = {k: d[k] for k in ("fn", "scale", "base", "norm_weight")}

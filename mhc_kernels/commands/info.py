@@ -13,6 +13,7 @@ import shutil
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import mhc_kernels as mk
@@ -64,6 +65,6 @@ def run(args) -> int:
     for dev, desc in devices():
         for i, (name, st) in enumerate(mk.available_backends(dev).items()):
             b.add_row(dev if i == 0 else "", desc if i == 0 else "", name,
-                      "[green]yes[/]" if st.available else "[red]no[/]", st.reason)
+                      "[green]yes[/]" if st.available else "[red]no[/]", escape(st.reason))
     con.print(b)
     return 0
