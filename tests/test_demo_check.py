@@ -26,7 +26,7 @@ def test_demo_steps_20(tmp_path):
     p = _cli("demo", "--steps", "20", "--out", str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
-    for name in ("residual", "HC", "mHC", "Amax gain fwd", "step 20/20"):
+    for name in ("residual", "HC", "mHC", "mHC-sp", "Amax gain fwd", "step 20/20"):
         assert name in out, out
     res = json.loads((tmp_path / "results.json").read_text())
     hist = {v: res["variants"][v]["history"] for v in demo.VARIANTS}
@@ -34,6 +34,8 @@ def test_demo_steps_20(tmp_path):
     assert hist["residual"][-1]["amax_fwd"] == 1.0
     # mHC: the composite stays doubly stochastic; the loss went down for every variant
     assert abs(hist["mHC"][-1]["amax_fwd"] - 1) < 1e-3 and hist["mHC"][-1]["amax_bwd"] < 1.1
+    # single-pass mHC has the same doubly stochastic residual mixes
+    assert abs(hist["mHC-sp"][-1]["amax_fwd"] - 1) < 1e-3 and hist["mHC-sp"][-1]["amax_bwd"] < 1.1
     for h in hist.values():
         assert h[-1]["loss"] < h[0]["loss"]
     print(f"\n[demo --steps 20] {res['elapsed_s']:.1f} s of training")

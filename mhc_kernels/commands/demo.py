@@ -1,5 +1,6 @@
-"""``mhc-kernels demo``: a small transformer trained three ways on CPU -- plain residual,
-unconstrained Hyper-Connections (HC) and mHC -- with loss, gradient norm and Amax gain.
+"""``mhc-kernels demo``: a small transformer trained four ways on CPU -- plain residual,
+unconstrained Hyper-Connections (HC), mHC and single-pass mHC (DeepSeek-V4.1) -- with loss,
+gradient norm and Amax gain.
 
 The model: token + position embedding, ``--layers`` pre-norm transformer layers (causal
 attention and a GELU MLP, each behind its own RMSNorm), final RMSNorm, LM head. The three
@@ -9,7 +10,11 @@ residual connection:
 * ``residual``: ``h = h + f(norm(h))``;
 * ``HC``: ``n`` streams, :class:`~mhc_kernels.nn.MHCSite` with ``residual_mix="none"``
   (same parameters and pre/post mixes as mHC, the raw ``n x n`` residual matrix, no Sinkhorn);
-* ``mHC``: :class:`~mhc_kernels.nn.MHCSite` (Sinkhorn-projected residual mix).
+* ``mHC``: :class:`~mhc_kernels.nn.MHCSite` (Sinkhorn-projected residual mix);
+* ``mHC-sp``: single-pass mHC (contract §14): ``MHCSite(single_pass=True, sublayer_norm=True)``, each
+  sublayer's input collapsed with the previous site's pre and normalised inside the op (the
+  sublayer's own RMSNorm is left out), the final collapse with the last site's pre
+  (:class:`~mhc_kernels.nn.MHCSinglePassHead`, no learned head).
 
 The data is synthetic: each sequence is a walk on a fixed random sparse Markov chain whose
 second half repeats the first, so the loss has an easy part (the chain) and a part that needs
@@ -32,17 +37,18 @@ import time
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
 from mhc_kernels import diagnostics
-from mhc_kernels.nn import MHCExpand, MHCHead, MHCSite
+from mhc_kernels.nn import MHCExpand, MHCHead, MHCSinglePassHead, MHCSite
 
 VOCAB = 64
 HALF = 16          # sequence = HALF tokens of a Markov walk, then the same HALF again
 BATCH = 8
 SUCCESSORS = 4     # out-degree of the random Markov chain
-VARIANTS = ("residual", "HC", "mHC")
+VARIANTS = ("residual", "HC", "mHC", "mHC-sp")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -100,7 +106,11 @@ class TinyLM(nn.Module):
         self.norm = nn.RMSNorm(C)
         self.lm_head = nn.Linear(C, VOCAB, bias=False)
         torch.manual_seed(seed + 1)
-        if variant != "residual":
+        if variant == "mHC-sp":
+            self.expand = MHCExpand(n, single_pass=True)
+            self.sites = nn.ModuleList(MHCSite(C, n, single_pass=True, sublayer_norm=True) for _ in self.sublayers)
+            self.head = MHCSinglePassHead(C, n, final_norm=False)   # the model's final norm follows
+        elif variant != "residual":
             mix = "none" if variant == "HC" else "sinkhorn"
             self.expand = MHCExpand(n)
             self.sites = nn.ModuleList(MHCSite(C, n, residual_mix=mix) for _ in self.sublayers)
@@ -114,7 +124,8 @@ class TinyLM(nn.Module):
         else:
             x = self.expand(h)
             for site, sub in zip(self.sites, self.sublayers):
-                x = site(x, sub)
+                # single-pass: the site applies the sublayer's norm itself (sub[0], the RMSNorm, is skipped)
+                x = site(x, sub[1]) if self.variant == "mHC-sp" else site(x, sub)
             h = self.head(x)
         return self.lm_head(self.norm(h))
 
@@ -220,11 +231,11 @@ def _write(args, runs, con, elapsed) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        con.print("matplotlib is not installed, so no amax_gain.png: pip install 'mhc-kernels[report]' "
-                  "(or pip install matplotlib)")
+        con.print(escape("matplotlib is not installed, so no amax_gain.png: pip install 'mhc-kernels[report]' "
+                         "(or pip install matplotlib)"))
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, style in (("HC", "tab:red"), ("mHC", "tab:blue")):
+    for name, style in (("HC", "tab:red"), ("mHC", "tab:blue"), ("mHC-sp", "tab:green")):
         rep = runs[name].last_report
         if rep is None:
             continue
