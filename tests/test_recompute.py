@@ -101,10 +101,13 @@ def _model(L, C, n, dtype, residual_mix="sinkhorn", sub="proj"):
 
 
 def _run(sites, head, h, *, enabled, block_size=None, count=None):
+    """Expand -> checkpoint_sites -> head, forward and backward: (output, gradients, bytes saved for backward);
+    single-pass sites run on the chain state."""
     sites.zero_grad()
     head.zero_grad()
     hl = h.detach().clone().requires_grad_()
     n = sites[0].n
+    single_pass = bool(sites[0].single_pass)
     params = {p.untyped_storage().data_ptr() for p in list(sites.parameters()) + list(head.parameters())}
     saved = {}
 
@@ -115,7 +118,8 @@ def _run(sites, head, h, *, enabled, block_size=None, count=None):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x = recompute.checkpoint_sites(MHCExpand(n)(hl), sites, block_size=block_size, enabled=enabled)
+        x = recompute.checkpoint_sites(MHCExpand(n, single_pass=single_pass)(hl), sites, block_size=block_size,
+                                       enabled=enabled)
     out = head(x)
     out.float().square().mean().backward()
     grads = [hl.grad] + [p.grad for p in sites.parameters()] + [p.grad for p in head.parameters()]
@@ -220,28 +224,6 @@ def _sp_model(L, C, n, dtype, sublayer_norm=True):
     return sites
 
 
-def _run_sp(sites, head, h, *, enabled, block_size=None):
-    sites.zero_grad()
-    head.zero_grad()
-    hl = h.detach().clone().requires_grad_()
-    params = {p.untyped_storage().data_ptr() for p in list(sites.parameters()) + list(head.parameters())}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        state = recompute.checkpoint_sites(MHCExpand(sites[0].n, single_pass=True)(hl), sites,
-                                           block_size=block_size, enabled=enabled)
-    out = head(state)
-    out.float().square().mean().backward()
-    grads = [hl.grad] + [p.grad for p in sites.parameters()] + [p.grad for p in head.parameters()]
-    return out.detach(), grads, sum(saved.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sublayer_norm", [True, False])
 @pytest.mark.parametrize("block_size", [None, 1, 5, 12])
@@ -253,8 +235,8 @@ def test_single_pass_recompute_gradients_equal_the_plain_path_bitwise(dtype, sub
     sites = _sp_model(L, C, n, dtype, sublayer_norm)
     head = MHCSinglePassHead(C, n)
     h = torch.randn(2, 3, C, dtype=dtype)
-    out0, g0, _ = _run_sp(sites, head, h, enabled=False)
-    out1, g1, _ = _run_sp(sites, head, h, enabled=True, block_size=block_size)
+    out0, g0, _ = _run(sites, head, h, enabled=False)
+    out1, g1, _ = _run(sites, head, h, enabled=True, block_size=block_size)
     assert torch.equal(out1, out0)
     for a, b in zip(g1, g0):
         assert a is not None and torch.equal(a, b)
@@ -267,8 +249,8 @@ def test_single_pass_recompute_saves_less(capsys):
     sites = _sp_model(L, C, n, dtype)
     head = MHCSinglePassHead(C, n)
     h = torch.randn(2, 32, C, dtype=dtype)
-    _, g_plain, plain = _run_sp(sites, head, h, enabled=False)
-    _, g_rc, saved = _run_sp(sites, head, h, enabled=True)
+    _, g_plain, plain = _run(sites, head, h, enabled=False)
+    _, g_rc, saved = _run(sites, head, h, enabled=True)
     for a, b in zip(g_rc, g_plain):
         assert torch.equal(a, b)
     head_bytes = n * C * T * 2 + n * T * 4   # the head keeps the last residual and the last pre
