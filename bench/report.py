@@ -204,13 +204,12 @@ def fmt(x, spec: str = ".1f", none: str = "-") -> str:
 
 
 def fmt_us(x) -> str:
+    """Microseconds, always (the column header carries the unit): 0.1 µs resolution below 100 µs."""
     if x is None:
         return "-"
     if x < 100:
         return f"{x:.1f}"
-    if x < 1e5:
-        return f"{x:.0f}"
-    return f"{x / 1e3:.0f}ms"
+    return f"{x:.0f}"
 
 
 def fmt_x(x) -> str:

@@ -354,3 +354,8 @@ def test_single_pass_group_times_the_single_pass_ops_against_their_floor(tmp_pat
     floor = (2 * n + 2) * C * T * 4   # float32 residual: 4 bytes per element
     pp = next(r for r in recs if r["op"] == "post_pre_sp" and r["impl"] == "reference")
     assert pp["bytes"] >= floor
+
+
+def test_latency_cells_are_microseconds_at_every_magnitude():
+    """One unit per column: a 156 ms call reads 156000 under the µs header, never '156ms'."""
+    assert [report.fmt_us(x) for x in (0.25, 42.0, 950.4, 156_000.0, None)] == ["0.2", "42.0", "950", "156000", "-"]
