@@ -391,14 +391,15 @@ _COMPILE = textwrap.dedent("""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.compiler import ASTSource
     from triton.backends.compiler import GPUTarget
-    from mhc_kernels.triton_src import norm_fn, sinkhorn
+    from mhc_kernels.triton_src import aot, norm_fn, sinkhorn
     from mhc_kernels import ptxas
     for mod, name in ((norm_fn, "norm_fn_bwd_site"), (sinkhorn, "split_mixes_bwd")):
         spec = [s for s in mod.aot_specs(4, 4096, torch.bfloat16) if s.name == name][0]
         for cc, arch in ((80, "sm_80"), (90, "sm_90a"), (100, "sm_100a")):
             opts = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
-            if cc >= 90:
-                opts["ptx_version"] = 90  # the PATH ptxas (CUDA 13.0) reads PTX <= 9.0
+            ptx = aot.ptx_version_for(cc)  # what the PATH ptxas accepts (CUDA 13.0: PTX <= 9.0; older: less)
+            if ptx is not None:
+                opts["ptx_version"] = ptx
             k = triton.compile(ASTSource(spec.fn, spec.signature, spec.constexprs),
                                target=GPUTarget("cuda", cc, 32), options=opts)
             res = ptxas.resources(k.asm["ptx"], arch)

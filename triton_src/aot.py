@@ -132,7 +132,9 @@ def _system_ptx_version() -> Optional[int]:
     return ptx_get_version(f"{m.group(1)}.{m.group(2)}")
 
 
-def _ptx_version(cc: int) -> Optional[int]:
+def ptx_version_for(cc: int) -> Optional[int]:
+    """The PTX ISA version to emit for compute capability ``cc`` so the ptxas on PATH can assemble it: the lower of
+    what it accepts and what the installed Triton would emit (None: no ptxas on PATH, leave Triton's default)."""
     system = _system_ptx_version()
     if system is None:
         return None
@@ -211,7 +213,7 @@ def _compile_here(spec: common.AotSpec, arch: str, emit_dir: Optional[str]) -> d
     rec = {"backend": "triton", "kernel": spec.name, "arch": arch, "config": _config_str(spec),
            "registers": None, "spills": None, "smem_bytes": None, "seconds": None, "ok": False, "error": None}
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    ptx_version = _ptx_version(cc)
+    ptx_version = ptx_version_for(cc)
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
     t0 = time.perf_counter()
