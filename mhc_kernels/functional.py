@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .errors import MHCInputError
 from .ops import call
 
 Tensor = torch.Tensor
@@ -330,14 +331,10 @@ def mhc_head_sp(residual: Tensor, pre: Optional[Tensor] = None, *, out_norm_weig
     """
     if mean:
         if pre is not None:
-            from .errors import MHCInputError
-
             raise MHCInputError("mhc.mhc_head_sp: give either pre or mean=True, not both")
         md = torch.float64 if residual.dtype == torch.float64 else torch.float32
         pre = torch.full(residual.shape[:-1], 1.0 / residual.shape[-2], dtype=md, device=residual.device)
     elif pre is None:
-        from .errors import MHCInputError
-
         raise MHCInputError("mhc.mhc_head_sp: pre is required (the last site's pre), or mean=True for the "
                             "unweighted mean over the streams")
     out, _ = call("mhc_head_sp", residual, pre, _weight(out_norm_weight, pre), _float(out_norm_eps))

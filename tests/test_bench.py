@@ -350,10 +350,15 @@ def test_single_pass_group_times_the_single_pass_ops_against_their_floor(tmp_pat
     recs = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert {r["op"] for r in recs} == set(SINGLE_PASS)
     assert all(r["status"] == "ok" for r in recs), [(r["op"], r["impl"], r["note"]) for r in recs]
+    from mhc_kernels.specs import DTYPES_BY_NAME
+
     T, n, C = 4, 2, 16
-    floor = (2 * n + 2) * C * T * 4   # float32 residual: 4 bytes per element
+    spec = SPECS["post_pre_sp"]
     pp = next(r for r in recs if r["op"] == "post_pre_sp" and r["impl"] == "reference")
-    assert pp["bytes"] >= floor
+    assert pp["bytes"] == spec.bytes(T, n, C, DTYPES_BY_NAME[pp["dtype"]])
+    # the activation part is the floor: bf16 -> fp32 adds 2 bytes per activation element, (2n+2)*C per token
+    act_elems = (spec.bytes(T, n, C, torch.float32) - spec.bytes(T, n, C, torch.bfloat16)) // 2
+    assert act_elems == (2 * n + 2) * C * T
 
 
 def test_latency_cells_are_microseconds_at_every_magnitude():
