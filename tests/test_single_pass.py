@@ -40,8 +40,14 @@ def test_first_site_collapses_stream_zero_exactly(backend, dtype):
     assert torch.equal(h, x[:, 0])
     want = oracle.collapse_norm(x, None, p["out_norm_weight"], 1e-6)
     assert cases.compare("normed stream 0", h_norm, want).ok
-    # this site's coefficients are exactly mhc_pre's from the same residual
-    assert torch.equal(post, two_pass[1]) and torch.equal(comb, two_pass[2])
+    # this site's coefficients are mhc_pre's from the same residual: bit for bit on the reference (the same
+    # projection); the fused kernels read the residual once and sum K in column-chunk order, so to float32
+    # accumulation error there
+    if backend == "reference":
+        assert torch.equal(post, two_pass[1]) and torch.equal(comb, two_pass[2])
+    else:
+        torch.testing.assert_close(post, two_pass[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(comb, two_pass[2], rtol=1e-5, atol=1e-6)
 
 
 @_backend

@@ -37,9 +37,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALL = aot.kernel_names()
 ACT = [k for k in ALL if common.KERNELS[k].act_dependent]
 C_SWEEP_MAIN = ["pre_apply_mix_fwd", "pre_apply_mix_bwd", "post_fwd", "post_bwd", "expand_fwd", "expand_bwd",
-                "norm_fn_fwd", "norm_fn_bwd_dx", "norm_fn_bwd_dfn", "mhc_pre_tail", "mhc_pre_project", "post_project"]
+                "norm_fn_fwd", "norm_fn_bwd_dx", "norm_fn_bwd_dfn", "mhc_pre_tail", "mhc_pre_project", "post_project",
+                "post_pre_sp_project"]
+SINGLE_PASS = ("pre_sp_project", "post_pre_sp_project", "mhc_pre_sp_tail")
 OTHER_ARCH = ["post_fwd", "post_bwd", "pre_apply_mix_fwd", "norm_fn_fwd", "split_mixes_bwd", "sinkhorn_bwd",
-              "mhc_pre_tail", "post_project"]
+              "mhc_pre_tail", "post_project", "post_pre_sp_project", "mhc_pre_sp_tail"]
 
 
 def _cases():
@@ -53,7 +55,8 @@ def _cases():
     cases += [(k, "sm_90a", 4, 201, "bf16", False) for k in ("pre_apply_mix_fwd", "post_fwd", "norm_fn_fwd",
                                                                          "mhc_pre_tail", "post_project")]
     for dt in ("fp16", "fp32"):
-        cases += [(k, "sm_90a", 4, 4096, dt, False) for k in ACT if k != "norm_fn_finalize"]
+        # (the single-pass kernels share post_project's dtype handling, covered here)
+        cases += [(k, "sm_90a", 4, 4096, dt, False) for k in ACT if k not in ("norm_fn_finalize", *SINGLE_PASS)]
     for arch in ("sm_80", "sm_100a"):
         cases += [(k, arch, 4, 4096, "bf16", False) for k in OTHER_ARCH]
     return cases
@@ -88,6 +91,24 @@ def _build_sinkhorn(iters, kernel="sinkhorn_fwd"):
 
 
 SEGMENTED = [("sinkhorn_bwd", 8, 700), ("split_mixes_bwd", 8, 2000)]  # checkpoints of every round do not fit
+
+# The single-pass kernels' non-default variants (the default build is the middle-site one, with a carried pre
+# and the out-norm): the first site's one-hot collapse and the tail without the norm, at n=4 and n=8.
+VARIANTS = [("variant", k, n, tuple(c.items())) for n in (4, 8) for k, c in (
+    ("pre_sp_project", {"collapse": "first"}), ("post_pre_sp_project", {"collapse": "first"}),
+    ("mhc_pre_sp_tail", {"iters": 20, "normalize": False}))]
+
+
+def _build_variant(case):
+    os.environ.setdefault("TILELANG_PRINT_ON_COMPILATION", "0")
+    aot.kernel_names()
+    _, name, n, consts = case
+    kdef = common.KERNELS[name]
+    prim = kdef.build(n, 4096, torch.bfloat16, aot._config_for(kdef, n, 4096, torch.bfloat16), **dict(consts))
+    src, ptx, dyn = aot._lower_to_ptx(prim, "sm_90a")
+    res = ptxas.resources(ptx, "sm_90a")
+    return {"source": src, "registers": max(r.registers for r in res), "spills": sum(r.spills for r in res),
+            "smem_bytes": max(r.smem_bytes for r in res) + dyn}
 
 # The tensor-core norm_fn projection (config key mma; the default stays "fma"), built at explicit configs:
 # ("mma", kernel, arch, n, C, dtype key, mode, block_T, block_K, splits)
@@ -144,6 +165,7 @@ def records():
         recs["tail_iters7"] = pool.submit(_build_sinkhorn, 7, "mhc_pre_tail").result()
         recs.update(zip(SEGMENTED, pool.map(_build_segmented, SEGMENTED)))
         recs.update(zip(MMA_CASES, pool.map(_build_mma, MMA_CASES)))
+        recs.update(zip(VARIANTS, pool.map(_build_variant, VARIANTS)))
     return recs
 
 
@@ -232,6 +254,58 @@ def test_fused_post_project_reads_and_writes_the_residual_once(records):
         assert len(re.findall(r"\*\(uint4\*\)\(out \+", src)) == 1, n
         assert _global_load_sites(src, "fn") == 1, n
         assert "rsqrtf" not in src, "partials only: the tail finalises"
+
+
+def _stores(src, name):
+    return len(re.findall(rf"\*\(uint4\*\)\({name} \+[^;]*\) =", src))
+
+
+def test_single_pass_projections_read_the_residual_once(records):
+    """mhc_pre_sp / post_pre_sp's main loops (contract §14): the residual (and the layer output) read at one
+    site, the collapse formed from the staged values -- the layer input (and the new residual) stored at
+    one site and never read back; partials only (the tail finalises)."""
+    variants = [(_src(records, k, n=n), k, n, "mix") for k in ("pre_sp_project", "post_pre_sp_project")
+                for n in (1, 2, 4, 8)]
+    variants += [(r["source"], c[1], c[2], "first") for c, r in records.items()
+                 if isinstance(c, tuple) and c[0] == "variant" and c[1].endswith("_project")]
+    for src, k, n, collapse in variants:
+        where = f"{k} n={n} {collapse}"
+        assert _global_load_sites(src, "residual") == 1, where
+        assert _global_load_sites(src, "layer_input") == 0 and _stores(src, "layer_input") == 1, where
+        assert _global_load_sites(src, "fn") == 1, where
+        assert ("prev_pre" in src) == (collapse == "mix"), where
+        assert "rsqrtf" not in src, where
+        if k == "post_pre_sp_project":
+            assert _global_load_sites(src, "y") == 1, where
+            assert _global_load_sites(src, "out") == 0 and _stores(src, "out") == 1, where
+        else:
+            assert "out" not in re.findall(r"\w+", src.split("{", 1)[0]), where
+
+
+def test_single_pass_tail_normalises_in_place_beside_the_sinkhorn(records):
+    loop19 = r"for \(int \w+ = 0; \w+ < 19; \+\+\w+\)"
+    for n in (1, 2, 4, 8):
+        src = _src(records, "mhc_pre_sp_tail", n=n)
+        assert len(re.findall(loop19, src)) == 1, n
+        # the rounded collapse read once and rewritten once, 16 bytes at a time; the residual is not an argument
+        assert _global_load_sites(src, "layer_input") == 1 and _stores(src, "layer_input") == 1, n
+        assert "residual" not in src and "part_usq" in src, n
+        # one barrier, publishing the token statistics, before the roles split
+        assert src.count("__syncthreads()") == 1, n
+        assert f"__launch_bounds__(160, {8 if n <= 4 else 2})" in src, n
+    for c, r in records.items():
+        if isinstance(c, tuple) and c[:2] == ("variant", "mhc_pre_sp_tail"):
+            assert r["spills"] == 0, c
+            src = r["source"]
+            assert "layer_input" not in src.split("{", 1)[1], "without the norm the layer input is left alone"
+            assert "__syncthreads" not in src and len(re.findall(loop19, src)) == 1, c
+
+
+def test_single_pass_variants_compile_without_spills(records):
+    for c, r in records.items():
+        if isinstance(c, tuple) and c[0] == "variant":
+            assert r["spills"] == 0 and 0 < r["registers"] <= 255, c
+            assert r["smem_bytes"] <= ptxas.SMEM_LIMIT_BYTES["sm_90a"], c
 
 
 def test_fused_pre_tail_deals_every_token_to_one_sinkhorn_lane():
@@ -459,12 +533,13 @@ def test_supports_refuses_with_reasons():
 def test_every_op_registered_with_configs():
     """Every op has a TileLang kernel (its own, or the shared composite of its kernels) whose default config
     is a point of its space; the ops with kernels of their own are the primitives and the fused mhc_pre /
-    post_pre."""
+    post_pre and their single-pass versions."""
     from mhc_kernels import composite, registry
     from mhc_kernels.autotune.inputs import fabricate_call
     from mhc_kernels.specs import SPECS
 
-    assert set(backend.OPS) == (set(SPECS) - set(composite.COMPOSITES)) | {"mhc_pre", "post_pre"}
+    fused = {"mhc_pre", "post_pre", "mhc_pre_sp", "post_pre_sp"}
+    assert set(backend.OPS) == (set(SPECS) - set(composite.COMPOSITES)) | fused
     for op in SPECS:
         k = registry.get_kernel(op, "tilelang")
         assert k is not None and k.tunable, op

@@ -75,6 +75,15 @@ def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma):
     tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cuda", n, C, T, splits, mma)
 
 
+@pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 3), (1, 201, 1, 2)],
+                         ids=str)
+@pytest.mark.parametrize("with_post", [False, True], ids=["mhc_pre_sp", "post_pre_sp"])
+@pytest.mark.parametrize("first,normalize", [(False, True), (True, False), (False, False)], ids=str)
+def test_fused_single_pass_matches_its_parts(n, C, T, splits, with_post, first, normalize):
+    tilelang_checks.fused_single_pass_matches_its_parts("cuda", n, C, T, splits, torch.bfloat16, with_post, first,
+                                                        normalize)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 7])
 def test_norm_fn_split_k_paths_agree(splits):
     tilelang_checks.norm_fn_split_k_paths_agree("cuda", 300, 1280, splits)

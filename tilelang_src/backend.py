@@ -62,6 +62,8 @@ OPS: dict[str, OpDef] = {
     # the composites this backend fuses (overrides of mhc_kernels.composite's)
     "mhc_pre": _fused("mhc_pre", fused.mhc_pre_fwd),
     "post_pre": _fused("post_pre", fused.post_pre_fwd),
+    "mhc_pre_sp": _fused("mhc_pre_sp", fused.mhc_pre_sp_fwd),
+    "post_pre_sp": _fused("post_pre_sp", fused.post_pre_sp_fwd),
 }
 
 _SINKHORN_BWD_OPS = ("sinkhorn_bwd", "split_mixes_bwd")

@@ -46,6 +46,8 @@ The post + projection kernel takes the projection's keys (``block_T``, ``block_K
 
 import torch
 
+from mhc_kernels.specs import stream_count
+
 from . import norm, streaming
 from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec
 from .mixes import split_post_comb_macro
@@ -56,8 +58,9 @@ SINKHORN_WARP = 32
 
 
 def default_config(op: str, s: Shape) -> dict:
-    """``mhc_pre``: ``{"projection": norm_fn's default, "tail": pre_apply_mix's layout}``; ``post_pre``: the same
-    plus ``"post"`` (post's layout, for a tensor-core projection, which runs post separately)."""
+    """``mhc_pre``, ``mhc_pre_sp``, ``post_pre_sp``: ``{"projection": norm_fn's default, "tail": pre_apply_mix's
+    layout}``; ``post_pre``: the same plus ``"post"`` (post's layout, for a tensor-core projection, which runs post
+    separately)."""
     cfg = {"projection": norm.default_config("norm_fn", s), "tail": streaming.default_config("pre_apply_mix", s)}
     if op == "post_pre":
         cfg["post"] = streaming.default_config("post", s)
@@ -180,6 +183,125 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
     return mhc_pre_tail
 
 
+def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True):
+    """``mhc_pre_sp``'s second kernel, from the split partials of :func:`_build_project` (collapse mode).
+
+    Shapes: ``part_mix (S, T, m)``, ``part_sq``, ``part_usq (S, T)`` float32, ``scale (3,)``, ``base (m,)``,
+    ``out_norm_weight (C,)`` float32, ``layer_input (T, C)`` (residual dtype: the rounded collapse ``u``,
+    rewritten in place when normalising) -> ``pre``, ``post (T, n)``, ``comb (T, n, n)``, ``mixes (T, m)``,
+    ``rstd``, ``out_rstd (T,)`` float32.
+
+    * The *Sinkhorn warp* (one lane per token; with ``normalize`` a token block's tokens are dealt over the
+      ``n_cblocks`` CTAs that share it, as in :func:`_build_pre_tail`): ``rstd`` and ``mixes`` from the
+      partials (splits in order), ``pre = sigmoid(mixes[:n] * scale0 + base[:n]) + pre_eps``, ``post`` and the
+      Sinkhorn ``comb`` -- the arithmetic of the finalize and split_mixes kernels, so this site's coefficients
+      are mhc_pre's for the same partials.
+    * With ``normalize`` (an ``out_norm_weight``), first every thread: ``rho = rsqrt(sum_s part_usq[s] / C +
+      out_norm_eps)`` per token of the block into shared memory (``out_rstd``); then the *collapse warps*
+      (``threads``) rewrite their tile of ``layer_input`` as ``round(u * rho * w)``. Without a weight the
+      kernel is the Sinkhorn warp alone and ``out_rstd`` is 1.
+
+    Traffic per token: the partials (``S * (m + 2)`` floats) and, when normalising, ``u`` read and the
+    normalised layer input written (``2 * C`` elements; the statistic needs every column of the token first).
+    """
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, bc, th, V = cfg["block_T"], cfg["block_C"], cfg["threads"], cfg["vec"]
+    S = cfg["split_K"]
+    if normalize and (bc % V or (bt * (bc // V)) % th):
+        raise ValueError(f"mhc_pre_sp tail: block_T={bt}, block_C={bc}, vec={V} must tile threads={th} exactly")
+    m = n * (n + 2)
+    nn = n * n
+    K = n * C
+    NV = bc // V
+    NIT = (bt * NV) // th
+    TH = th if normalize else 0      # collapse threads (none without the out-norm)
+    NCB = cdiv(C, bc) if normalize else 1
+    NSK = sinkhorn_passes(bt, NCB)
+    NRHO = cdiv(bt, TH + SINKHORN_WARP)
+    Tn = T.dynamic("T")
+    split_sum, split_rstd = split_reduce_macros(S, K)        # as norm_fn's finalize kernel
+    split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
+
+    @T.macro
+    def sinkhorn_role(part_mix, part_sq, scale, base, pre, post, comb, mixes, rstd, out_rstd, lane, bx, by,
+                      norm_eps, pre_eps, post_mult, sinkhorn_eps):
+        P = T.alloc_local((nn,), "float32")
+        den = T.alloc_local((n,), "float32")
+        r = T.alloc_var("float32")
+        for q in T.serial(NSK):
+            t = sinkhorn_token(bx, lane, q, NCB)
+            tok = by * bt + t
+            if t < bt and tok < Tn:
+                # rstd = rsqrt(sum_s part_sq[s] / K + eps);  mixes = (sum_s part_mix[s]) * rstd
+                r = split_rstd(part_sq, tok, norm_eps)
+                rstd[tok] = r
+                for j in T.serial(m):
+                    mixes[tok, j] = split_sum(part_mix, tok, j) * r
+                # pre = sigmoid(mixes[:n] * scale0 + base[:n]) + pre_eps
+                for i in T.unroll(n):
+                    pre[tok, i] = T.sigmoid(mixes[tok, i] * scale[0] + base[i]) + pre_eps
+                # post = sigmoid(.) * post_mult;  comb = sinkhorn(mixes[2n:] * scale2 + base[2n:])
+                split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, sinkhorn_eps, iters)
+                if not normalize:
+                    out_rstd[tok] = 1.0
+
+    @T.prim_func
+    def mhc_pre_sp_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                        part_usq: T.Tensor((S, Tn), "float32"),
+                        scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                        out_norm_weight: T.Tensor((C,), "float32"),
+                        layer_input: T.Tensor((Tn, C), dt),                                     # in / out (normalised)
+                        pre: T.Tensor((Tn, n), "float32"), post: T.Tensor((Tn, n), "float32"),       # outputs
+                        comb: T.Tensor((Tn, n, n), "float32"),
+                        mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),   # saved for bwd
+                        out_rstd: T.Tensor((Tn,), "float32"),
+                        norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,           # constants
+                        sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+        with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=TH + SINKHORN_WARP) as (bx, by):
+            tx = T.get_thread_binding(0)
+            if normalize:
+                T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))
+                rho_s = T.alloc_shared((bt,), "float32")
+                ua = T.alloc_var("float32")
+                # -- every thread: rho = rsqrt(sum_s part_usq[s] / C + out_norm_eps) of the block's tokens ------
+                for q in T.serial(NRHO):
+                    idx = q * (TH + SINKHORN_WARP) + tx
+                    if idx < bt and by * bt + idx < Tn:
+                        ua = 0.0
+                        for sp in T.serial(S):
+                            ua += part_usq[sp, by * bt + idx]
+                        rho_s[idx] = T.rsqrt(ua / C + out_norm_eps)
+                        if bx == 0:
+                            out_rstd[by * bt + idx] = rho_s[idx]
+                T.sync_threads()
+                if tx < TH:
+                    # -- collapse warps: layer_input = round(u * rho * out_norm_weight) over this CTA's tile ----
+                    uv = T.alloc_local((V,), dt)
+                    ov = T.alloc_local((V,), dt)
+                    for it in T.serial(NIT):
+                        idx = it * TH + tx
+                        tok = by * bt + idx // NV
+                        col = bx * bc + (idx % NV) * V
+                        if tok < Tn and col < C:
+                            for v in T.vectorized(V):
+                                uv[v] = layer_input[tok, col + v]
+                            for v in T.vectorized(V):
+                                ov[v] = T.cast(T.cast(uv[v], "float32") * rho_s[idx // NV] * out_norm_weight[col + v],
+                                               dt)
+                            for v in T.vectorized(V):
+                                layer_input[tok, col + v] = ov[v]
+                else:
+                    sinkhorn_role(part_mix, part_sq, scale, base, pre, post, comb, mixes, rstd, out_rstd, tx - TH,
+                                  bx, by, norm_eps, pre_eps, post_mult, sinkhorn_eps)
+            else:
+                sinkhorn_role(part_mix, part_sq, scale, base, pre, post, comb, mixes, rstd, out_rstd, tx, bx, by,
+                              norm_eps, pre_eps, post_mult, sinkhorn_eps)
+
+    return mhc_pre_sp_tail
+
+
 def post_cols(n: int, C: int, dtype, block_K: int) -> int:
     """Columns of each stream per main-loop chunk of the fused post + projection kernel: ``block_K / n``
     (the staged tile keeps ``block_K`` rows, as the plain projection's), at least two 16-byte vectors so
@@ -187,34 +309,49 @@ def post_cols(n: int, C: int, dtype, block_K: int) -> int:
     return max(block_K // n, 2 * max_vec(dtype, C))
 
 
-def _build_post_project(n, C, dtype, cfg, rows=None):
-    """``post`` fused into the projection main loop (``post_pre``'s first kernel; "fma" projection only).
+COLLAPSE_MODES = (None, "first", "mix")
 
-    Shapes: ``y (T, C)``, ``residual (T, n, C)`` (residual dtype), ``post (T, n)``, ``comb (T, n, n)``,
-    ``fn (m, n*C)`` float32 -> ``out (T, n, C)`` (the new residual), ``part_mix (S, T, m)``,
-    ``part_sq (S, T)`` float32 (reduced by :func:`_build_pre_tail`).
+
+def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
+    """The projection main loop over column chunks of all ``n`` streams, with ``post`` and/or the single-pass
+    collapse fused into its staging step ("fma" projection only). Three kernels are built from it:
+
+    * ``post_project`` (``with_post``, no collapse; ``post_pre``'s first kernel): ``y (T, C)``,
+      ``residual (T, n, C)``, ``post (T, n)``, ``comb (T, n, n)``, ``fn (m, n*C)`` float32 -> ``out (T, n, C)``
+      (the new residual), ``part_mix (S, T, m)``, ``part_sq (S, T)``;
+    * ``pre_sp_project`` (no post, ``collapse``; ``mhc_pre_sp``'s first kernel): ``residual``,
+      [``prev_pre (T, n)`` float32,] ``fn`` -> ``layer_input (T, C)``, ``part_mix``, ``part_sq``, ``part_usq (S, T)``;
+    * ``post_pre_sp_project`` (both; ``post_pre_sp``'s first kernel): the union of the two.
 
     A CTA owns ``block_T`` tokens and one column range (``split_K`` ranges of ``C``, all ``n`` streams).
-    Per chunk of ``post_cols`` columns each staging thread takes one (token, vector) item: it reads
-    ``y`` and the ``n`` residual vectors once, forms ``out_i = post_i y + sum_j comb[j, i] x_j`` in
-    float32, rounds once, writes ``out`` (every element by exactly one thread of one CTA) and stages the
-    *rounded* values as float32 (the projection sees the stored residual, as the chain's does) in the
-    same ``[k, token]`` tile the plain projection uses; the ``thread_T x thread_M`` register tile then
-    accumulates dot products and sums of squares from it. Traffic per token: ``y`` and the residual
-    read once, the new residual written once -- the chain (post, then the projection) reads the new
-    residual back once more (``n * C`` elements). Summation order over K differs from the chain's
-    (chunks interleave the streams), so the result agrees to float32 accumulation error, not bit for bit.
+    Per chunk of ``post_cols`` columns each staging thread takes one (token, vector) item: it reads the
+    ``n`` residual vectors once (and ``y``), with ``post`` forms ``out_i = post_i y + sum_j comb[j, i] x_j``
+    in float32, rounds once and writes ``out``; it stages the stored values ``s_i`` (the rounded new residual,
+    or the residual itself) as float32 in the ``[k, token]`` tile the plain projection uses. With a
+    collapse it also forms ``u = sum_i prev_pre_i s_i`` (float32 in stream order, one rounding: the
+    arithmetic of ``pre_apply_mix``), or ``u = s_0`` bit for bit (``collapse="first"``, the one-hot pre of the
+    first site), writes it as ``layer_input`` and stages the rounded ``u`` in a ``[column, token]`` tile.
+    The ``thread_T x thread_M`` register tile then accumulates dot products and sums of squares of ``s``,
+    and the threads of row group 0 the sum of squares of the rounded ``u`` (its RMSNorm statistic, fixed
+    order; the tail adds the splits in order) -- no atomics.
+
+    Traffic per token (bf16): the residual (and ``y``) read once, ``out`` and ``layer_input`` written once;
+    ``fn`` comes from L2; the partials are ``S * (m + 2)`` floats. ``post_pre_sp``: ``(2n + 2) * C`` elements,
+    ``mhc_pre_sp``: ``(n + 1) * C``. Summation order over K differs from the plain projection's (chunks
+    interleave the streams), so mixes agree with it to float32 accumulation error, not bit for bit.
     """
     import tilelang.language as T
 
     from .norm import fma_tile_macros, mix_rows
 
+    if collapse not in COLLAPSE_MODES:
+        raise ValueError(f"collapse must be one of {COLLAPSE_MODES}; got {collapse!r}")
     dt = dtype_name(dtype)
     m = rows or mix_rows(n)
     K = n * C
     bt, bk, TT, TM, S = cfg["block_T"], cfg["block_K"], cfg["thread_T"], cfg["thread_M"], cfg["split_K"]
     if cfg.get("mma", "fma") != "fma":
-        raise ValueError("the fused post + projection kernel has the FMA main loop only (mma='fma'); "
+        raise ValueError("the fused post / collapse + projection kernels have the FMA main loop only (mma='fma'); "
                          "post_pre with a tensor-core projection runs post and the projection separately")
     RG = cdiv(m, TM)
     MP = RG * TM
@@ -232,12 +369,8 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
     Tn = T.dynamic("T")
     accumulate, store_partials = fma_tile_macros(TT, TM, m, Tn)
 
-    @T.prim_func
-    def post_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),              # inputs
-                     post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                     fn: T.Tensor((m, K), "float32"),
-                     out: T.Tensor((Tn, n, C), dt),                                               # outputs
-                     part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32")):
+    @T.macro
+    def main_loop(y, residual, post, comb, prev_pre, fn, out, layer_input, part_mix, part_sq, part_usq):
         with T.Kernel(T.ceildiv(Tn, bt), S, threads=threads) as (bx, bs):
             tx = T.get_thread_binding(0)
             xs = T.alloc_shared((KR, bt), "float32")   # transposed: [stream * BC + column, token]
@@ -247,11 +380,19 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
             xr = T.alloc_local((TT,), "float32")
             fr = T.alloc_local((TM,), "float32")
             xv = T.alloc_local((n, V), dt)
-            yv = T.alloc_local((V,), dt)
-            yf = T.alloc_local((V,), "float32")
-            nv = T.alloc_local((V,), "float32")
             ov = T.alloc_local((V,), dt)
             fv = T.alloc_local((VF,), "float32")
+            if with_post:
+                yv = T.alloc_local((V,), dt)
+                yf = T.alloc_local((V,), "float32")
+                nv = T.alloc_local((V,), "float32")
+            if collapse is not None:
+                us = T.alloc_shared((BC, bt), "float32")   # the rounded collapse: [column, token]
+                usq = T.alloc_local((TT,), "float32")
+                uacc = T.alloc_local((V,), "float32")
+                uv = T.alloc_local((V,), dt)
+                for e in T.unroll(TT):
+                    usq[e] = 0.0
             rg = tx % RG
             tg = tx // RG
             for e in T.unroll(TT * TM):
@@ -260,8 +401,8 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
                 sq[e] = 0.0
             for ch in T.serial(NCH):
                 c0 = bs * CS + ch * BC
-                # out_i = post_i y + sum_j comb[j, i] x_j for (token, vector) items, written once and
-                # staged rounded
+                # per (token, vector) item: the residual read once; s_i (the new residual out_i, or x_i)
+                # staged rounded; the collapse u of the stored s_i written once and staged
                 for it in T.serial(XL):
                     idx = it * threads + tx
                     if idx < bt * NVC:
@@ -270,29 +411,64 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
                         tok = bx * bt + t
                         col = c0 + cv * V
                         if tok < Tn and col < C:
-                            for v in T.vectorized(V):
-                                yv[v] = y[tok, col + v]
+                            if with_post:
+                                for v in T.vectorized(V):
+                                    yv[v] = y[tok, col + v]
                             for j in T.unroll(n):
                                 for v in T.vectorized(V):
                                     xv[j, v] = residual[tok, j, col + v]
-                            for v in T.vectorized(V):
-                                yf[v] = T.cast(yv[v], "float32")
-                            for i in T.unroll(n):
+                            if collapse == "mix":
                                 for v in T.vectorized(V):
-                                    nv[v] = post[tok, i] * yf[v]
-                                for j in T.unroll(n):
+                                    uacc[v] = 0.0
+                            if with_post:
+                                # out_i = post_i y + sum_j comb[j, i] x_j, rounded once and written
+                                for v in T.vectorized(V):
+                                    yf[v] = T.cast(yv[v], "float32")
+                                for i in T.unroll(n):
                                     for v in T.vectorized(V):
-                                        nv[v] += comb[tok, j, i] * T.cast(xv[j, v], "float32")
+                                        nv[v] = post[tok, i] * yf[v]
+                                    for j in T.unroll(n):
+                                        for v in T.vectorized(V):
+                                            nv[v] += comb[tok, j, i] * T.cast(xv[j, v], "float32")
+                                    for v in T.vectorized(V):
+                                        ov[v] = T.cast(nv[v], dt)
+                                    for v in T.vectorized(V):
+                                        out[tok, i, col + v] = ov[v]
+                                    for v in T.unroll(V):
+                                        xs[i * BC + cv * V + v, t] = T.cast(ov[v], "float32")
+                                    if collapse == "mix":
+                                        for v in T.vectorized(V):
+                                            uacc[v] += prev_pre[tok, i] * T.cast(ov[v], "float32")
+                                    if collapse == "first":
+                                        if i == 0:
+                                            for v in T.vectorized(V):
+                                                uv[v] = ov[v]
+                            else:
+                                for i in T.unroll(n):
+                                    for v in T.unroll(V):
+                                        xs[i * BC + cv * V + v, t] = T.cast(xv[i, v], "float32")
+                                    if collapse == "mix":
+                                        for v in T.vectorized(V):
+                                            uacc[v] += prev_pre[tok, i] * T.cast(xv[i, v], "float32")
+                                if collapse == "first":
+                                    for v in T.vectorized(V):
+                                        uv[v] = xv[0, v]
+                            if collapse is not None:
+                                # u = sum_i prev_pre_i s_i (or s_0), one rounding; written once, staged
+                                if collapse == "mix":
+                                    for v in T.vectorized(V):
+                                        uv[v] = T.cast(uacc[v], dt)
                                 for v in T.vectorized(V):
-                                    ov[v] = T.cast(nv[v], dt)
-                                for v in T.vectorized(V):
-                                    out[tok, i, col + v] = ov[v]
+                                    layer_input[tok, col + v] = uv[v]
                                 for v in T.unroll(V):
-                                    xs[i * BC + cv * V + v, t] = T.cast(ov[v], "float32")
+                                    us[cv * V + v, t] = T.cast(uv[v], "float32")
                         else:
                             for i in T.unroll(n):
                                 for v in T.unroll(V):
                                     xs[i * BC + cv * V + v, t] = 0.0
+                            if collapse is not None:
+                                for v in T.unroll(V):
+                                    us[cv * V + v, t] = 0.0
                 # fn's rows for the same columns of every stream (zero past C and in the padded rows)
                 for it in T.serial(FL):
                     idx = it * threads + tx
@@ -310,12 +486,73 @@ def _build_post_project(n, C, dtype, cfg, rows=None):
                             for v in T.unroll(VF):
                                 fs[i * BC + cc + v, j] = 0.0
                 T.sync_threads()
-                # acc[t, j] += sum_k out[t, k] * fn[j, k];  sq[t] += sum_k out[t, k]^2   (this chunk's k)
+                # acc[t, j] += sum_k s[t, k] * fn[j, k];  sq[t] += sum_k s[t, k]^2   (this chunk's k)
                 accumulate(xs, fs, KR, xr, fr, acc, sq, tg, rg)
+                if collapse is not None:
+                    # usq[t] += sum_c u[t, c]^2 over this chunk's columns, in column order
+                    for kk in T.serial(BC):
+                        for a in T.unroll(TT):
+                            usq[a] += us[kk, tg * TT + a] * us[kk, tg * TT + a]
                 T.sync_threads()
             store_partials(part_mix, part_sq, acc, sq, bx * bt, bs, tg, rg)
+            if collapse is not None:
+                for a in T.unroll(TT):
+                    if rg == 0 and bx * bt + tg * TT + a < Tn:
+                        part_usq[bs, bx * bt + tg * TT + a] = usq[a]
 
-    return post_project
+    if with_post and collapse is None:
+        @T.prim_func
+        def post_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),              # inputs
+                         post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                         fn: T.Tensor((m, K), "float32"),
+                         out: T.Tensor((Tn, n, C), dt),                                               # outputs
+                         part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32")):
+            main_loop(y, residual, post, comb, None, fn, out, None, part_mix, part_sq, None)
+
+        return post_project
+    if collapse is None:
+        raise ValueError("the projection alone is norm.py's kernel: give with_post or a collapse")
+    if not with_post and collapse == "first":
+        @T.prim_func
+        def pre_sp_project_first(residual: T.Tensor((Tn, n, C), dt), fn: T.Tensor((m, K), "float32"),   # in
+                                 layer_input: T.Tensor((Tn, C), dt),                                    # outputs
+                                 part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
+                                 part_usq: T.Tensor((S, Tn), "float32")):
+            main_loop(None, residual, None, None, None, fn, None, layer_input, part_mix, part_sq, part_usq)
+
+        return pre_sp_project_first
+    if not with_post:
+        @T.prim_func
+        def pre_sp_project(residual: T.Tensor((Tn, n, C), dt), prev_pre: T.Tensor((Tn, n), "float32"),  # inputs
+                           fn: T.Tensor((m, K), "float32"),
+                           layer_input: T.Tensor((Tn, C), dt),                                          # outputs
+                           part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
+                           part_usq: T.Tensor((S, Tn), "float32")):
+            main_loop(None, residual, None, None, prev_pre, fn, None, layer_input, part_mix, part_sq, part_usq)
+
+        return pre_sp_project
+    if collapse == "first":
+        @T.prim_func
+        def post_pre_sp_project_first(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),      # inputs
+                                      post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                                      fn: T.Tensor((m, K), "float32"),
+                                      out: T.Tensor((Tn, n, C), dt), layer_input: T.Tensor((Tn, C), dt),  # outputs
+                                      part_mix: T.Tensor((S, Tn, m), "float32"),
+                                      part_sq: T.Tensor((S, Tn), "float32"), part_usq: T.Tensor((S, Tn), "float32")):
+            main_loop(y, residual, post, comb, None, fn, out, layer_input, part_mix, part_sq, part_usq)
+
+        return post_pre_sp_project_first
+
+    @T.prim_func
+    def post_pre_sp_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),                # inputs
+                            post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                            prev_pre: T.Tensor((Tn, n), "float32"), fn: T.Tensor((m, K), "float32"),
+                            out: T.Tensor((Tn, n, C), dt), layer_input: T.Tensor((Tn, C), dt),            # outputs
+                            part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
+                            part_usq: T.Tensor((S, Tn), "float32")):
+        main_loop(y, residual, post, comb, prev_pre, fn, out, layer_input, part_mix, part_sq, part_usq)
+
+    return post_pre_sp_project
 
 
 def _iters(s: Shape) -> dict:
@@ -324,8 +561,31 @@ def _iters(s: Shape) -> dict:
 
 kernel_def(KernelDef("mhc_pre_tail", "mhc_pre", _build_pre_tail, TAIL_KEYS, _iters,
                      aot_config=lambda s: tail_kernel_config(default_config("mhc_pre", s))))
-kernel_def(KernelDef("post_project", "norm_fn", _build_post_project, ("block_T", "block_K", "thread_T", "thread_M",
-                                                                        "split_K", "mma")))
+PROJECT_KEYS = ("block_T", "block_K", "thread_T", "thread_M", "split_K", "mma")
+
+
+def _build_post_project(n, C, dtype, cfg, rows=None):
+    return _build_project(n, C, dtype, cfg, rows, with_post=True)
+
+
+def _build_pre_sp_project(n, C, dtype, cfg, collapse="mix"):
+    return _build_project(n, C, dtype, cfg, with_post=False, collapse=collapse)
+
+
+def _build_post_pre_sp_project(n, C, dtype, cfg, collapse="mix"):
+    return _build_project(n, C, dtype, cfg, with_post=True, collapse=collapse)
+
+
+def _mix_collapse(s: Shape) -> dict:
+    return {"collapse": "mix"}
+
+
+kernel_def(KernelDef("post_project", "norm_fn", _build_post_project, PROJECT_KEYS))
+kernel_def(KernelDef("pre_sp_project", "norm_fn", _build_pre_sp_project, PROJECT_KEYS, _mix_collapse))
+kernel_def(KernelDef("post_pre_sp_project", "norm_fn", _build_post_pre_sp_project, PROJECT_KEYS, _mix_collapse))
+kernel_def(KernelDef("mhc_pre_sp_tail", "mhc_pre_sp", _build_pre_sp_tail, TAIL_KEYS,
+                     lambda s: {"iters": 20, "normalize": True},
+                     aot_config=lambda s: tail_kernel_config(default_config("mhc_pre_sp", s))))
 
 
 # -- launch wrappers: the backend's overrides of the mhc_pre and post_pre composites ----------------------
@@ -397,3 +657,79 @@ def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, no
                                                    config=config["projection"])
     return (new_residual,) + mhc_pre_tail(part_mix, part_sq, scale, base, new_residual, norm_eps, pre_eps,
                                           post_mult, iters, sinkhorn_eps, config=tail_kernel_config(config))
+
+
+# -- single-pass (contract §14): mhc_pre_sp and post_pre_sp, the residual read once ------------------------
+def sp_project(residual, prev_pre, fn, norm_weight, *, config, post=None):
+    """-> (new_residual or None, layer_input (T, C) = the rounded collapse u, part_mix (S, T, m), part_sq (S, T),
+    part_usq (S, T)): the projection with the collapse (with ``prev_pre``, or stream 0 when it is None) in its
+    main loop; ``post = (layer_output, post_mix, comb_mix)`` also fuses post in front (the collapse and the
+    projection then see the rounded new residual). ``config``: the projection's, "fma" only."""
+    from .common import get_kernel
+
+    Tt, n, C = residual.shape
+    m = fn.shape[0]
+    S = config["split_K"]
+    layer_input = residual.new_empty((Tt, C))
+    new_residual = None if post is None else torch.empty_like(residual)
+    pm, ps, pu = fn.new_empty((S, Tt, m)), fn.new_empty((S, Tt)), fn.new_empty((S, Tt))
+    if Tt == 0:
+        return new_residual, layer_input, pm, ps, pu
+    collapse = "first" if prev_pre is None else "mix"
+    w = () if prev_pre is None else (prev_pre.contiguous(),)
+    f = norm._fold(fn, norm_weight)
+    if post is None:
+        get_kernel("pre_sp_project", n, C, residual.dtype, config, residual.device, collapse=collapse)(
+            residual, *w, f, layer_input, pm, ps, pu)
+    else:
+        y, post_mix, comb_mix = post
+        get_kernel("post_pre_sp_project", n, C, residual.dtype, config, residual.device, collapse=collapse)(
+            y, residual, post_mix, comb_mix, *w, f, new_residual, layer_input, pm, ps, pu)
+    return new_residual, layer_input, pm, ps, pu
+
+
+def mhc_pre_sp_tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, layer_input, norm_eps, pre_eps,
+                    post_mult, iters, sinkhorn_eps, out_norm_eps, *, config):
+    """-> (layer_input, pre, post, comb, mixes, rstd, out_rstd) from the partials of :func:`sp_project`;
+    ``layer_input`` (the rounded collapse) is normalised in place when ``out_norm_weight`` is given."""
+    from .common import get_kernel
+
+    S, Tt, m = part_mix.shape
+    C = layer_input.shape[-1]
+    n = stream_count(m)
+    if config["split_K"] != S:
+        raise ValueError(f"mhc_pre_sp tail: config split_K={config['split_K']} but the partials have {S} splits")
+    pre, post = part_mix.new_empty((Tt, n)), part_mix.new_empty((Tt, n))
+    comb, mixes = part_mix.new_empty((Tt, n, n)), part_mix.new_empty((Tt, m))
+    rstd, out_rstd = part_mix.new_empty((Tt,)), part_mix.new_empty((Tt,))
+    if Tt == 0:
+        return layer_input, pre, post, comb, mixes, rstd, out_rstd
+    normalize = out_norm_weight is not None
+    w = out_norm_weight.float().contiguous() if normalize else part_mix.new_ones((C,))
+    get_kernel("mhc_pre_sp_tail", n, C, layer_input.dtype, config, layer_input.device, iters=int(iters),
+               normalize=normalize)(
+        part_mix, part_sq, part_usq, scale, base, w, layer_input, pre, post, comb, mixes, rstd, out_rstd,
+        float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps), float(out_norm_eps))
+    return layer_input, pre, post, comb, mixes, rstd, out_rstd
+
+
+def mhc_pre_sp_fwd(residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult,
+                   iters, sinkhorn_eps, out_norm_eps, *, config):
+    """mhc_pre_sp in two launches -> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd): the
+    projection with the collapse in its main loop (the residual's only read), then the tail (reduce, split,
+    Sinkhorn; the out-norm beside it)."""
+    _, u, pm, ps, pu = sp_project(residual, prev_pre, fn, norm_weight, config=config["projection"])
+    return mhc_pre_sp_tail(pm, ps, pu, scale, base, out_norm_weight, u, norm_eps, pre_eps, post_mult, iters,
+                           sinkhorn_eps, out_norm_eps, config=tail_kernel_config(config))
+
+
+def post_pre_sp_fwd(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
+                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config):
+    """post_pre_sp in two launches -> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd,
+    out_rstd): post, the collapse and the projection in one main loop (residual and layer output read once,
+    new residual and layer input written once), then the tail."""
+    new_residual, u, pm, ps, pu = sp_project(residual, prev_pre, fn, norm_weight, config=config["projection"],
+                                             post=(layer_output, post_mix, comb_mix))
+    return (new_residual,) + mhc_pre_sp_tail(pm, ps, pu, scale, base, out_norm_weight, u, norm_eps, pre_eps,
+                                             post_mult, iters, sinkhorn_eps, out_norm_eps,
+                                             config=tail_kernel_config(config))
