@@ -23,6 +23,7 @@ if shutil.which(os.environ.get("CXX", "g++")) is None:
     pytest.skip("no host C++ compiler (g++) to build the emulated kernels", allow_module_level=True)
 
 import tilelang_checks  # noqa: E402
+from op_samples import SP_FUSED_CASES, fused_single_pass_matches_its_parts  # noqa: E402
 
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
@@ -99,14 +100,9 @@ def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits):
     tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cpu", n, C, T, splits)
 
 
-# every (post, collapse, norm) variant of the two kernels once, over awkward shapes, splits and dtypes
-@pytest.mark.parametrize("n,C,T,splits,dtype,with_post,first,normalize", [
-    (4, 64, 37, 2, torch.bfloat16, False, False, True), (4, 33, 5, 1, torch.float32, False, True, False),
-    (8, 16, 9, 4, torch.bfloat16, False, False, False), (1, 7, 1, 1, torch.float16, False, True, True),
-    (4, 64, 37, 2, torch.bfloat16, True, False, True), (2, 200, 3, 3, torch.bfloat16, True, True, False),
-    (8, 16, 9, 1, torch.float32, True, False, False), (4, 33, 5, 2, torch.float16, True, True, True)], ids=str)
+@pytest.mark.parametrize("n,C,T,splits,dtype,with_post,first,normalize", SP_FUSED_CASES, ids=str)
 def test_fused_single_pass_matches_its_parts(n, C, T, splits, dtype, with_post, first, normalize):
-    tilelang_checks.fused_single_pass_matches_its_parts("cpu", n, C, T, splits, dtype, with_post, first, normalize)
+    fused_single_pass_matches_its_parts("tilelang", "cpu", n, C, T, splits, dtype, with_post, first, normalize)
 
 
 def test_configs_in_the_spaces_are_correct():

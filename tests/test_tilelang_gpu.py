@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (TileLang kernels run on CUDA only)", allow_module_level=True)
 
 import tilelang_checks  # noqa: E402
-from op_samples import resolved_config  # noqa: E402
+from op_samples import fused_single_pass_matches_its_parts, resolved_config  # noqa: E402
 
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
@@ -80,7 +80,7 @@ def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma):
 @pytest.mark.parametrize("with_post", [False, True], ids=["mhc_pre_sp", "post_pre_sp"])
 @pytest.mark.parametrize("first,normalize", [(False, True), (True, False), (False, False)], ids=str)
 def test_fused_single_pass_matches_its_parts(n, C, T, splits, with_post, first, normalize):
-    tilelang_checks.fused_single_pass_matches_its_parts("cuda", n, C, T, splits, torch.bfloat16, with_post, first,
+    fused_single_pass_matches_its_parts("tilelang", "cuda", n, C, T, splits, torch.bfloat16, with_post, first,
                                                         normalize)
 
 

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from op_samples import op_args  # noqa: E402
+from op_samples import SP_FUSED_CASES, fused_single_pass_matches_its_parts, op_args  # noqa: E402
 
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels import BackendError  # noqa: E402
@@ -197,3 +197,9 @@ def test_the_interpreter_converts_float32_to_bf16_by_truncation():
     to_bf16[(1,)](x, y, N=4)
     assert y.float().tolist() == [1.0, -1.0, 1.0, 2.0]                     # truncated toward zero
     assert x.bfloat16().float().tolist() == [1.0078125, -1.0078125, 1.0, 2.0]  # what rounding gives
+
+
+@pytest.mark.parametrize("n,C,T,splits,dtype,with_post,first,normalize", SP_FUSED_CASES, ids=str)
+def test_fused_single_pass_matches_its_parts(n, C, T, splits, dtype, with_post, first, normalize):
+    """mhc_pre_sp / post_pre_sp's one-read kernels (single_pass.py) against Triton's own primitives."""
+    fused_single_pass_matches_its_parts("triton", DEVICE, n, C, T, splits, dtype, with_post, first, normalize)

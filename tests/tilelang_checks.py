@@ -58,51 +58,6 @@ def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma")
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
-SP_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps", "out_norm_eps")
-
-
-def fused_single_pass_matches_its_parts(device, n, C, T, splits, dtype, with_post, first, normalize):
-    """mhc_pre_sp / post_pre_sp through the one-read kernels (fused.py) against the same primitives run one by
-    one: the new residual is post's and the un-normalised layer input pre_apply_mix's (or stream 0) bit for
-    bit (the same arithmetic); the normalised one to one rounding step (its statistic is summed in another
-    order), the coefficients to float32 accumulation error (the projection sums K in column-chunk order)."""
-    from mhc_kernels import composite
-    from mhc_kernels.tilelang_src import fused, mixes, norm, streaming
-
-    op = "post_pre_sp" if with_post else "mhc_pre_sp"
-    d = cases.make_inputs(op, (T,), n, C, dtype, device, norm_weight=True)
-    prev = None if first else d["prev_pre"]
-    w = d["out_norm_weight"] if normalize else None
-    consts = [d[k] for k in SP_CONSTS]
-    site = (prev, d["fn"], d["scale"], d["base"], d["norm_weight"], w)
-    cfg = fused.default_config(op, norm.Shape(T, n, C, dtype))
-    cfg["projection"]["split_K"] = splits
-    x = d["residual"]
-    if with_post:
-        y = (d["layer_output"], x, d["post_mix"], d["comb_mix"])
-        got = fused.post_pre_sp_fwd(*y, *site, *consts, config=cfg)
-        x = streaming.post_fwd(*y, config=resolved_config("tilelang", "post", *y))
-        assert torch.equal(got[0], x), "the new residual is post's, bit for bit"
-        got = got[1:]
-    else:
-        got = fused.mhc_pre_sp_fwd(x, *site, *consts, config=cfg)
-    u = composite.first_stream(x) if first else streaming.pre_apply_mix_fwd(x, prev, config=cfg["tail"])
-    v, rho = composite.out_norm(u, w, d["out_norm_eps"], torch.float32)
-    mixes_, rstd = norm.norm_fn_fwd(x, d["fn"], d["norm_weight"], d["norm_eps"], config=cfg["projection"])
-    split = (d["scale"], d["base"], d["pre_eps"], d["post_mult"], d["sinkhorn_iters"], d["sinkhorn_eps"])
-    pre, post, comb = mixes.split_mixes_fwd(mixes_, *split, config=resolved_config("tilelang", "split_mixes",
-                                                                                   mixes_, *split))
-    if normalize:
-        step = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10 if dtype == torch.float16 else 1e-5
-        torch.testing.assert_close(got[0].float(), v.float(), rtol=step, atol=1e-5, msg="normalised layer_input")
-        torch.testing.assert_close(got[6], rho, rtol=1e-5, atol=0, msg="out_rstd")
-    else:
-        assert torch.equal(got[0], v), "the layer input is the collapse's, bit for bit"
-        assert torch.equal(got[6], torch.ones_like(got[6])), "out_rstd is 1 without a norm weight"
-    for name, a, b in zip(("pre", "post", "comb", "mixes", "rstd"), got[1:6], (pre, post, comb, mixes_, rstd)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-
-
 def norm_fn_split_k_paths_agree(device, T, C, splits):
     from mhc_kernels.tilelang_src import norm
 

@@ -3,10 +3,11 @@
 Every primitive op maps to a launch wrapper with the reference's signature plus the
 ``config`` the core resolves (see :mod:`.common`). The composites (``mhc_pre``,
 ``mhc_head``, ``post_pre``, ``multilayer_recompute`` and their backward) are the shared
-ones of :mod:`mhc_kernels.composite` over these kernels; Triton overrides none of them
-(its fusion is inside the primitives: ``norm_fn_bwd`` adds the collapse's gradient and an
-incoming residual gradient before its single rounding, so a site's backward writes one
-residual-gradient tensor). The registry serves CUDA tensors with them, and CPU tensors
+ones of :mod:`mhc_kernels.composite` over these kernels (the fusion of the two-pass site is
+inside the primitives: ``norm_fn_bwd`` adds the collapse's gradient and an incoming residual
+gradient before its single rounding, so a site's backward writes one residual-gradient
+tensor), except single-pass mHC's forward boundary, ``mhc_pre_sp`` and ``post_pre_sp``, whose
+kernels read the residual once (``single_pass.py``). The registry serves CUDA tensors with them, and CPU tensors
 when ``TRITON_INTERPRET=1`` (the probe in ``__init__``).
 """
 
@@ -17,7 +18,7 @@ import functools
 from mhc_kernels import composite
 from mhc_kernels.registry import Kernel, register_kernel
 
-from . import common, mix, norm_fn, sinkhorn
+from . import common, mix, norm_fn, single_pass, sinkhorn
 
 # op -> (module, launch wrapper); each module declares config_space(op, call) / default_config(op, call)
 # Each kernel module and the primitive ops it serves; an op's launch wrapper is ``<op>_fwd`` for a forward
@@ -48,6 +49,16 @@ for _op, (_mod, _fn) in PRIMITIVES.items():
                     config_space=functools.partial(_mod.config_space, _op),
                     default_config=functools.partial(_mod.default_config, _op))
 
-composite.register_composites("triton", extra_parts={composite.STREAM_WEIGHT_GRAD: Kernel(
-    composite.STREAM_WEIGHT_GRAD, "triton", mix.stream_weight_grad, supports=_supports(composite.STREAM_WEIGHT_GRAD),
-    default_config=functools.partial(mix.default_config, composite.STREAM_WEIGHT_GRAD))})
+# single-pass mHC's forward boundary: the residual read once (single_pass.py), overriding the shared composites
+FUSED = {"mhc_pre_sp": single_pass.mhc_pre_sp_fwd, "post_pre_sp": single_pass.post_pre_sp_fwd}
+
+composite.register_composites(
+    "triton",
+    extra_parts={composite.STREAM_WEIGHT_GRAD: Kernel(
+        composite.STREAM_WEIGHT_GRAD, "triton", mix.stream_weight_grad,
+        supports=_supports(composite.STREAM_WEIGHT_GRAD),
+        default_config=functools.partial(mix.default_config, composite.STREAM_WEIGHT_GRAD))},
+    overrides={op: dict(fn=fn, supports=_supports("split_mixes"),
+                        config_space=functools.partial(single_pass.config_space, op),
+                        default_config=functools.partial(single_pass.default_config, op))
+               for op, fn in FUSED.items()})
