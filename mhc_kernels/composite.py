@@ -2,7 +2,8 @@
 
 Every backend computes the composites with the same sequence of primitives:
 
-* ``mhc_pre``  = norm_fn -> split_mixes -> pre_apply_mix (the residual read twice);
+* ``mhc_pre``  = norm_fn -> split_mixes -> pre_apply_mix (the residual read twice); with the sublayer's
+  RMSNorm (``out_norm_weight``) the collapse is ``mhc_head_sp``'s kernel (collapse + norm in one);
 * ``mhc_pre_bwd`` = stream_weight_grad (``d_pre[t, i] = <g[t], x[t, i]>``) -> split_mixes_bwd ->
   norm_fn_bwd with the collapse's term ``pre (x) g`` and an incoming residual gradient added in
   float32 before the single rounding (one full-size write);
@@ -84,27 +85,43 @@ def _sub(config, part):
     return None if config is None else config.get(part)
 
 
-def mhc_pre_fwd(p, residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
-                config=None):
-    """-> (layer_input, post_mix, comb_mix, mixes, rstd): norm_fn -> split_mixes -> pre_apply_mix."""
+def mhc_pre_fwd(p, residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
+                sinkhorn_eps, out_norm_eps, *, config=None):
+    """-> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd): norm_fn -> split_mixes -> pre_apply_mix, or,
+    with ``out_norm_weight``, the collapse and the sublayer's RMSNorm in one kernel (``mhc_head_sp``'s: the
+    statistic of the rounded collapse; ``out_rstd`` its rho, ones without a weight)."""
     mixes, rstd = p.norm_fn(residual, fn, norm_weight, norm_eps, config=_sub(config, "norm_fn"))
     pre, post, comb = p.split_mixes(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
                                     config=_sub(config, "split_mixes"))
-    return p.pre_apply_mix(residual, pre, config=_sub(config, "pre_apply_mix")), post, comb, mixes, rstd
+    if out_norm_weight is None:
+        v, out_rstd = out_norm(p.pre_apply_mix(residual, pre, config=_sub(config, "pre_apply_mix")), None, 0.0,
+                               fn.dtype)
+    else:
+        v, out_rstd = p.collapse_norm(residual, pre, out_norm_weight, out_norm_eps,
+                                      config=_sub(config, "collapse_norm"))
+    return v, post, comb, mixes, rstd, out_rstd
 
 
-def mhc_pre_bwd(p, grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, mixes, rstd,
-                grad_residual, pre_eps, post_mult, iters, sinkhorn_eps, *, config=None):
-    """-> (d_residual, d_fn_eff, d_scale, d_base); the residual gradient's three terms (incoming, the
-    collapse's ``pre (x) g``, the projection's) are summed in float32 and written once."""
+def mhc_pre_bwd(p, grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, out_norm_weight,
+                mixes, rstd, out_rstd, grad_residual, pre_eps, post_mult, iters, sinkhorn_eps, *, config=None):
+    """-> (d_residual, d_fn_eff, d_scale, d_base, d_out_norm_weight); the residual gradient's three terms
+    (incoming, the collapse's ``pre (x) g_u``, the projection's) are summed in float32 and written once. With
+    an out-norm, ``g_u`` is the norm's backward of ``grad_layer_input`` at the recomputed collapse (one more
+    read of the residual, as mhc_pre_sp_bwd)."""
     pre = pre_mix(mixes, scale, base, pre_eps)
-    d_pre = p.stream_weight_grad(grad_layer_input, residual, config=_sub(config, "stream_weight_grad"))
+    g_u, d_onw = grad_layer_input, None
+    if out_norm_weight is not None:
+        u = p.pre_apply_mix(residual, pre, config=_sub(config, "pre_apply_mix"))
+        g_u, d_onw = out_norm_bwd(grad_layer_input, u, out_norm_weight, out_rstd)
+    d_pre = p.stream_weight_grad(g_u, residual, config=_sub(config, "stream_weight_grad"))
     d_mixes, d_scale, d_base = p.split_mixes_bwd(d_pre, grad_post, grad_comb, mixes, scale, base, post_mult, iters,
                                                  sinkhorn_eps, config=_sub(config, "split_mixes_bwd"))
     d_res, d_fn = p.norm_fn_bwd(d_mixes, residual, fn, norm_weight, mixes, rstd, apply_w=pre,
-                                apply_grad=grad_layer_input, grad_residual=grad_residual,
+                                apply_grad=g_u, grad_residual=grad_residual,
                                 config=_sub(config, "norm_fn_bwd"))
-    return d_res, d_fn, d_scale, d_base
+    if d_onw is None:
+        d_onw = torch.zeros(residual.shape[-1:], dtype=fn.dtype, device=residual.device)
+    return d_res, d_fn, d_scale, d_base, d_onw
 
 
 def mhc_head_fwd(p, residual, fn, scale, base, norm_weight, norm_eps, pre_eps, *, config=None):
@@ -123,13 +140,14 @@ def mhc_head_bwd(p, grad, residual, fn, scale, base, norm_weight, mixes, rstd, p
     return d_res, d_fn, (d_z * mixes).sum().reshape(1), d_z.sum(0)
 
 
-def post_pre_fwd(p, layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, norm_eps, pre_eps,
-                 post_mult, iters, sinkhorn_eps, *, config=None):
-    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd) of the next sublayer: post, then mhc_pre
-    on the stored new residual."""
+def post_pre_fwd(p, layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight,
+                 norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config=None):
+    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd) of the next sublayer: post, then
+    mhc_pre on the stored new residual."""
     new_residual = p.post(layer_output, residual, post_mix, comb_mix, config=_sub(config, "post"))
-    return (new_residual,) + p.mhc_pre(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult,
-                                       iters, sinkhorn_eps, config=_sub(config, "mhc_pre"))
+    return (new_residual,) + p.mhc_pre(new_residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
+                                       pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
+                                       config=_sub(config, "mhc_pre"))
 
 
 def multilayer_recompute_fwd(p, residual, layer_outputs, pre_mix, post_mix, comb_mix, *, config=None):
@@ -290,10 +308,14 @@ class Part:
 # call is pre_apply_mix_bwd's). Each backend passes its kernel to register_composites.
 STREAM_WEIGHT_GRAD = "stream_weight_grad"
 
+# Order matters: a composite that uses another (mhc_pre uses mhc_head_sp's collapse + norm kernel, post_pre uses
+# mhc_pre) comes after it, so register_composites finds the inner one's kernel registered.
 COMPOSITES: dict[str, tuple[Callable, tuple[Part, ...]]] = {
+    "mhc_head_sp": (mhc_head_sp_fwd, (Part("pre_apply_mix", "pre_apply_mix"),)),
     "mhc_pre": (mhc_pre_fwd, (Part("norm_fn", "norm_fn", _rows_m), Part("split_mixes", "split_mixes"),
-                              Part("pre_apply_mix", "pre_apply_mix"))),
-    "mhc_pre_bwd": (mhc_pre_bwd, (Part(STREAM_WEIGHT_GRAD, "pre_apply_mix_bwd"),
+                              Part("pre_apply_mix", "pre_apply_mix"), Part("collapse_norm", "mhc_head_sp"))),
+    "mhc_pre_bwd": (mhc_pre_bwd, (Part("pre_apply_mix", "pre_apply_mix"),
+                                  Part(STREAM_WEIGHT_GRAD, "pre_apply_mix_bwd"),
                                   Part("split_mixes_bwd", "split_mixes_bwd"),
                                   Part("norm_fn_bwd", "norm_fn_bwd", _rows_m))),
     "mhc_head": (mhc_head_fwd, (Part("norm_fn", "norm_fn", _rows_n), Part("pre_apply_mix", "pre_apply_mix"))),
@@ -308,7 +330,6 @@ COMPOSITES: dict[str, tuple[Callable, tuple[Part, ...]]] = {
                                         Part("split_mixes_bwd", "split_mixes_bwd"),
                                         Part("norm_fn_bwd", "norm_fn_bwd", _rows_m))),
     "post_pre_sp": (post_pre_sp_fwd, (Part("post", "post"), Part("mhc_pre_sp", "mhc_pre_sp"))),
-    "mhc_head_sp": (mhc_head_sp_fwd, (Part("pre_apply_mix", "pre_apply_mix"),)),
     "mhc_head_sp_bwd": (mhc_head_sp_bwd, (Part("pre_apply_mix", "pre_apply_mix"),
                                           Part("pre_apply_mix_bwd", "pre_apply_mix_bwd"))),
 }

@@ -30,7 +30,8 @@ def _float(v):
 
 def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None,
             norm_eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
-            sinkhorn_eps: float = 1e-6, return_mixes: bool = False) -> tuple[Tensor, ...]:
+            sinkhorn_eps: float = 1e-6, out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6,
+            return_mixes: bool = False) -> tuple[Tensor, ...]:
     """Everything before the sublayer: projection, split, Sinkhorn and collapse (contract §6).
 
     Args:
@@ -41,6 +42,11 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
         base: ``(n*(n+2),)`` float32 biases.
         norm_weight: optional ``(n*C,)`` float32 RMSNorm gain, folded into ``fn``.
         norm_eps, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps: the constants of the contract (§1).
+        out_norm_weight: optional ``(C,)`` (float32 or the residual's dtype): the sublayer's own RMSNorm
+            (DeepSeek-V4's ``attn_norm``/``ffn_norm``) applied inside the op to the rounded collapse ``u``:
+            ``layer_input = round(u * rsqrt(mean(u^2) + out_norm_eps) * w)`` (differentiable in ``w``).
+            Without it the layer input is ``u``.
+        out_norm_eps: that norm's eps (V4: ``1e-20``; positive).
 
         return_mixes: also return the raw mixes ``(..., n*(n+2))`` (float32, not differentiable: the
             projection before the gains, from which :func:`mhc_kernels.composite.pre_mix` recomputes the
@@ -62,9 +68,10 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
         >>> layer_input.shape, post_mix.shape, comb_mix.shape
         (torch.Size([8, 64]), torch.Size([8, 4]), torch.Size([8, 4, 4]))
     """
-    li, post_mix, comb_mix, mixes, _ = call("mhc_pre", residual, fn, scale, base, norm_weight, _float(norm_eps),
-                                            _float(pre_eps), _float(post_mult), sinkhorn_iters,
-                                            _float(sinkhorn_eps))
+    li, post_mix, comb_mix, mixes, _, _ = call("mhc_pre", residual, fn, scale, base, norm_weight,
+                                               _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps),
+                                               _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps),
+                                               _float(out_norm_eps))
     return (li, post_mix, comb_mix, mixes) if return_mixes else (li, post_mix, comb_mix)
 
 
@@ -184,10 +191,12 @@ def mhc_head(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_
 def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor, fn: Tensor,
              scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6,
              pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
-             sinkhorn_eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             sinkhorn_eps: float = 1e-6, out_norm_weight: Optional[Tensor] = None,
+             out_norm_eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``mhc_post`` of one sublayer fused with ``mhc_pre`` of the next (contract §8).
 
-    ``fn``/``scale``/``base``/``norm_weight`` are the *next* site's parameters.
+    ``fn``/``scale``/``base``/``norm_weight``/``out_norm_weight`` are the *next* site's parameters
+    (``out_norm_weight``: the next sublayer's RMSNorm, as in :func:`mhc_pre`).
     Returns ``(new_residual, layer_input, post_mix, comb_mix)``; the last three are the
     next site's :func:`mhc_pre` outputs, computed from the stored new residual.
 
@@ -202,7 +211,8 @@ def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
         (torch.Size([8, 4, 64]), torch.Size([8, 64]))
     """
     out = call("post_pre", layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
-               _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps))
+               _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
+               _float(sinkhorn_eps), _float(out_norm_eps))
     return out[:4]
 
 
@@ -333,7 +343,8 @@ def mhc_head_sp(residual: Tensor, pre: Optional[Tensor] = None, *, out_norm_weig
         if pre is not None:
             raise MHCInputError("mhc.mhc_head_sp: give either pre or mean=True, not both")
         md = torch.float64 if residual.dtype == torch.float64 else torch.float32
-        pre = torch.full(residual.shape[:-1], 1.0 / residual.shape[-2], dtype=md, device=residual.device)
+        # new_full: a DTensor residual gives a DTensor pre (torch.full would give a plain tensor)
+        pre = residual.new_full(residual.shape[:-1], 1.0 / residual.shape[-2], dtype=md)
     elif pre is None:
         raise MHCInputError("mhc.mhc_head_sp: pre is required (the last site's pre), or mean=True for the "
                             "unweighted mean over the streams")

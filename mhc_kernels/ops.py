@@ -131,6 +131,10 @@ def _formula(name: str):
     return with_setup
 
 
+def _grad_or_none(needed: bool, grad):
+    return grad if needed else None
+
+
 def _unfold_fn_grad(d_fn, fn, norm_weight):
     """Chain rule through the fold fn_eff = fn * norm_weight."""
     if norm_weight is None:
@@ -199,21 +203,25 @@ def _backward_post(ops, ctx, grad):
 
 
 def _setup_mhc_pre(ctx, inputs, output):
-    residual, fn, scale, base, norm_weight, _norm_eps, pre_eps, post_mult, iters, eps = inputs
-    _li, _post, _comb, mixes, rstd = output
-    ctx.mark_non_differentiable(mixes, rstd)
+    (residual, fn, scale, base, norm_weight, out_norm_weight, _norm_eps, pre_eps, post_mult, iters, eps,
+     _out_eps) = inputs
+    _li, _post, _comb, mixes, rstd, out_rstd = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
     ctx.consts = (pre_eps, post_mult, iters, eps)
-    # Only the caller's residual (by reference) and O(n^2) floats per token.
-    ctx.save_for_backward(residual, fn, scale, base, norm_weight, mixes, rstd)
+    # Only the caller's residual (by reference) and O(n^2) floats per token (out_rstd only with the norm).
+    ctx.save_for_backward(residual, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd,
+                          None if out_norm_weight is None else out_rstd)
 
 
 @_formula("mhc_pre")(_setup_mhc_pre)
-def _backward_mhc_pre(ops, ctx, g_li, g_post, g_comb, _g_mixes, _g_rstd):
-    residual, fn, scale, base, norm_weight, mixes, rstd = ctx.saved_tensors
-    d_res, d_fn, d_scale, d_base = ops.mhc_pre_bwd(g_li, g_post, g_comb, residual, fn, scale, base, norm_weight,
-                                                   mixes, rstd, None, *ctx.consts)
+def _backward_mhc_pre(ops, ctx, g_li, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+    residual, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd, out_rstd = ctx.saved_tensors
+    d_res, d_fn, d_scale, d_base, d_onw = ops.mhc_pre_bwd(g_li, g_post, g_comb, residual, fn, scale, base,
+                                                          norm_weight, out_norm_weight, mixes, rstd, out_rstd, None,
+                                                          *ctx.consts)
     d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
-    return d_res, d_fn, d_scale, d_base, d_nw, None, None, None, None, None
+    return ((d_res, d_fn, d_scale, d_base, d_nw, _grad_or_none(out_norm_weight is not None, d_onw))
+            + (None,) * 6)
 
 
 def _setup_expand(ctx, inputs, output):
@@ -243,33 +251,31 @@ def _backward_mhc_head(ops, ctx, grad, _g_mixes, _g_rstd):
 
 
 def _setup_post_pre(ctx, inputs, output):
-    (layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
-     _norm_eps, pre_eps, post_mult, iters, eps) = inputs
-    new_residual, _li, _post, _comb, mixes, rstd = output
-    ctx.mark_non_differentiable(mixes, rstd)
+    (layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight,
+     _norm_eps, pre_eps, post_mult, iters, eps, _out_eps) = inputs
+    new_residual, _li, _post, _comb, mixes, rstd, out_rstd = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
     ctx.consts = (pre_eps, post_mult, iters, eps)
     ctx.save_for_backward(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
-                          new_residual, mixes, rstd)
+                          out_norm_weight, new_residual, mixes, rstd, None if out_norm_weight is None else out_rstd)
 
 
 @_formula("post_pre")(_setup_post_pre)
-def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, _g_mixes, _g_rstd):
-    (layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
-     new_residual, mixes, rstd) = ctx.saved_tensors
+def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+    (layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight,
+     new_residual, mixes, rstd, out_rstd) = ctx.saved_tensors
     # The new residual's gradient flows in directly and through the next pre;
     # mhc_pre_bwd adds both in one pass instead of materialising two tensors.
-    d_new, d_fn, d_scale, d_base = ops.mhc_pre_bwd(g_li, g_post, g_comb, new_residual, fn, scale, base,
-                                                   norm_weight, mixes, rstd, g_new_res, *ctx.consts)
+    d_new, d_fn, d_scale, d_base, d_onw = ops.mhc_pre_bwd(g_li, g_post, g_comb, new_residual, fn, scale, base,
+                                                          norm_weight, out_norm_weight, mixes, rstd, out_rstd,
+                                                          g_new_res, *ctx.consts)
     d_y, d_res, d_post_mix, d_comb_mix = ops.post_bwd(d_new, layer_output, residual, post_mix, comb_mix)
     d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
-    return (d_y, d_res, d_post_mix, d_comb_mix, d_fn, d_scale, d_base, d_nw) + (None,) * 5
+    return ((d_y, d_res, d_post_mix, d_comb_mix, d_fn, d_scale, d_base, d_nw,
+             _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 6)
 
 
 # -- single-pass mHC (contract §14) ----------------------------------------------------------------
-def _grad_or_none(needed: bool, grad):
-    return grad if needed else None
-
-
 def _setup_mhc_pre_sp(ctx, inputs, output):
     (residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, _norm_eps, pre_eps, post_mult, iters, eps,
      _out_eps) = inputs

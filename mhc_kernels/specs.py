@@ -396,27 +396,38 @@ _register(OpSpec(
     lambda T, n, C, I, z: T * C * (4 * n * n + 4 * n),
     "post backward",
 ))
+# The sublayer's RMSNorm of the layer input (contract §6, §14): an optional weight (C,) and its eps. The FLOPs
+# of the ops that take it leave the norm out (4 per element: a small, separate term of a memory-bound op), as
+# bytes leave out absent optional tensors.
+_OUT_NORM_WEIGHT = _t("out_norm_weight", ("C",), optional=True)
+_OUT_NORM_EPS = ScalarArg("out_norm_eps", POS, 1e-6)
 _MHC_PRE_OUTPUTS = (_hidden("layer_input"), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")),
-                    _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True))
+                    _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True),
+                    _t("out_rstd", ("*",), aux=True))
+_PRE_PARAMS = (_t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)), _t("norm_weight", ("K",), optional=True),
+               _OUT_NORM_WEIGHT)
+_PRE_CONSTS = (_NORM_EPS,) + _SPLIT_CONSTS + (_OUT_NORM_EPS,)
 _register(OpSpec(
     "mhc_pre",
-    (_residual(), _t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)),
-     _t("norm_weight", ("K",), optional=True), _NORM_EPS) + _SPLIT_CONSTS,
+    (_residual(),) + _PRE_PARAMS + _PRE_CONSTS,
     _MHC_PRE_OUTPUTS,
     "residual",
     lambda T, n, C, I, z: _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I) + _f_apply(T, n, C),
-    "norm_fn -> split_mixes -> pre_apply_mix; also returns the raw mixes and rstd saved for backward",
+    "norm_fn -> split_mixes -> pre_apply_mix (then the sublayer's RMSNorm when out_norm_weight is given); also "
+    "returns the raw mixes, rstd and out_rstd saved for backward",
 ))
 _register(OpSpec(
     "mhc_pre_bwd",
     (_hidden("grad_layer_input"), _t("grad_post_mix", ("*", "n")), _t("grad_comb_mix", ("*", "n", "n")),
-     _residual(), _t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)),
-     _t("norm_weight", ("K",), optional=True), _t("mixes", ("*", "m")), _t("rstd", ("*",)),
-     _t("grad_residual", ("*", "n", "C"), ACT, optional=True)) + _SPLIT_CONSTS,
-    (_residual("d_residual"), _t("d_fn", ("m", "K")), _t("d_scale", (3,)), _t("d_base", ("m",))),
+     _residual()) + _PRE_PARAMS
+    + (_t("mixes", ("*", "m")), _t("rstd", ("*",)), _t("out_rstd", ("*",), optional=True),
+       _t("grad_residual", ("*", "n", "C"), ACT, optional=True)) + _SPLIT_CONSTS,
+    (_residual("d_residual"), _t("d_fn", ("m", "K")), _t("d_scale", (3,)), _t("d_base", ("m",)),
+     _t("d_out_norm_weight", ("C",))),
     "residual",
     lambda T, n, C, I, z: (_f_norm_bwd(T, n, C, mix_count(n)) + _f_split_bwd(T, n, I) + 3 * T * n * C),
-    "mhc_pre backward; grad_residual (optional) is a gradient already flowing into the residual, added in",
+    "mhc_pre backward; grad_residual (optional) is a gradient already flowing into the residual, added in; "
+    "out_rstd is needed (and read) only with out_norm_weight; d_out_norm_weight is zeros without a weight",
 ))
 _register(OpSpec(
     "expand",
@@ -454,9 +465,8 @@ _register(OpSpec(
 ))
 _register(OpSpec(
     "post_pre",
-    (_hidden("layer_output"), _residual(), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")),
-     _t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)), _t("norm_weight", ("K",), optional=True),
-     _NORM_EPS) + _SPLIT_CONSTS,
+    (_hidden("layer_output"), _residual(), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")))
+    + _PRE_PARAMS + _PRE_CONSTS,
     (_residual("new_residual"),) + _MHC_PRE_OUTPUTS,
     "residual",
     lambda T, n, C, I, z: (_f_post(T, n, C) + _f_norm(T, n, C, mix_count(n)) + _f_split(T, n, I)
@@ -476,16 +486,8 @@ _register(OpSpec(
 ))
 
 # -- single-pass mHC (contract §14): the sublayer input collapsed with the previous site's pre --------------
-_OUT_NORM_EPS = ScalarArg("out_norm_eps", POS, 1e-6)
-
-
-# FLOPs of the single-pass ops leave out the optional out-norm (4 per element: a small, separate term of a
-# memory-bound op), as bytes leave out absent optional tensors.
-
-_SP_PRE_ARGS = (_residual(), _t("prev_pre", ("*", "n"), optional=True), _t("fn", ("m", "K")), _t("scale", (3,)),
-                _t("base", ("m",)), _t("norm_weight", ("K",), optional=True),
-                _t("out_norm_weight", ("C",), optional=True))
-_SP_CONSTS = (_NORM_EPS,) + _SPLIT_CONSTS + (_OUT_NORM_EPS,)
+_SP_PRE_ARGS = (_residual(), _t("prev_pre", ("*", "n"), optional=True)) + _PRE_PARAMS
+_SP_CONSTS = _PRE_CONSTS
 _SP_PRE_OUTPUTS = (_hidden("layer_input"), _t("pre", ("*", "n")), _t("post_mix", ("*", "n")),
                    _t("comb_mix", ("*", "n", "n")), _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True),
                    _t("out_rstd", ("*",), aux=True))
@@ -527,7 +529,7 @@ _register(OpSpec(
 ))
 _register(OpSpec(
     "mhc_head_sp",
-    (_residual(), _t("pre", ("*", "n")), _t("out_norm_weight", ("C",), optional=True), _OUT_NORM_EPS),
+    (_residual(), _t("pre", ("*", "n")), _OUT_NORM_WEIGHT, _OUT_NORM_EPS),
     (_hidden("out"), _t("out_rstd", ("*",), aux=True)),
     "residual",
     lambda T, n, C, I, z: _f_apply(T, n, C),

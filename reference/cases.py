@@ -218,10 +218,26 @@ def _make_post(gen, lead, n, C, dtype, device, nw, consts):
     return _post_inputs(gen, lead, n, C, dtype, device)
 
 
-def _make_pre(gen, lead, n, C, dtype, device, nw, consts):
+def _make_pre_head(gen, lead, n, C, dtype, device, nw, consts):
     p = site_params(gen, n, C, dtype, device, norm_weight=nw)
     d = {"residual": _residual(gen, lead, n, C, dtype, device), **p}
     d.update(_consts(consts, _PRE_CONSTS))
+    return d
+
+
+def _out_norm(gen, n, C, dtype, device, nw, consts):
+    """The sublayer's RMSNorm of the layer input (mhc_pre, post_pre): a weight with ``nw`` (a site of a model with
+    norms), none without -- and none at ``n = 1``, where the norm makes the layer input independent of the pre
+    (scale invariance): every gradient through the pre is then the float32 / bf16 rounding noise of two cancelling
+    terms, fed into the projection's gradients, and no tolerance relative to the result is meaningful (the
+    single-pass cases measure that regime on ``d prev_pre`` alone, with ``grad_scales``)."""
+    w = _rand(gen, (C,), _mix_dtype(dtype), device, 0.5, 1.5) if nw and n > 1 else None
+    return {"out_norm_weight": w, "out_norm_eps": consts["out_norm_eps"]}
+
+
+def _make_pre(gen, lead, n, C, dtype, device, nw, consts):
+    d = _make_pre_head(gen, lead, n, C, dtype, device, nw, consts)
+    d.update(_out_norm(gen, n, C, dtype, device, nw, consts))
     return d
 
 
@@ -235,10 +251,16 @@ def _make_head(gen, lead, n, C, dtype, device, nw, consts):
             "pre_eps": consts["pre_eps"]}
 
 
-def _make_post_pre(gen, lead, n, C, dtype, device, nw, consts):
+def _make_post_pre_head(gen, lead, n, C, dtype, device, nw, consts):
     d = _post_inputs(gen, lead, n, C, dtype, device)
     d.update(site_params(gen, n, C, dtype, device, norm_weight=nw))
     d.update(_consts(consts, _PRE_CONSTS))
+    return d
+
+
+def _make_post_pre(gen, lead, n, C, dtype, device, nw, consts):
+    d = _make_post_pre_head(gen, lead, n, C, dtype, device, nw, consts)
+    d.update(_out_norm(gen, n, C, dtype, device, nw, consts))
     return d
 
 
@@ -254,14 +276,14 @@ def _sp_extras(gen, lead, n, C, dtype, device, nw):
 
 
 def _make_pre_sp(gen, lead, n, C, dtype, device, nw, consts):
-    d = _make_pre(gen, lead, n, C, dtype, device, nw, consts)
+    d = _make_pre_head(gen, lead, n, C, dtype, device, nw, consts)
     d.update(_sp_extras(gen, lead, n, C, dtype, device, nw))
     d["out_norm_eps"] = consts["out_norm_eps"]
     return d
 
 
 def _make_post_pre_sp(gen, lead, n, C, dtype, device, nw, consts):
-    d = _make_post_pre(gen, lead, n, C, dtype, device, nw, consts)
+    d = _make_post_pre_head(gen, lead, n, C, dtype, device, nw, consts)
     d.update(_sp_extras(gen, lead, n, C, dtype, device, nw))
     d["out_norm_eps"] = consts["out_norm_eps"]
     return d
@@ -366,13 +388,10 @@ _case(OpCase(
     ("layer_output", "residual", "post_mix", "comb_mix")))
 _case(OpCase(
     "mhc_pre", _make_pre,
-    lambda mk, d: mk.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], norm_weight=d["norm_weight"],
-                             **_consts(d, _PRE_CONSTS)),
-    lambda d: oracle.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], d["norm_weight"],
-                             **_consts(d, _PRE_CONSTS)),
-    lambda d: transcription.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], d["norm_weight"],
-                                    **_consts(d, _PRE_CONSTS)),
-    ("residual", "fn", "scale", "base", "norm_weight"), _PRE_CONSTS))
+    lambda mk, d: mk.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], **_sp_keywords(d)),
+    lambda d: oracle.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], **_sp_keywords(d)),
+    lambda d: transcription.mhc_pre(d["residual"], d["fn"], d["scale"], d["base"], **_sp_keywords(d)),
+    ("residual", "fn", "scale", "base", "norm_weight", "out_norm_weight"), _SP_CONSTS))
 _case(OpCase(
     "expand", _make_expand,
     lambda mk, d: (mk.expand(d["hidden"], d["n"]),),
@@ -391,14 +410,13 @@ _case(OpCase(
 _case(OpCase(
     "post_pre", _make_post_pre,
     lambda mk, d: mk.post_pre(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"], d["fn"], d["scale"],
-                              d["base"], norm_weight=d["norm_weight"], **_consts(d, _PRE_CONSTS)),
+                              d["base"], **_sp_keywords(d)),
     lambda d: oracle.post_pre(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"], d["fn"], d["scale"],
-                              d["base"], d["norm_weight"], **_consts(d, _PRE_CONSTS),
-                              store=_stored_as(d)),
+                              d["base"], **_sp_keywords(d), store=_stored_as(d)),
     lambda d: transcription.post_pre(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"], d["fn"],
-                                     d["scale"], d["base"], d["norm_weight"], **_consts(d, _PRE_CONSTS),
-                                     store=_stored_as(d)),
-    ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight"), _PRE_CONSTS,
+                                     d["scale"], d["base"], **_sp_keywords(d), store=_stored_as(d)),
+    ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight", "out_norm_weight"),
+    _SP_CONSTS,
     stored_output=0, grads_through_act=("layer_output", "residual", "post_mix", "comb_mix")))
 
 

@@ -87,11 +87,12 @@ def post(layer_output, residual, post_mix, comb_mix):
 
 
 def mhc_pre(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps=1e-6, post_mult=2.0,
-            sinkhorn_iters=20, sinkhorn_eps=1e-6):
-    """contract §6: -> (layer_input, post_mix, comb_mix)."""
+            sinkhorn_iters=20, sinkhorn_eps=1e-6, out_norm_weight=None, out_norm_eps=1e-6):
+    """contract §6: -> (layer_input, post_mix, comb_mix); with ``out_norm_weight`` the collapse is then
+    RMS-normalised (the sublayer's norm, §14's formula with this site's own pre)."""
     mixes = norm_fn(residual, fn, norm_weight, norm_eps)
     pre, post_mix, comb = split_mixes(mixes, scale, base, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps)
-    return pre_apply_mix(residual, pre), post_mix, comb
+    return collapse_norm(residual, pre, out_norm_weight, out_norm_eps), post_mix, comb
 
 
 def expand(hidden, n):
@@ -107,7 +108,8 @@ def mhc_head(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps
 
 
 def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight=None, norm_eps=1e-6,
-             pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, store=None):
+             pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, store=None, out_norm_weight=None,
+             out_norm_eps=1e-6):
     """contract §8: -> (new_residual, layer_input, post_mix, comb_mix) of the next sublayer.
 
     ``store`` (optional) maps the float64 new residual to the values the backend
@@ -116,7 +118,7 @@ def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_w
     new_residual = post(layer_output, residual, post_mix, comb_mix)
     stored = new_residual if store is None else f64(store(new_residual))
     return (new_residual,) + mhc_pre(stored, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult,
-                                     sinkhorn_iters, sinkhorn_eps)
+                                     sinkhorn_iters, sinkhorn_eps, out_norm_weight, out_norm_eps)
 
 
 def multilayer_recompute(residual, layer_outputs, pre_mix, post_mix, comb_mix, stored=None):

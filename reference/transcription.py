@@ -55,10 +55,10 @@ def post(layer_output, residual, post_mix, comb_mix):
 
 
 def mhc_pre(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps=1e-6, post_mult=2.0,
-            sinkhorn_iters=20, sinkhorn_eps=1e-6):
+            sinkhorn_iters=20, sinkhorn_eps=1e-6, out_norm_weight=None, out_norm_eps=1e-6):
     mixes = norm_fn(residual, fn, norm_weight, norm_eps)
     pre, post_mix, comb = split_mixes(mixes, scale, base, pre_eps, post_mult, sinkhorn_iters, sinkhorn_eps)
-    return pre_apply_mix(residual, pre), post_mix, comb
+    return collapse_norm(residual, pre, out_norm_weight, out_norm_eps), post_mix, comb
 
 
 def expand(hidden, n):
@@ -71,13 +71,14 @@ def mhc_head(residual, fn, scale, base, norm_weight=None, norm_eps=1e-6, pre_eps
 
 
 def post_pre(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight=None, norm_eps=1e-6,
-             pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, store=None):
+             pre_eps=1e-6, post_mult=2.0, sinkhorn_iters=20, sinkhorn_eps=1e-6, store=None, out_norm_weight=None,
+             out_norm_eps=1e-6):
     """``store`` (optional) models storing the new residual (its value and its gradient) in a lower precision."""
     new_residual = post(layer_output, residual, post_mix, comb_mix)
     if store is not None:
         new_residual = store(new_residual)
     return (new_residual,) + mhc_pre(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult,
-                                     sinkhorn_iters, sinkhorn_eps)
+                                     sinkhorn_iters, sinkhorn_eps, out_norm_weight, out_norm_eps)
 
 
 def mhc_site(residual, sublayer, fn, scale, base, norm_weight=None, **consts):

@@ -348,7 +348,7 @@ def test_a_composite_reads_its_own_store_entry_once_and_the_result_is_memoized(m
     k = registry.get_kernel("mhc_pre", "triton")
     call = fabricate_call("mhc_pre", 4096, 4, 4096, torch.bfloat16)
     default = k.default_config(call)
-    assert set(default) == {"norm_fn", "split_mixes", "pre_apply_mix"}
+    assert set(default) == {"norm_fn", "split_mixes", "pre_apply_mix", "collapse_norm"}   # + the out-norm kernel
     cfg = registry.config_for(k, call)
     assert cfg["pre_apply_mix"] == dict(default["pre_apply_mix"], block_T=2, num_warps=8)
     assert cfg["norm_fn"] == default["norm_fn"] and cfg["split_mixes"] == default["split_mixes"]

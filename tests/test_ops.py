@@ -92,11 +92,14 @@ def test_torch_compile_fullgraph_site_forward_backward():
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fastpath", "ops"])
-def test_mhc_pre_saves_only_residual_and_per_token_mixes(fast):
-    """In training, mhc_pre keeps the caller's residual (by reference) and O(n^2) floats per token."""
+@pytest.mark.parametrize("out_norm", [False, True], ids=["plain", "out_norm"])
+def test_mhc_pre_saves_only_residual_and_per_token_mixes(fast, out_norm):
+    """In training, mhc_pre keeps the caller's residual (by reference) and O(n^2) floats per token: mixes and
+    rstd, and with the sublayer's norm its rho (out_rstd) too."""
     T, n, C = 16, 4, 64
     d = cases.make_inputs("mhc_pre", (T,), n, C, torch.bfloat16, norm_weight=True)
-    params = {k: d[k].detach().clone().requires_grad_() for k in ("residual", "fn", "scale", "base", "norm_weight")}
+    names = ("residual", "fn", "scale", "base", "norm_weight") + (("out_norm_weight",) if out_norm else ())
+    params = {k: d[k].detach().clone().requires_grad_() for k in names}
     saved = []
 
     def pack(t):
@@ -107,7 +110,8 @@ def test_mhc_pre_saves_only_residual_and_per_token_mixes(fast):
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             li, post_mix, comb_mix = mk.mhc_pre(params["residual"], params["fn"], params["scale"], params["base"],
-                                                norm_weight=params["norm_weight"])
+                                                norm_weight=params["norm_weight"],
+                                                out_norm_weight=params.get("out_norm_weight"))
     finally:
         mk.set_eager_fastpath(True)
     by_reference = {p.data_ptr() for p in params.values()}
@@ -117,10 +121,12 @@ def test_mhc_pre_saves_only_residual_and_per_token_mixes(fast):
             continue
         assert t.shape[0] == T and t.numel() <= T * n * (n + 2), f"unexpected saved tensor {tuple(t.shape)}"
         per_token += t.numel()
-    assert per_token <= T * (n * (n + 2) + 1), per_token  # mixes + rstd
+    assert per_token <= T * (n * (n + 2) + 1 + int(out_norm)), per_token  # mixes + rstd (+ out_rstd)
     assert all(t.data_ptr() != li.data_ptr() for t in saved)  # the layer input is not kept
     (li.float().sum() + post_mix.sum() + comb_mix.sum()).backward()
     assert params["residual"].grad is not None
+    if out_norm:
+        assert params["out_norm_weight"].grad is not None and params["out_norm_weight"].grad.abs().sum() > 0
 
 
 def test_non_contiguous_inputs_give_the_same_answer():
@@ -183,9 +189,11 @@ def test_each_op_runs_with_only_its_required_arguments(name):
 def test_mhc_pre_schema_defaults_match_the_public_function():
     x = torch.randn(3, 4, 8, dtype=torch.bfloat16)
     fn, scale, base = torch.randn(24, 32) / 6, torch.full((3,), 0.3), torch.randn(24) / 4
-    li, post, comb, mixes, rstd = torch.ops.mhc.mhc_pre(x, fn, scale, base)
+    li, post, comb, mixes, rstd, out_rstd = torch.ops.mhc.mhc_pre(x, fn, scale, base)
     for a, b in zip((li, post, comb, mixes), mk.mhc_pre(x, fn, scale, base, return_mixes=True)):
         assert torch.equal(a, b)
     assert rstd.shape == (3,) and rstd.dtype == torch.float32
+    assert torch.equal(out_rstd, torch.ones(3))          # no sublayer norm: rho is 1
     defaults = {a.name: a.default_value for a in torch.ops.mhc.mhc_pre.default._schema.arguments}
     assert defaults["norm_eps"] == 1e-6 and defaults["sinkhorn_iters"] == 20 and defaults["norm_weight"] is None
+    assert defaults["out_norm_weight"] is None and defaults["out_norm_eps"] == 1e-6

@@ -533,12 +533,12 @@ def test_supports_refuses_with_reasons():
 def test_every_op_registered_with_configs():
     """Every op has a TileLang kernel (its own, or the shared composite of its kernels) whose default config
     is a point of its space; the ops with kernels of their own are the primitives and the fused mhc_pre /
-    post_pre and their single-pass versions."""
+    post_pre and their single-pass versions, and mhc_head_sp (the collapse and its norm in one kernel)."""
     from mhc_kernels import composite, registry
     from mhc_kernels.autotune.inputs import fabricate_call
     from mhc_kernels.specs import SPECS
 
-    fused = {"mhc_pre", "post_pre", "mhc_pre_sp", "post_pre_sp"}
+    fused = {"mhc_pre", "post_pre", "mhc_pre_sp", "post_pre_sp", "mhc_head_sp"}
     assert set(backend.OPS) == (set(SPECS) - set(composite.COMPOSITES)) | fused
     for op in SPECS:
         k = registry.get_kernel(op, "tilelang")

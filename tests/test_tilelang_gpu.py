@@ -68,6 +68,11 @@ def test_fused_mhc_pre_equals_the_kernel_chain_bitwise(n, C, T, splits, dtype):
     tilelang_checks.fused_mhc_pre_equals_the_chain("cuda", n, C, T, splits, dtype)
 
 
+@pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 2)], ids=str)
+def test_fused_mhc_pre_with_the_sublayer_norm_keeps_the_chain_coefficients(n, C, T, splits):
+    tilelang_checks.fused_mhc_pre_equals_the_chain("cuda", n, C, T, splits, torch.bfloat16, out_norm=True)
+
+
 @pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 8), (4, 7168, 13, 1), (8, 200, 37, 3), (1, 201, 1, 2)],
                          ids=str)
 @pytest.mark.parametrize("mma", ["fma", "3xtf32"])

@@ -11,29 +11,43 @@ import mhc_kernels as mk
 from mhc_kernels.reference import cases, torch_ref
 
 PRE_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
-POST_PRE_ARGS = ("layer_output", "residual", "post_mix", "comb_mix", "fn", "scale", "base", "norm_weight") + PRE_CONSTS
+PRE_PARAMS = ("fn", "scale", "base", "norm_weight", "out_norm_weight")
+PRE_ARGS = ("residual",) + PRE_PARAMS + PRE_CONSTS + ("out_norm_eps",)
+POST_PRE_ARGS = ("layer_output", "residual", "post_mix", "comb_mix") + PRE_ARGS[1:]
 
 
-def fused_mhc_pre_equals_the_chain(device, n, C, T, splits, dtype):
+def fused_mhc_pre_equals_the_chain(device, n, C, T, splits, dtype, out_norm=False):
     """The fused tail does the chain's arithmetic operation for operation (fused.py's claim): mhc_pre through
-    it equals norm_fn -> split_mixes -> pre_apply_mix bit for bit, for the same projection config."""
+    it equals norm_fn -> split_mixes -> pre_apply_mix bit for bit, for the same projection config. With the
+    sublayer's norm (``out_norm``: the single-pass tail's Sinkhorn warp, then the collapse-norm kernel) the
+    coefficients are still the chain's bit for bit and the layer input is the chain's collapse normalised to
+    one rounding step (the norm's sum of squares runs in the kernel's lane order)."""
+    from mhc_kernels import composite
     from mhc_kernels.tilelang_src import fused as fused_mod
     from mhc_kernels.tilelang_src import mixes, norm, streaming
 
     inputs = cases.make_inputs("mhc_pre", (T,), n, C, dtype, device, norm_weight=True)
+    w = inputs["out_norm_weight"] if out_norm else None
     x, fn, nw, scale, base = (inputs[k] for k in ("residual", "fn", "norm_weight", "scale", "base"))
     consts = [inputs[k] for k in PRE_CONSTS]
     cfg = fused_mod.default_config("mhc_pre", norm.Shape(T, n, C, dtype))
     cfg["projection"]["split_K"] = splits
-    fused = fused_mod.mhc_pre_fwd(x, fn, scale, base, nw, *consts, config=cfg)
+    fused = fused_mod.mhc_pre_fwd(x, fn, scale, base, nw, w, *consts, inputs["out_norm_eps"], config=cfg)
     mixes_, rstd = norm.norm_fn_fwd(x, fn, nw, consts[0], config=cfg["projection"])
     pre, post, comb = mixes.split_mixes_fwd(mixes_, scale, base, *consts[1:],
                                             config=resolved_config("tilelang", "split_mixes", mixes_, scale, base,
                                                                    *consts[1:]))
     layer_input = streaming.pre_apply_mix_fwd(x, pre, config=cfg["tail"])
-    for name, a, b in zip(("layer_input", "post", "comb", "mixes", "rstd"), fused,
-                          (layer_input, post, comb, mixes_, rstd)):
+    layer_input, out_rstd = composite.out_norm(layer_input, w, inputs["out_norm_eps"], torch.float32)
+    for name, a, b in zip(("post", "comb", "mixes", "rstd"), fused[1:5], (post, comb, mixes_, rstd)):
         assert torch.equal(a, b), f"{name} differs from the chain (max |diff| {(a.float() - b.float()).abs().max()})"
+    if w is None:
+        assert torch.equal(fused[0], layer_input), "layer_input differs from the chain"
+        assert torch.equal(fused[5], out_rstd), "out_rstd is ones without a norm"
+    else:
+        torch.testing.assert_close(fused[0].float(), layer_input.float(), rtol=2 ** -7 if dtype != torch.float32
+                                   else 1e-5, atol=1e-5, msg="normalised layer_input")
+        torch.testing.assert_close(fused[5], out_rstd, rtol=1e-5, atol=0, msg="out_rstd")
 
 
 def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma"):
@@ -42,6 +56,7 @@ def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma")
     from mhc_kernels.tilelang_src import fused, norm, streaming
 
     inputs = cases.make_inputs("post_pre", (T,), n, C, torch.bfloat16, device, norm_weight=True)
+    inputs["out_norm_weight"] = None       # the two-launch path (fused_mhc_pre_equals_the_chain covers the norm)
     args = [inputs[k] for k in POST_PRE_ARGS]
     cfg = fused.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16))
     cfg["projection"].update(split_K=splits, mma=mma)
@@ -54,7 +69,7 @@ def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma")
     # float32 outputs to accumulation error; the bf16 layer input to one rounding step (its float32 value
     # moves by that error too, which can flip the last bit)
     torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2 ** -7, atol=1e-5, msg="layer_input")
-    for name, a, b in zip(("post", "comb", "mixes", "rstd"), got[2:], want[2:]):
+    for name, a, b in zip(("post", "comb", "mixes", "rstd", "out_rstd"), got[2:], want[2:]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
@@ -84,7 +99,7 @@ def configs_in_the_space_are_correct(device, T, C, take):
             out = backend.OPS[op].fn(*args, config=cfg)
             torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=str(cfg))
     inputs = cases.make_inputs("mhc_pre", (T,), 4, C, torch.float32, device, norm_weight=True)
-    args = [inputs[k] for k in ("residual", "fn", "scale", "base", "norm_weight") + PRE_CONSTS]
+    args = [inputs[k] for k in PRE_ARGS]
     with mk.use_backend("reference"):
         ref = torch.ops.mhc.mhc_pre(*args)
     for cfg in take(backend.OPS["mhc_pre"].space(common.Shape(T, 4, C, torch.float32))):

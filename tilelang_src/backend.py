@@ -42,6 +42,13 @@ def _norm(op, fn):
     return OpDef(fn, lambda s, op=op: norm.default_config(op, s), lambda s, op=op: norm.config_space(op, s))
 
 
+def _collapse_norm(fn):
+    return OpDef(fn, lambda s: {"pre_apply_mix": streaming.default_config("pre_apply_mix", s),
+                                "collapse_norm": streaming.default_config("collapse_norm", s)},
+                 lambda s: [{"pre_apply_mix": streaming.default_config("pre_apply_mix", s), "collapse_norm": c}
+                            for c in streaming.config_space("collapse_norm", s)])
+
+
 def _fused(op, fn):
     return OpDef(fn, lambda s, op=op: fused.default_config(op, s), lambda s, op=op: fused.config_space(op, s))
 
@@ -62,6 +69,7 @@ OPS: dict[str, OpDef] = {
     # the composites this backend fuses (overrides of mhc_kernels.composite's)
     "mhc_pre": _fused("mhc_pre", fused.mhc_pre_fwd),
     "post_pre": _fused("post_pre", fused.post_pre_fwd),
+    "mhc_head_sp": _collapse_norm(streaming.collapse_norm_fwd),   # the collapse and its RMSNorm in one kernel
     "mhc_pre_sp": _fused("mhc_pre_sp", fused.mhc_pre_sp_fwd),
     "post_pre_sp": _fused("post_pre_sp", fused.post_pre_sp_fwd),
 }

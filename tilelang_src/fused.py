@@ -64,6 +64,8 @@ def default_config(op: str, s: Shape) -> dict:
     cfg = {"projection": norm.default_config("norm_fn", s), "tail": streaming.default_config("pre_apply_mix", s)}
     if op == "post_pre":
         cfg["post"] = streaming.default_config("post", s)
+    if op in ("mhc_pre", "post_pre"):
+        cfg["collapse_norm"] = streaming.default_config("collapse_norm", s)
     return cfg
 
 
@@ -615,13 +617,37 @@ def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, po
     return layer_input, post, comb, mixes, rstd
 
 
-def mhc_pre_fwd(residual, fn, scale, base, norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
-                config):
-    """mhc_pre in two launches -> (layer_input, post_mix, comb_mix, mixes, rstd): the projection's split
-    partials, then the fused tail (reduce, split, Sinkhorn beside the collapse)."""
+def _tail_then_norm(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
+                    sinkhorn_eps, out_norm_eps, config):
+    """mhc_pre's tail with the sublayer's RMSNorm -> (layer_input, post, comb, mixes, rstd, out_rstd): the
+    single-pass tail without its norm (the Sinkhorn warp alone: rstd, mixes, pre, post, comb), then the collapse
+    and the norm in one kernel (``streaming.collapse_norm_fwd``: the norm needs every column of a token's
+    collapse, which the two-launch tail's column-blocked CTAs do not have)."""
+    Tt, _, C = residual.shape
+    li, pre, post, comb, mixes, rstd, _ = mhc_pre_sp_tail(
+        part_mix, part_sq, part_sq, scale, base, None, residual.new_empty((Tt, C)), norm_eps, pre_eps, post_mult,
+        iters, sinkhorn_eps, out_norm_eps, config=tail_kernel_config(config))
+    v, out_rstd = streaming.collapse_norm_fwd(residual, pre, out_norm_weight, out_norm_eps,
+                                              config={"collapse_norm": config["collapse_norm"]})
+    return v, post, comb, mixes, rstd, out_rstd
+
+
+def mhc_pre_fwd(residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
+                sinkhorn_eps, out_norm_eps, *, config):
+    """mhc_pre in two launches -> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd): the projection's split
+    partials, then the fused tail (reduce, split, Sinkhorn beside the collapse; ``out_rstd`` ones). With the
+    sublayer's norm (``out_norm_weight``) three: the tail's Sinkhorn warp, then the collapse and the norm in one
+    kernel (:func:`_tail_then_norm`)."""
     part_mix, part_sq = norm.norm_fn_partials(residual, fn, norm_weight, config=config["projection"])
+    if out_norm_weight is not None:
+        return _tail_then_norm(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps,
+                               post_mult, iters, sinkhorn_eps, out_norm_eps, config)
     return mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps,
-                        config=tail_kernel_config(config))
+                        config=tail_kernel_config(config)) + (_ones_rstd(residual),)
+
+
+def _ones_rstd(residual):
+    return torch.ones(residual.shape[:1], dtype=torch.float32, device=residual.device)
 
 
 def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *, config):
@@ -642,21 +668,27 @@ def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *,
     return out, pm, ps
 
 
-def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, norm_eps, pre_eps,
-                 post_mult, iters, sinkhorn_eps, *, config):
-    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd) of the next sublayer.
+def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
+                 pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config):
+    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd) of the next sublayer.
 
     Two launches with the default ("fma") projection: post fused into the projection's main loop (the new
     residual written once and projected from registers), then mhc_pre's fused tail (the collapse reads the
-    new residual back once). A tensor-core projection runs post (``config["post"]``), then mhc_pre."""
+    new residual back once); with the sublayer's norm the tail is :func:`_tail_then_norm` (three launches). A
+    tensor-core projection runs post (``config["post"]``), then mhc_pre."""
     if config["projection"]["mma"] != "fma":
         new_residual = streaming.post_fwd(layer_output, residual, post_mix, comb_mix, config=config["post"])
-        return (new_residual,) + mhc_pre_fwd(new_residual, fn, scale, base, norm_weight, norm_eps, pre_eps,
-                                             post_mult, iters, sinkhorn_eps, config=config)
+        return (new_residual,) + mhc_pre_fwd(new_residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
+                                             pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, config=config)
     new_residual, part_mix, part_sq = post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight,
                                                    config=config["projection"])
+    if out_norm_weight is not None:
+        return (new_residual,) + _tail_then_norm(part_mix, part_sq, scale, base, new_residual, out_norm_weight,
+                                                 norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
+                                                 config)
     return (new_residual,) + mhc_pre_tail(part_mix, part_sq, scale, base, new_residual, norm_eps, pre_eps,
-                                          post_mult, iters, sinkhorn_eps, config=tail_kernel_config(config))
+                                          post_mult, iters, sinkhorn_eps, config=tail_kernel_config(config)) + (
+        _ones_rstd(new_residual),)
 
 
 # -- single-pass (contract §14): mhc_pre_sp and post_pre_sp, the residual read once ------------------------

@@ -29,6 +29,8 @@ def _valid(cfg: dict) -> bool:
 
 
 def default_config(op: str, s: Shape) -> dict:
+    if op == "collapse_norm":
+        return collapse_norm_config(s)
     v = max_vec(s.dtype, s.C)
     if op in ("pre_apply_mix_bwd", "post_bwd"):
         # one token per CTA, a loop over C; fewer elements per thread at n=8 to bound registers
@@ -49,7 +51,20 @@ def default_config(op: str, s: Shape) -> dict:
     return cfg
 
 
+COLLAPSE_NORM_KEYS = ("block_T", "threads", "vec")
+
+
+def collapse_norm_config(s: Shape) -> dict:
+    """The collapse + norm kernel: 4 tokens per CTA, a warp of 32 threads per token walking its row in
+    ``vec``-element steps (coalesced 16-byte accesses). Independent of ``T`` (batch invariant)."""
+    return {"block_T": 4, "threads": 128, "vec": max_vec(s.dtype, s.C)}
+
+
 def config_space(op: str, s: Shape) -> list[dict]:
+    if op == "collapse_norm":
+        v = max_vec(s.dtype, s.C)
+        return [{"block_T": bt, "threads": th, "vec": v} for th in (128, 256) for bt in (1, 2, 4, 8)
+                if th % bt == 0 and th // bt >= 16]
     vmax = max_vec(s.dtype, s.C)
     vecs = sorted({vmax, max(1, vmax // 2)})
     out = []
@@ -126,6 +141,82 @@ def _build_pre_apply_fwd(n, C, dtype, cfg):
                     collapse(x, out, mix, tok, tok, col, xv, acc, ov)
 
     return pre_apply_mix_fwd
+
+
+def _build_collapse_norm(n, C, dtype, cfg):
+    """``mhc_head_sp`` / ``mhc_pre``'s collapse with the sublayer's RMSNorm, in one kernel.
+
+    Shapes: ``x (T, n, C)`` (residual dtype), ``mix (T, n)``, ``w (C,)`` float32 -> ``out (T, C)`` (residual
+    dtype), ``out_rstd (T,)`` float32. Grid: token blocks of ``block_T``; ``threads / block_T`` threads per token
+    walk its row in ``vec``-element vectors:
+
+    1. ``u = round(sum_i mix_i x_i)`` per vector (``collapse_macro``: ``pre_apply_mix``'s arithmetic, the same
+       bits), stored to ``out``, and ``sum u^2`` of the rounded values into a per-thread float32 partial;
+    2. the partials of a token into shared memory, one barrier, then every thread of the token adds them in
+       lane order (the same value in each: deterministic), ``rho = rsqrt(sum / C + eps)``;
+    3. each thread rewrites the vectors *it* stored as ``round(u * rho * w)`` (its own writes: no other
+       thread's global data is read).
+
+    Traffic per token: the residual read once (``n * C``), ``out`` written, re-read from cache and written
+    (``3 * C``; the statistic needs the whole row before the first normalised value).
+    """
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    bt, th, V = cfg["block_T"], cfg["threads"], cfg["vec"]
+    if th % bt or C % V:
+        raise ValueError(f"collapse_norm: block_T={bt} must divide threads={th} and vec={V} must divide C={C}")
+    TPT = th // bt                  # threads per token
+    NVEC = C // V                   # vectors per row
+    NIT = cdiv(NVEC, TPT)           # vectors per thread
+    Tn = T.dynamic("T")
+    collapse = collapse_macro(n, V, dt)
+
+    @T.prim_func
+    def collapse_norm(x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),      # inputs
+                      w: T.Tensor((C,), "float32"),
+                      out: T.Tensor((Tn, C), dt), out_rstd: T.Tensor((Tn,), "float32"),    # outputs
+                      eps: T.float32):                                                    # constant
+        with T.Kernel(T.ceildiv(Tn, bt), threads=th) as by:
+            tx = T.get_thread_binding(0)
+            part_s = T.alloc_shared((bt, TPT), "float32")
+            xv = T.alloc_local((V,), dt)
+            acc = T.alloc_local((V,), "float32")
+            ov = T.alloc_local((V,), dt)
+            ss = T.alloc_var("float32")
+            rho = T.alloc_var("float32")
+            t = tx // TPT
+            lane = tx % TPT
+            tok = by * bt + t
+            # -- u = round(sum_i mix_i x_i), stored; ss = sum of the rounded u^2 over this thread's vectors -----
+            ss = 0.0
+            for it in T.serial(NIT):
+                j = it * TPT + lane
+                if tok < Tn and j < NVEC:
+                    collapse(x, out, mix, tok, tok, j * V, xv, acc, ov)
+                    for v in T.serial(V):
+                        ss += T.cast(ov[v], "float32") * T.cast(ov[v], "float32")
+            part_s[t, lane] = ss
+            T.sync_threads()
+            # -- rho = rsqrt(sum of the token's partials (lane order) / C + eps) ------------------------------
+            ss = 0.0
+            for q in T.serial(TPT):
+                ss += part_s[t, q]
+            rho = T.rsqrt(ss / C + eps)
+            if tok < Tn and lane == 0:
+                out_rstd[tok] = rho
+            # -- out = round(u * rho * w) over the vectors this thread stored -------------------------------
+            for it in T.serial(NIT):
+                j = it * TPT + lane
+                if tok < Tn and j < NVEC:
+                    for v in T.vectorized(V):
+                        ov[v] = out[tok, j * V + v]
+                    for v in T.vectorized(V):
+                        ov[v] = T.cast(T.cast(ov[v], "float32") * rho * w[j * V + v], dt)
+                    for v in T.vectorized(V):
+                        out[tok, j * V + v] = ov[v]
+
+    return collapse_norm
 
 
 def _build_pre_apply_bwd(n, C, dtype, cfg, write_dx=True):
@@ -390,6 +481,8 @@ for _name, _op, _build in (("pre_apply_mix_fwd", "pre_apply_mix", _build_pre_app
                            ("expand_fwd", "expand", _build_expand_fwd),
                            ("expand_bwd", "expand_bwd", _build_expand_bwd)):
     kernel_def(KernelDef(_name, _op, _build, KEYS))
+kernel_def(KernelDef("collapse_norm", "mhc_head_sp", _build_collapse_norm, COLLAPSE_NORM_KEYS,
+                     aot_config=collapse_norm_config))
 
 
 # -- launch wrappers (torch_ref signatures + the config the core resolved) -------------------------
@@ -403,6 +496,24 @@ def pre_apply_mix_fwd(residual, pre_mix, *, config, out=None):
         return out
     get_kernel("pre_apply_mix_fwd", n, C, residual.dtype, config, residual.device)(residual, pre_mix, out)
     return out
+
+
+def collapse_norm_fwd(residual, pre, out_norm_weight, out_norm_eps, *, config):
+    """``mhc_head_sp``'s forward -> ``(out (T, C), out_rstd (T,))``: the collapse with ``pre``, then, with a weight,
+    the RMSNorm of the rounded collapse in the same kernel (:func:`_build_collapse_norm`; ``out_rstd`` its rho);
+    without one ``pre_apply_mix`` and ``out_rstd`` ones. ``config``: ``{"pre_apply_mix": ..., "collapse_norm":
+    ...}``."""
+    Tt, n, C = residual.shape
+    if out_norm_weight is None:
+        return (pre_apply_mix_fwd(residual, pre, config=config["pre_apply_mix"]),
+                torch.ones((Tt,), dtype=torch.float32, device=residual.device))
+    out = residual.new_empty((Tt, C))
+    out_rstd = pre.new_empty((Tt,))
+    if Tt == 0:
+        return out, out_rstd
+    get_kernel("collapse_norm", n, C, residual.dtype, config["collapse_norm"], residual.device)(
+        residual, pre, out_norm_weight.float().contiguous(), out, out_rstd, float(out_norm_eps))
+    return out, out_rstd
 
 
 def pre_apply_mix_bwd(grad, residual, pre_mix, *, config, write_dx=True):

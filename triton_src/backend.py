@@ -7,8 +7,10 @@ ones of :mod:`mhc_kernels.composite` over these kernels (the fusion of the two-p
 inside the primitives: ``norm_fn_bwd`` adds the collapse's gradient and an incoming residual
 gradient before its single rounding, so a site's backward writes one residual-gradient
 tensor), except single-pass mHC's forward boundary, ``mhc_pre_sp`` and ``post_pre_sp``, whose
-kernels read the residual once (``single_pass.py``). The registry serves CUDA tensors with them, and CPU tensors
-when ``TRITON_INTERPRET=1`` (the probe in ``__init__``).
+kernels read the residual once (``single_pass.py``), and ``mhc_head_sp``, whose collapse and RMSNorm are
+one kernel (``mix.collapse_norm_fwd``; ``mhc_pre`` and ``post_pre`` use it for their optional out-norm). The
+registry serves CUDA tensors with them, and CPU tensors when ``TRITON_INTERPRET=1`` (the probe in
+``__init__``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ for _op, (_mod, _fn) in PRIMITIVES.items():
 
 # single-pass mHC's forward boundary: the residual read once (single_pass.py), overriding the shared composites
 FUSED = {"mhc_pre_sp": single_pass.mhc_pre_sp_fwd, "post_pre_sp": single_pass.post_pre_sp_fwd}
+# the collapse with the sublayer's RMSNorm in one kernel (mhc_head_sp; mhc_pre / post_pre's out-norm use it)
+OWN_CONFIG = {"mhc_head_sp": (mix, mix.collapse_norm_fwd)}
 
 composite.register_composites(
     "triton",
@@ -58,7 +62,10 @@ composite.register_composites(
         composite.STREAM_WEIGHT_GRAD, "triton", mix.stream_weight_grad,
         supports=_supports(composite.STREAM_WEIGHT_GRAD),
         default_config=functools.partial(mix.default_config, composite.STREAM_WEIGHT_GRAD))},
-    overrides={op: dict(fn=fn, supports=_supports("split_mixes"),
-                        config_space=functools.partial(single_pass.config_space, op),
-                        default_config=functools.partial(single_pass.default_config, op))
-               for op, fn in FUSED.items()})
+    overrides={**{op: dict(fn=fn, supports=_supports("split_mixes"),
+                           config_space=functools.partial(single_pass.config_space, op),
+                           default_config=functools.partial(single_pass.default_config, op))
+                  for op, fn in FUSED.items()},
+               **{op: dict(fn=fn, supports=_supports(op), config_space=functools.partial(mod.config_space, op),
+                           default_config=functools.partial(mod.default_config, op))
+                  for op, (mod, fn) in OWN_CONFIG.items()}})

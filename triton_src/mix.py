@@ -74,6 +74,44 @@ def pre_apply_mix_fwd_kernel(x_ptr, pre_mix_ptr, out_ptr, T, C,
 
 
 @triton.jit
+def collapse_norm_fwd_kernel(x_ptr, pre_mix_ptr, w_ptr, out_ptr, out_rstd_ptr, T, C, eps,
+                             N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_T),): the collapse with the sublayer's RMSNorm for BLOCK_T tokens, walking C.
+
+    Pass 1: u = round(sum_i pre_mix_i x_i) (pre_apply_mix's arithmetic) stored to ``out``, and sum u^2 of the
+    rounded values per token. rho = rsqrt(sum / C + eps) -> out_rstd. Pass 2 (after a barrier, so the
+    program's own stores are visible to all its threads): out = round(u * rho * w), u re-read from cache.
+    """
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    t64 = t.to(tl.int64)
+    ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        tc_ok = t_ok[:, None] & (c < C)[None, :]
+        x_row = x_ptr + (t64 * N)[:, None] * C + c[None, :]
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(N):
+            w = tl.load(pre_mix_ptr + t64 * N + i, mask=t_ok, other=0.0)
+            x = tl.load(x_row + i * C, mask=tc_ok, other=0.0)
+            acc += w[:, None] * x.to(tl.float32)
+        u = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + t64[:, None] * C + c[None, :], u, mask=tc_ok)
+        uf = u.to(tl.float32)
+        ss += tl.sum(uf * uf, axis=1)
+    rho = tl.math.rsqrt(ss / C + eps)
+    tl.store(out_rstd_ptr + t, rho, mask=t_ok)
+    tl.debug_barrier()
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        tc_ok = t_ok[:, None] & (c < C)[None, :]
+        offs = t64[:, None] * C + c[None, :]
+        u = tl.load(out_ptr + offs, mask=tc_ok, other=0.0).to(tl.float32)
+        g = tl.load(w_ptr + c, mask=c < C, other=0.0)
+        tl.store(out_ptr + offs, (u * rho[:, None] * g[None, :]).to(out_ptr.dtype.element_ty), mask=tc_ok)
+
+
+@triton.jit
 def pre_apply_mix_bwd_kernel(g_ptr, x_ptr, pre_mix_ptr, d_x_ptr, d_pre_ptr, T, C, c_per_split,
                              N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_C: tl.constexpr):
@@ -285,6 +323,9 @@ def _defaults(op: str, T: int, n: int, C: int) -> dict:
         return _bwd_config(T, n, C, 2048)
     if op == "post_bwd":  # n=8 gets 4096: 2048 made ptxas 13.0 spill a few bytes on sm_100a
         return _bwd_config(T, n, C, max(2048, 512 * bn))
+    if op == "collapse_norm":  # a few tokens per program walking all of C; independent of T (batch invariant)
+        bc = min(common.next_pow2(C), 1024)
+        return {"block_T": max(1, min(4, 2048 // bc)), "block_C": bc, "num_warps": 4, "num_stages": 1}
     if op == STREAM_WEIGHT_GRAD:  # one token per program, walking all of C
         return {"block_T": 1, "block_C": min(common.next_pow2(C), max(16, 1024 // bn)), "num_warps": 4,
                 "num_stages": 2}
@@ -292,6 +333,16 @@ def _defaults(op: str, T: int, n: int, C: int) -> dict:
 
 
 def config_space(op: str, call) -> list[dict]:
+    if op == "mhc_head_sp":   # the norm kernel's tiles, pre_apply_mix at its default
+        d = default_config(op, call)
+        out = [d]
+        for bt in (1, 2, 4):
+            for bc in (256, 512, 1024, 2048):
+                cand = dict(d, collapse_norm={"block_T": bt, "block_C": bc, "num_warps": 4 if bc < 2048 else 8,
+                                              "num_stages": 1})
+                if cand not in out and bc <= max(256, 2 * common.next_pow2(call.C)):
+                    out.append(cand)
+        return out
     bn = common.next_pow2(call.n)
     rows = 1 if op in ("pre_apply_mix", "expand", "expand_bwd") else bn
     cmax = max(16, common.next_pow2(call.C))
@@ -318,7 +369,10 @@ def config_space(op: str, call) -> list[dict]:
 
 
 def default_config(op: str, call) -> dict:
-    """The default config of ``op`` (pre_apply_mix[_bwd], post[_bwd], expand[_bwd]) for ``call``."""
+    """The default config of ``op`` (pre_apply_mix[_bwd], post[_bwd], expand[_bwd]) for ``call``; for
+    ``mhc_head_sp`` its two kernels' ``{"pre_apply_mix": ..., "collapse_norm": ...}``."""
+    if op == "mhc_head_sp":
+        return {k: _defaults(k, call.T, call.n, call.C) for k in ("pre_apply_mix", "collapse_norm")}
     return _defaults(op, call.T, call.n, call.C)
 
 
@@ -376,6 +430,31 @@ def pre_apply_mix_fwd(residual: Tensor, pre_mix: Tensor, *, config: dict,
                                    BLOCK_C=cfg["block_C"], num_warps=cfg["num_warps"],
                                    num_stages=cfg["num_stages"])
     return out
+
+
+def collapse_norm_fwd(residual: Tensor, pre: Tensor, out_norm_weight: Tensor | None, out_norm_eps: float, *,
+                      config: dict) -> tuple[Tensor, Tensor]:
+    """``mhc_head_sp``'s forward (contract §14) -> ``(out (T, C), out_rstd (T,))``: the collapse with ``pre``
+    and, with a weight, the sublayer's RMSNorm of the rounded collapse in the same kernel
+    (:func:`collapse_norm_fwd_kernel`; ``out_rstd`` is its rho); without one ``pre_apply_mix`` and ones.
+
+    ``config``: ``{"pre_apply_mix": ..., "collapse_norm": ...}`` (``block_T``, ``block_C``, ``num_warps``,
+    ``num_stages``). Bytes per token with the norm: the residual read once, ``out`` written, re-read (cache)
+    and rewritten.
+    """
+    T, n, C = residual.shape
+    if out_norm_weight is None:
+        return (pre_apply_mix_fwd(residual, pre, config=config["pre_apply_mix"]),
+                torch.ones((T,), dtype=torch.float32, device=residual.device))
+    out = _new_output((T, C), residual.dtype, residual.device)
+    out_rstd = _new_output((T,), torch.float32, residual.device)
+    if T == 0:
+        return out, out_rstd
+    cfg = _check("collapse_norm", config["collapse_norm"])
+    collapse_norm_fwd_kernel[(triton.cdiv(T, cfg["block_T"]),)](
+        residual, pre, out_norm_weight.float().contiguous(), out, out_rstd, T, C, float(out_norm_eps), N=n,
+        BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, out_rstd
 
 
 def pre_apply_mix_bwd(grad: Tensor, residual: Tensor, pre_mix: Tensor, *,
@@ -551,12 +630,13 @@ def aot_specs(n: int, C: int, dtype: torch.dtype) -> list[common.AotSpec]:
     bn = common.next_pow2(n)
     T = _AOT_TOKENS
 
-    def spec(name, fn, tensors, scalars, op, with_bn=True):
+    def spec(name, fn, tensors, scalars, op, with_bn=True, floats=()):
         cfg = _defaults(op, T, n, C)
         values = {"T": T, "C": C, "c_per_split": _splits(cfg, C)[1]}
         sig = dict(tensors)
         # ":16" marks an integer divisible by 16, as Triton's launcher would specialise it
         sig.update({s: "i32:16" if values[s] % 16 == 0 else "i32" for s in scalars})
+        sig.update({f: "fp32" for f in floats})
         const = {"N": n}
         if with_bn:
             const["BLOCK_N"] = bn
@@ -584,4 +664,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype) -> list[common.AotSpec]:
              with_bn=False),
         spec("stream_weight_grad", stream_weight_grad_kernel, {"g_ptr": ptr, "x_ptr": ptr, "dw_ptr": f32},
              ("T", "C"), STREAM_WEIGHT_GRAD),
+        spec("collapse_norm_fwd", collapse_norm_fwd_kernel,
+             {"x_ptr": ptr, "pre_mix_ptr": f32, "w_ptr": f32, "out_ptr": ptr, "out_rstd_ptr": f32},
+             ("T", "C"), "collapse_norm", with_bn=False, floats=("eps",)),
     ]
