@@ -42,6 +42,7 @@ from .functional import (  # noqa: E402
     sinkhorn,
     split_mixes,
 )
+from .invariance import batch_invariant, batch_invariant_enabled  # noqa: E402
 from .ops import eager_fastpath_enabled, set_eager_fastpath  # noqa: E402
 from .registry import BACKENDS, BackendStatus, available_backends, use_backend, which_backend  # noqa: E402
 from .specs import SPECS  # noqa: E402
@@ -51,7 +52,7 @@ __all__ = [
     "mhc_pre", "mhc_post", "norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "expand", "mhc_head",
     "post_pre", "multilayer_recompute", "mhc_pre_sp", "post_pre_sp", "mhc_head_sp", "V41",
     "available_backends", "use_backend", "which_backend", "BACKENDS", "BackendStatus",
-    "set_eager_fastpath", "eager_fastpath_enabled",
+    "set_eager_fastpath", "eager_fastpath_enabled", "batch_invariant", "batch_invariant_enabled",
     "MHCError", "MHCInputError", "MHCDtypeError", "MHCUnsupportedError", "BackendError",
     "SPECS",
 ]

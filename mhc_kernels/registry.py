@@ -39,7 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from . import tuned
+from . import invariance, tuned
 from .errors import BackendError
 
 BACKENDS = ("tilelang", "triton", "reference")
@@ -307,6 +307,8 @@ def config_for(kernel: Kernel, call) -> Optional[dict]:
     untunable kernel. Cached; treat the result as read-only."""
     if not kernel.tunable:
         return None
+    if _batch_invariant(kernel):   # every T runs the config of one fixed token count (invariance.py)
+        call = invariance.config_call(call)
     key = (kernel.op, kernel.backend, call.device, call.dtype, call.T, call.n, call.C, call.rows, call.iters)
     try:
         return _CONFIG_CACHE[key]
@@ -327,9 +329,17 @@ def config_for(kernel: Kernel, call) -> Optional[dict]:
     return cfg
 
 
+def _batch_invariant(kernel: Kernel) -> bool:
+    """Whether ``kernel`` runs in batch-invariant mode now (forward ops only: invariance.py)."""
+    return not kernel.op.endswith("_bwd") and invariance.batch_invariant_enabled()
+
+
 def run(call):
-    """Serve one validated call: select the kernel, resolve its config, run it. -> the kernel's outputs."""
+    """Serve one validated call: select the kernel, resolve its config, run it. -> the kernel's outputs.
+    In batch-invariant mode a reference forward kernel runs on fixed token chunks (invariance.py)."""
     k = select(call)
+    if not k.tunable and _batch_invariant(k):
+        return invariance.run_in_chunks(k, call)
     return k(*call.args, config=config_for(k, call))
 
 

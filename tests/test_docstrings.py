@@ -12,7 +12,7 @@ import torch
 import mhc_kernels as mk
 
 MODULES = ("mhc_kernels.functional", "mhc_kernels.registry", "mhc_kernels.ops", "mhc_kernels.nn",
-           "mhc_kernels.recompute")
+           "mhc_kernels.recompute", "mhc_kernels.invariance")
 PUBLIC_OBJECTS = [name for name in mk.__all__
                   if inspect.isfunction(getattr(mk, name)) and name != "eager_fastpath_enabled"]
 
