@@ -2,7 +2,7 @@
 
 JSON layout (``bench.json``)::
 
-    {"schema": 1, "run": {...run-level facts...}, "records": [record, ...]}
+    {"schema": 2, "run": {...run-level facts...}, "records": [record, ...]}
 
 One **record** per measurement (one op/target x implementation x shape), flat, so the
 CSV (``bench.csv``) has the same columns. Fields (:data:`RECORD_FIELDS`; ``None``
@@ -11,7 +11,8 @@ where a value does not exist, e.g. no timing for a skipped row, no datasheet on 
 =====================  ===========================================================================
 field                  meaning
 =====================  ===========================================================================
-schema                 record schema version (1)
+schema                 record schema version (2: ``compute_relevant`` added, roofline fields null
+                       where the device lacks a roof the row needs)
 run_id                 identifier of the run (UTC timestamp) the record belongs to
 op                     target: an op of ``mhc_kernels.specs.SPECS`` or ``mhc_site`` (pre+post fwd+bwd)
 pass                   ``fwd`` (inference, no grad), ``bwd`` (backward op) or ``fwd+bwd``
@@ -25,6 +26,8 @@ note                   why a row is skipped or failed (empty when ok)
 bytes                  minimum bytes moved, from ``SPECS[op].bytes`` (site: sum of its four ops)
 flops                  FLOPs, from ``SPECS[op].flops``
 intensity              flops / bytes (FLOP per byte)
+compute_relevant       intensity >= ``runner.COMPUTE_INTENSITY`` (4 FLOP/B): the FLOPs bear on the time; the
+                       tables show TFLOP/s only then (``tflops`` stays in the data for every row)
 median_us              median latency of one call, microseconds
 p20_us, p80_us         20th and 80th percentile latency, microseconds
 repeats                number of timed calls
@@ -32,8 +35,9 @@ gbps                   bytes / median time, decimal GB/s
 tflops                 flops / median time, TFLOP/s
 pct_measured_bw        gbps as % of the bandwidth ceiling (measured copy bandwidth; see ceiling_source)
 pct_datasheet_bw       gbps as % of the datasheet bandwidth (GPU only)
-roofline_us            roofline time: max(bytes / ceiling bandwidth, flops / peak FLOP/s if known)
-roofline_ratio         median time / roofline time (1.0 = at the roof)
+roofline_us            roofline time: max(bytes / ceiling bandwidth, flops / peak FLOP/s); None without a
+                       bandwidth ceiling, or for a compute-relevant row without a compute roof (CPU, unknown GPU)
+roofline_ratio         median time / roofline time (1.0 = at the roof); None where roofline_us is
 speedup_vs_eager       eager transcription median / this median
 speedup_vs_compile     torch.compile'd transcription median / this median
 device                 device name (GPU name, or the CPU model)
@@ -63,15 +67,16 @@ import torch
 
 from mhc_kernels.specs import dtype_name
 
-from .runner import BASELINES, FUSED, TARGETS, Measurement, derive
+from .runner import BASELINES, COMPUTE_INTENSITY, FUSED, TARGETS, Measurement, compute_relevant, derive
 
-SCHEMA = 1
+SCHEMA = 2
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
 RECORD_FIELDS: dict[str, tuple] = {
     "schema": (int,), "run_id": (str,), "op": (str,), "pass": (str,), "fused": (bool,), "impl": (str,),
     "impl_kind": (str,), "T": (int,), "n": (int,), "C": (int,), "dtype": (str,), "status": (str,),
-    "note": (str,), "bytes": (int,), "flops": _NUM, "intensity": _OPT_NUM, "median_us": _OPT_NUM,
+    "note": (str,), "bytes": (int,), "flops": _NUM, "intensity": _OPT_NUM, "compute_relevant": (bool,),
+    "median_us": _OPT_NUM,
     "p20_us": _OPT_NUM, "p80_us": _OPT_NUM, "repeats": (int, type(None)), "gbps": _OPT_NUM,
     "tflops": _OPT_NUM, "pct_measured_bw": _OPT_NUM, "pct_datasheet_bw": _OPT_NUM, "roofline_us": _OPT_NUM,
     "roofline_ratio": _OPT_NUM, "speedup_vs_eager": _OPT_NUM, "speedup_vs_compile": _OPT_NUM,
@@ -158,6 +163,7 @@ def build_records(measurements: list[Measurement], run: dict) -> list[dict]:
             "fused": m.target in FUSED, "impl": m.impl, "impl_kind": "baseline" if m.impl in BASELINES else "backend",
             "T": m.T, "n": m.n, "C": m.C, "dtype": dtype_name(m.dtype), "status": m.status, "note": m.note,
             "bytes": int(m.bytes), "flops": float(m.flops), "intensity": d["intensity"],
+            "compute_relevant": d["compute_relevant"],
             "median_us": d["median_us"], "p20_us": d["p20_us"], "p80_us": d["p80_us"],
             "repeats": m.timing.repeats if m.timing else None,
             "gbps": d["gbps"], "tflops": d["tflops"], "pct_measured_bw": d["pct_measured_bw"],
@@ -197,23 +203,83 @@ def write_csv(path: Path, records: list[dict]) -> None:
 
 
 # -- formatting -------------------------------------------------------------------------------------
-def fmt(x, spec: str = ".1f", none: str = "-") -> str:
-    if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
-        return none
-    return format(x, spec)
+# One unit per column, named in the header (µs, GB/s, %, TFLOP/s, FLOP/B; the speedup columns' cells carry
+# their "x"): every cell is a plain number in that unit, thousands grouped with ",", or NA where the value
+# does not exist or is not meaningful for the row (runner.compute_relevant, runner.roof_known).
+NA = "\u2014"  # an em dash
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x)))
+
+
+def fmt(x, spec: str = ".1f", none: str = NA) -> str:
+    return none if _missing(x) else format(x, spec)
 
 
 def fmt_us(x) -> str:
-    """Microseconds, always (the column header carries the unit): 0.1 µs resolution below 100 µs."""
-    if x is None:
-        return "-"
-    if x < 100:
-        return f"{x:.1f}"
-    return f"{x:.0f}"
+    """Microseconds, always (the column header carries the unit): 0.1 µs resolution below 100 µs, whole
+    microseconds from there, thousands grouped (a 156 ms call reads ``156,000``)."""
+    if _missing(x):
+        return NA
+    return f"{x:.1f}" if abs(x) < 100 else f"{x:,.0f}"
+
+
+def fmt_sig(x, digits: int = 3) -> str:
+    """``digits`` significant digits in fixed point, never an exponent: 0.0671, 25.6, 172, 3,350."""
+    if _missing(x):
+        return NA
+    if x == 0:
+        return "0"
+    dec = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    if dec and abs(round(x, dec)) >= 10 ** (digits - dec):  # 9.996 rounds up a decade: 10.0, not 10.00
+        dec -= 1
+    return f"{x:,.{dec}f}"
 
 
 def fmt_x(x) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+    """A speedup: three significant digits and an ``x`` (1.00x, 0.250x, 12.3x)."""
+    return NA if _missing(x) else f"{fmt_sig(x)}x"
+
+
+def shown_tflops(r: dict) -> Optional[float]:
+    """A record's TFLOP/s where the tables show it: only where its FLOPs are compute-relevant
+    (runner.compute_relevant), else None."""
+    relevant = r.get("compute_relevant")
+    if relevant is None:  # a record from before schema 2
+        relevant = compute_relevant(r["flops"], r["bytes"])
+    return r["tflops"] if relevant else None
+
+
+class Scaled:
+    """A column whose unit is picked for its values: the first of ``units`` ((header, factor) from the
+    largest unit down) in which the column's largest value reaches 1, else the last; one unit per column."""
+
+    def __init__(self, units: tuple, value):
+        self.units, self.value = units, value
+
+    def unit(self, records: list[dict]) -> tuple[str, float]:
+        vals = [abs(v) for v in map(self.value, records) if not _missing(v)]
+        top = max(vals, default=0.0)
+        return next((u for u in self.units if top * u[1] >= 1), self.units[-1])
+
+    def cells(self, records: list[dict]) -> tuple[str, list[str]]:
+        header, factor = self.unit(records)
+        return header, [NA if _missing(v) else fmt_sig(v * factor) for v in map(self.value, records)]
+
+
+FLOPS_UNITS = (("TFLOP/s", 1.0), ("GFLOP/s", 1e3), ("MFLOP/s", 1e6))
+
+
+def _range_us(r: dict) -> str:
+    return NA if _missing(r["p20_us"]) else f"{fmt_us(r['p20_us'])}\u2013{fmt_us(r['p80_us'])}"
+
+
+COLUMN_NOTE = (f"µs: median latency, p20\u2013p80: its 20th to 80th percentile; GB/s and FLOP/B from the spec "
+               f"minimum bytes; FLOP/s (unit in the header, picked for the column's largest value) only where "
+               f"FLOP/B >= {COMPUTE_INTENSITY:g}, where the FLOPs bear on the time; /roof: median over the roofline "
+               f"time, only where the device has every roof the row needs (without a compute roof, e.g. on CPU, not "
+               f"for rows with FLOP/s); {NA}: not measured or not meaningful")
 
 
 def ceiling_lines(run: dict) -> list[str]:
@@ -246,7 +312,7 @@ def record_notes(records: list[dict]) -> list[str]:
     return []
 
 
-# (header, record -> cell); columns without a value in any row are dropped
+# (header, record -> cell)
 _COLUMNS = (
     ("op", lambda r: r["op"]),
     ("impl", lambda r: r["impl"]),
@@ -254,28 +320,40 @@ _COLUMNS = (
     ("n", lambda r: str(r["n"])),
     ("C", lambda r: str(r["C"])),
     ("µs", lambda r: fmt_us(r["median_us"])),
-    ("p20-p80 µs", lambda r: f"{fmt_us(r['p20_us'])}-{fmt_us(r['p80_us'])}"),
-    ("GB/s", lambda r: fmt(r["gbps"], ".2f")),
-    ("% BW", lambda r: fmt(r["pct_measured_bw"], ".1f")),
-    ("% datasheet", lambda r: fmt(r["pct_datasheet_bw"], ".1f")),
-    ("TFLOP/s", lambda r: fmt(r["tflops"], ".3f")),
-    ("FLOP/B", lambda r: fmt(r["intensity"], ".2f")),
+    ("p20\u2013p80 µs", _range_us),
+    ("GB/s", lambda r: fmt_sig(r["gbps"])),
+    ("% BW", lambda r: fmt_sig(r["pct_measured_bw"])),
+    ("% datasheet", lambda r: fmt_sig(r["pct_datasheet_bw"])),
+    (None, Scaled(FLOPS_UNITS, shown_tflops)),
+    ("FLOP/B", lambda r: fmt_sig(r["intensity"])),
     ("vs eager", lambda r: fmt_x(r["speedup_vs_eager"])),
     ("vs compile", lambda r: fmt_x(r["speedup_vs_compile"])),
-    ("/roof", lambda r: fmt(r["roofline_ratio"], ".1f")),
+    ("/roof", lambda r: fmt_sig(r["roofline_ratio"])),
 )
+
+
+def _render(records: list[dict], columns, fixed: int) -> tuple[list, list]:
+    """(header, rows) of ``records`` over ``columns``; a column past the first ``fixed`` that is NA in every
+    row is dropped."""
+    header, cols = [], []
+    for h, f in columns:
+        if isinstance(f, Scaled):
+            h, col = f.cells(records)
+        else:
+            col = [f(r) for r in records]
+        if len(header) < fixed or any(c != NA for c in col):
+            header.append(h)
+            cols.append(col)
+    return header, [list(row) for row in zip(*cols)] if cols and records else []
 
 
 def table(records: list[dict]) -> tuple[list, list]:
     """(header, rows) of the ok records, dropping columns that are empty everywhere."""
-    ok = [r for r in records if r["status"] == "ok"]
-    cells = [[f(r) for _, f in _COLUMNS] for r in ok]
-    keep = [i for i, (h, _) in enumerate(_COLUMNS)
-            if i < 5 or any(row[i] not in ("-", "--") for row in cells)]
-    return [_COLUMNS[i][0] for i in keep], [[row[i] for i in keep] for row in cells]
+    return _render([r for r in records if r["status"] == "ok"], _COLUMNS, 5)
 
 
 def print_table(console, run: dict, records: list[dict]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"mHC benchmarks on {run['device']['name']} ({run['config']['dtype']}); "
@@ -286,13 +364,14 @@ def print_table(console, run: dict, records: list[dict]) -> None:
     for row in rows:
         t.add_row(*row, style="dim" if row[1] in BASELINES else None)
     console.print(t)
-    for line in ceiling_lines(run) + record_notes(records):
-        console.print(f"[dim]{line}[/]")
+    for line in [COLUMN_NOTE] + ceiling_lines(run) + record_notes(records):
+        console.print(f"[dim]{escape(line)}[/]")
     bad = [r for r in records if r["status"] != "ok"]
     if bad:
         console.print(f"[yellow]{len(bad)} measurement(s) skipped or failed (see the Markdown report):[/]")
         for r in bad[:8]:
-            console.print(f"  {r['op']} {r['impl']} T={r['T']} n={r['n']} C={r['C']}: {r['status']}: {r['note']}")
+            console.print(f"  {r['op']} {r['impl']} T={r['T']} n={r['n']} C={r['C']}: {r['status']}: "
+                          f"{escape(r['note'])}")
 
 
 # -- compare ----------------------------------------------------------------------------------------------
@@ -317,14 +396,14 @@ def print_compare(console, rows: list[dict], old_path: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"change against {old_path} (time: negative = faster)")
-    for c in ("op", "impl", "T", "n", "C", "old µs", "new µs", "change", "old GB/s", "new GB/s"):
+    for c in ("op", "impl", "T", "n", "C", "old µs", "new µs", "change %", "old GB/s", "new GB/s"):
         t.add_column(c, justify="left" if c in ("op", "impl") else "right", no_wrap=True)
     for r in rows:
         ch = r["change_pct"]
         col = "green" if ch is not None and ch < -5 else "red" if ch is not None and ch > 5 else ""
         t.add_row(r["op"], r["impl"], str(r["T"]), str(r["n"]), str(r["C"]), fmt_us(r["old_us"]),
-                  fmt_us(r["new_us"]), f"[{col}]{fmt(ch, '+.1f')}%[/]" if col else f"{fmt(ch, '+.1f')}%",
-                  fmt(r["old_gbps"], ".2f"), fmt(r["new_gbps"], ".2f"))
+                  fmt_us(r["new_us"]), f"[{col}]{fmt(ch, '+.1f')}[/]" if col else fmt(ch, "+.1f"),
+                  fmt_sig(r["old_gbps"]), fmt_sig(r["new_gbps"]))
     console.print(t)
     if not rows:
         console.print("[yellow]no measurement in common with the old run[/]")
@@ -351,6 +430,22 @@ def headline(records: list[dict]) -> list[dict]:
     return [best[k] for k in TARGETS if k in best]
 
 
+_HEAD_COLUMNS = (
+    ("op", lambda r: r["op"]),
+    ("pass", lambda r: r["pass"]),
+    ("backend", lambda r: r["impl"]),
+    ("T x n x C", lambda r: f"{r['T']}x{r['n']}x{r['C']}"),
+    ("µs", lambda r: fmt_us(r["median_us"])),
+    ("GB/s", lambda r: fmt_sig(r["gbps"])),
+    ("% BW (ceiling)", lambda r: fmt_sig(r["pct_measured_bw"])),
+    ("% datasheet", lambda r: fmt_sig(r["pct_datasheet_bw"])),
+    (None, Scaled(FLOPS_UNITS, shown_tflops)),
+    ("/roof", lambda r: fmt_sig(r["roofline_ratio"])),
+    ("vs eager", lambda r: fmt_x(r["speedup_vs_eager"])),
+    ("vs compile", lambda r: fmt_x(r["speedup_vs_compile"])),
+)
+
+
 def write_markdown(path: Path, run: dict, records: list[dict], plots: dict, plot_note: str = "",
                    compare_rows: Optional[list] = None, files: Optional[dict] = None) -> None:
     cfg = run["config"]
@@ -363,18 +458,15 @@ def write_markdown(path: Path, run: dict, records: list[dict], plots: dict, plot
               f"baselines {', '.join(cfg['baselines']) or '-'}; T {cfg['tokens']}; n {cfg['n']}; "
               f"C {cfg['hidden']}; dtype {cfg['dtype']}",
               "- Bytes and FLOPs are the op specs' minimums (`mhc_kernels.specs`): every input read once, every "
-              "output written once. GB/s is decimal. `% BW` is of the bandwidth ceiling above; `/roof` is the "
-              "measured time over the roofline time.", ""]
+              "output written once. GB/s is decimal. `% BW` is of the bandwidth ceiling above.",
+              f"- Columns: {COLUMN_NOTE}. `bench.json` keeps `tflops` for every row, with `compute_relevant`.", ""]
     if files:
         lines += ["Data: " + ", ".join(f"[{k}]({p})" for k, p in files.items()), ""]
     head = headline(records)
     if head:
         lines += ["## Headline: best backend per op at the largest shape", ""]
-        rows = [(r["op"], r["pass"], r["impl"], f"{r['T']}x{r['n']}x{r['C']}", fmt(r["gbps"], ".2f"),
-                 fmt(r["pct_measured_bw"], ".1f"), fmt(r["pct_datasheet_bw"], ".1f"), fmt_us(r["median_us"]),
-                 fmt_x(r["speedup_vs_eager"]), fmt_x(r["speedup_vs_compile"])) for r in head]
-        lines += [_md_table(("op", "pass", "backend", "T x n x C", "GB/s", "% BW (ceiling)", "% datasheet",
-                             "µs", "vs eager", "vs compile"), rows), ""]
+        header, rows = _render(head, _HEAD_COLUMNS, 4)
+        lines += [_md_table(header, rows), ""]
     lines += ["## Plots", ""]
     if plots:
         for title, rel in plots.items():
@@ -384,8 +476,8 @@ def write_markdown(path: Path, run: dict, records: list[dict], plots: dict, plot
     if compare_rows is not None:
         lines += ["## Change against the previous run", ""]
         rows = [(r["op"], r["impl"], r["T"], r["n"], r["C"], fmt_us(r["old_us"]), fmt_us(r["new_us"]),
-                 f"{fmt(r['change_pct'], '+.1f')}%") for r in compare_rows]
-        lines += [_md_table(("op", "impl", "T", "n", "C", "old µs", "new µs", "change"), rows) if rows
+                 fmt(r["change_pct"], "+.1f")) for r in compare_rows]
+        lines += [_md_table(("op", "impl", "T", "n", "C", "old µs", "new µs", "change %"), rows) if rows
                   else "No measurement in common.", ""]
     lines += ["## All measurements", ""]
     header, rows = table(records)

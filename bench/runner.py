@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 
 import mhc_kernels as mk
-from mhc_kernels import ops, registry
+from mhc_kernels import invariance, ops, registry
 from mhc_kernels.errors import BackendError
 from mhc_kernels.reference import cases, transcription
 from mhc_kernels.specs import BACKWARD_OPS, FORWARD_OPS, SPECS
@@ -184,7 +184,11 @@ class Prepared:
     skipped: dict = field(default_factory=dict)
 
 
-def prepare(target: str, T: int, n: int, C: int, dtype: torch.dtype, device, backends, baselines) -> Prepared:
+BATCH_INVARIANT_SUFFIX = "+bi"   # impl "<backend>+bi": the backend in batch-invariant mode (forward ops)
+
+
+def prepare(target: str, T: int, n: int, C: int, dtype: torch.dtype, device, backends, baselines,
+            batch_invariant: bool = False) -> Prepared:
     tg = TARGETS[target]
     dev = torch.device(device)
     nograd = torch.no_grad
@@ -197,6 +201,10 @@ def prepare(target: str, T: int, n: int, C: int, dtype: torch.dtype, device, bac
         body = ops.BODIES[target]
         for b in backends:
             p.runs[b] = (lambda b=b: _ctx(nograd(), registry.use_backend(b)), lambda: body(*args))
+            if batch_invariant:   # the mode's cost: the same op with the fixed-token-count configs
+                p.runs[b + BATCH_INVARIANT_SUFFIX] = (
+                    lambda b=b: _ctx(nograd(), registry.use_backend(b), invariance.batch_invariant()),
+                    lambda: body(*args))
         tfn = _transcription_fn(target)
         if "eager" in baselines:
             p.runs["eager"] = (nograd, lambda: tfn(d))
@@ -331,8 +339,11 @@ class SweepConfig:
     max_repeats: int = 100
     warmup: int = 2
 
+    batch_invariant: bool = False   # also time each backend's forward ops in batch-invariant mode
+
     def impls(self) -> list:
-        return list(self.backends) + list(self.baselines)
+        bi = [b + BATCH_INVARIANT_SUFFIX for b in self.backends] if self.batch_invariant else []
+        return list(self.backends) + bi + list(self.baselines)
 
     def shapes(self) -> list:
         return [(T, n, C) for n in self.ns for C in self.hiddens for T in self.tokens]
@@ -358,7 +369,8 @@ def run_sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None
             prep = None
             if reason is None:
                 try:
-                    prep = prepare(target, T, n, C, cfg.dtype, dev, cfg.backends, cfg.baselines)
+                    prep = prepare(target, T, n, C, cfg.dtype, dev, cfg.backends, cfg.baselines,
+                                   cfg.batch_invariant)
                 except Exception as e:  # noqa: BLE001 -- reported as a record, the sweep goes on
                     reason = f"inputs could not be built: {type(e).__name__}: {e}"
             for impl in cfg.impls():
@@ -369,6 +381,11 @@ def run_sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None
                     tick(desc)
                     continue
                 m = Measurement(**base, impl=impl, bytes=prep.bytes, flops=prep.flops, present=prep.present)
+                if impl not in prep.runs:   # "<backend>+bi" of a backward target: the mode is forward-only
+                    m.status, m.note = "skipped", "batch-invariant mode changes forward ops only"
+                    out.append(m)
+                    tick(desc)
+                    continue
                 ctx, fn = prep.runs[impl]
                 try:
                     with ctx():
@@ -390,6 +407,30 @@ def run_sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None
 
 
 # -- derived metrics ------------------------------------------------------------------------------------
+# When FLOP/s mean something.  A row's FLOPs are *compute-relevant* when its arithmetic intensity
+# (spec FLOPs / spec bytes) is at least COMPUTE_INTENSITY FLOP/B.  The fp32 ridge point (peak FLOP/s /
+# bandwidth) of the datacentre GPUs in mhc_kernels.bench.device.GPU_PEAKS is 9-26 FLOP/B, so at 4 FLOP/B
+# the compute time at the fp32 roof is already a sixth or more of the memory time; below it the row is
+# memory-bound on every such device and its TFLOP/s only restates its GB/s.  The rule is per row: at T=1
+# reading fn dominates the bytes and nothing qualifies; for bf16, n=4 and T in the thousands it selects the
+# ops with the fn projection (norm_fn, mhc_pre, post_pre, mhc_head, the single-pass pre ops, their
+# backward, mhc_site) and the 20-round Sinkhorn ops (split_mixes, sinkhorn and backward); never
+# expand, pre_apply_mix, post, multilayer_recompute or mhc_head_sp.
+COMPUTE_INTENSITY = 4.0
+
+
+def compute_relevant(flops: float, nbytes: int) -> bool:
+    """Whether a call's FLOPs bear on its time (the rule above): TFLOP/s is reported only then."""
+    return nbytes > 0 and flops / nbytes >= COMPUTE_INTENSITY
+
+
+def roof_known(flops: float, nbytes: int, ceiling_gbps: Optional[float], peak_tflops: Optional[float]) -> bool:
+    """Whether the device has every roof the call's roofline time needs: a bandwidth ceiling, and a compute
+    roof too when its FLOPs are compute-relevant (on CPU or an unknown GPU a bandwidth-only time would
+    overstate how far a compute-bound row is from its roof); ``roofline_us`` and ``roofline_ratio`` exist only then."""
+    return bool(ceiling_gbps) and (bool(peak_tflops) or not compute_relevant(flops, nbytes))
+
+
 def derive(m: Measurement, baseline_times: dict, ceiling_gbps: Optional[float], datasheet_gbps: Optional[float],
            peak_tflops: Optional[float]) -> dict:
     """The derived numbers of one measurement (see :mod:`mhc_kernels.bench.report` for the fields)."""
@@ -397,8 +438,9 @@ def derive(m: Measurement, baseline_times: dict, ceiling_gbps: Optional[float], 
              pct_datasheet_bw=None, roofline_us=None, roofline_ratio=None, speedup_vs_eager=None,
              speedup_vs_compile=None)
     d["intensity"] = (m.flops / m.bytes) if m.bytes else None
+    d["compute_relevant"] = compute_relevant(m.flops, m.bytes)
     roof = None
-    if ceiling_gbps:
+    if roof_known(m.flops, m.bytes, ceiling_gbps, peak_tflops):
         roof = m.bytes / (ceiling_gbps * 1e9)
         if peak_tflops:
             roof = max(roof, m.flops / (peak_tflops * 1e12))

@@ -47,8 +47,13 @@ def _add_autotune(sub):
 def _add_bench(sub):
     p = sub.add_parser("bench", help="latency/bandwidth benchmarks and roofline report (JSON, CSV, Markdown, PNG)")
     p.add_argument("--ops", nargs="+", default=None, metavar="OP",
-                   help="ops: names, or all, fwd, bwd, fused (mhc_pre, post_pre, mhc_site); comma lists work")
-    p.add_argument("--backends", nargs="+", default=None, help="backends (default: the available ones)")
+                   help="ops: names, or all, fwd, bwd, fused (mhc_pre, post_pre, mhc_site), single_pass "
+                        "(mhc_pre_sp, post_pre_sp, mhc_head_sp and backward); comma lists work")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="backends (default: the available ones; on CPU the reference only)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="also time each backend's forward ops in batch-invariant mode (impl '<backend>+bi'): the "
+                        "mode's cost")
     p.add_argument("--baselines", nargs="+", default=None,
                    help="eager, compile or none (default: both; --quick: eager)")
     p.add_argument("--tokens", nargs="+", default=None, help="token counts T (default: 1 16 256 ... 65536)")

@@ -215,6 +215,27 @@ def test_records_validate_and_reject_bad_ones():
     assert report.validate_record(dict(ref, surprise=1))
 
 
+def test_batch_invariant_rows_time_the_forward_ops_in_the_mode(monkeypatch):
+    """--batch-invariant adds a '<backend>+bi' row per forward op, timed inside mk.batch_invariant(); a
+    backward op's is a skipped row that says why."""
+    from mhc_kernels import invariance
+
+    seen = []
+    real = runner.ops.BODIES["mhc_pre"]
+    monkeypatch.setitem(runner.ops.BODIES, "mhc_pre",
+                        lambda *a: (seen.append(invariance.batch_invariant_enabled()), real(*a))[1])
+    cfg = runner.SweepConfig(targets=["mhc_pre", "mhc_pre_bwd"], backends=["reference"], baselines=[], tokens=[3],
+                             ns=[2], hiddens=[16], budget_s=0.001, min_repeats=3, max_repeats=3, warmup=1,
+                             batch_invariant=True)
+    rows = {(m.target, m.impl): m for m in runner.run_sweep(cfg)}
+    assert set(rows) == {("mhc_pre", "reference"), ("mhc_pre", "reference+bi"), ("mhc_pre_bwd", "reference"),
+                         ("mhc_pre_bwd", "reference+bi")}
+    assert rows[("mhc_pre", "reference+bi")].status == "ok"
+    assert rows[("mhc_pre_bwd", "reference+bi")].status == "skipped"
+    assert "forward ops only" in rows[("mhc_pre_bwd", "reference+bi")].note
+    assert True in seen and False in seen      # the +bi row ran in the mode, the plain row did not
+
+
 def test_unservable_backend_is_a_skipped_row():
     cfg = runner.SweepConfig(targets=["post"], backends=["tilelang"], baselines=[], tokens=[2], ns=[2],
                              hiddens=[16], budget_s=0.001, min_repeats=3, max_repeats=3, warmup=1)
@@ -362,5 +383,183 @@ def test_single_pass_group_times_the_single_pass_ops_against_their_floor(tmp_pat
 
 
 def test_latency_cells_are_microseconds_at_every_magnitude():
-    """One unit per column: a 156 ms call reads 156000 under the µs header, never '156ms'."""
-    assert [report.fmt_us(x) for x in (0.25, 42.0, 950.4, 156_000.0, None)] == ["0.2", "42.0", "950", "156000", "-"]
+    """One unit per column: a 156 ms call reads 156,000 under the µs header, never '156ms'."""
+    assert [report.fmt_us(x) for x in (0.25, 42.0, 950.4, 156_000.0, None)] == \
+        ["0.2", "42.0", "950", "156,000", report.NA]
+
+
+# -- the tables and plots: units, meaningful columns, colours and markers ---------------------------------------
+def _fake_run(ceiling=15.0, gpu=False):
+    """Run facts of a CPU (no compute roof) or an H200 (datasheet roofs), with a made-up copy ceiling."""
+    dm = devmod.datasheet_model("cuda", "NVIDIA H200") if gpu else devmod.datasheet_model("cpu", "test cpu")
+    dm.measured_bw_gbps, dm.measured_bw_source = ceiling, "test"
+    cfg = runner.SweepConfig(targets=["post"], backends=["reference"], baselines=["eager"], tokens=[1], ns=[4],
+                             hiddens=[64])
+    return report.run_info(dm, cfg, "test clock")
+
+
+def _fake_records(rows, run):
+    """Records of (op, impl, T, median seconds) rows, n=4 C=1280 bf16, costs from the specs (no timing run)."""
+    ms = []
+    for op, impl, T, sec in rows:
+        nbytes, flops = runner.target_cost(op, T, 4, 1280, torch.bfloat16)
+        tm = timing.Timing(sec, sec * 0.9, sec * 1.2, 10, 1, "test clock")
+        ms.append(runner.Measurement(op, impl, T, 4, 1280, torch.bfloat16, nbytes, flops, (), tm))
+    return report.build_records(ms, run)
+
+
+# every magnitude a CPU or GPU run produces: 0.4 µs to 0.16 s, 128 B sinkhorn calls to 64K-token ones
+_SPREAD = [("sinkhorn", "reference", 1, 3.1e-4), ("sinkhorn", "eager", 1, 4e-7), ("post", "reference", 1024, 0.156),
+           ("post", "eager", 1024, 2.2e-5), ("norm_fn", "reference", 65536, 0.0123), ("norm_fn", "eager", 1, 9.5e-6),
+           ("expand", "reference", 4096, 1.5e-3), ("mhc_site", "reference", 1024, 0.0583),
+           ("mhc_site", "eager", 1024, 0.118)]
+_PLAIN = r"[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?"
+
+
+def _cell_value(header: str, cell: str):
+    """The number a cell shows, in the header's unit; None for NA. Fails on anything else (a unit in the cell, a
+    missing marker other than NA): ranges (p20-p80) are two plain numbers joined by an en dash, speedups a plain
+    number and 'x'."""
+    import re
+
+    if cell == report.NA:
+        return None
+    if header.startswith("p20"):
+        parts = cell.split("\u2013")
+        assert len(parts) == 2 and all(re.fullmatch(_PLAIN, c) for c in parts), (header, cell)
+        return tuple(float(c.replace(",", "")) for c in parts)
+    if header.startswith("vs "):
+        assert re.fullmatch(_PLAIN + "x", cell), (header, cell)
+        return float(cell[:-1].replace(",", ""))
+    assert re.fullmatch(_PLAIN, cell), (header, cell)
+    return float(cell.replace(",", ""))
+
+
+def _md_tables(md: str) -> list[tuple[list, list]]:
+    tables, cur = [], None
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if cur is None:
+                cur = (cells, [])
+                tables.append(cur)
+            elif not line.startswith("|---"):
+                cur[1].append(cells)
+        else:
+            cur = None
+    return tables
+
+
+_TEXT_COLUMNS = {"op", "impl", "pass", "backend", "T x n x C", "T", "n", "C"}
+
+
+def test_tables_have_one_unit_per_column_and_keep_every_value(tmp_path):
+    """Every cell of the rendered tables (terminal table, the Markdown headline, all-measurements and compare
+    tables) is NA or a plain number in its header's unit -- µs columns included, at every magnitude -- and reads
+    back as the record's value to its rounding: a tiny GB/s is not '0.00', a 156 ms call not '156ms'."""
+    run = _fake_run()
+    recs = _fake_records(_SPREAD, run)
+    header, rows = report.table(recs)
+    assert "µs" in header and all(h in header for h in ("GB/s", "% BW", "FLOP/B", "/roof"))
+    ok = [r for r in recs if r["status"] == "ok"]
+    field = {"µs": "median_us", "GB/s": "gbps", "% BW": "pct_measured_bw", "FLOP/B": "intensity",
+             "/roof": "roofline_ratio", "vs eager": "speedup_vs_eager"}
+    for j, h in enumerate(header):
+        if h in _TEXT_COLUMNS:
+            continue
+        for r, row in zip(ok, rows):
+            v = _cell_value(h, row[j])
+            if h.startswith("p20"):
+                assert v is None or (v[0] == pytest.approx(r["p20_us"], rel=5e-3, abs=0.05)
+                                     and v[1] == pytest.approx(r["p80_us"], rel=5e-3, abs=0.05)), (h, row[j])
+            elif h.endswith("FLOP/s") and v is not None:  # TFLOP/s, GFLOP/s or MFLOP/s: the column's unit
+                scale = {"TFLOP/s": 1.0, "GFLOP/s": 1e3, "MFLOP/s": 1e6}[h]
+                assert r["compute_relevant"] and v == pytest.approx(r["tflops"] * scale, rel=5e-3), (h, row[j])
+            elif h in field and v is not None:
+                tol = 0.05 if h == "µs" else 0
+                assert v == pytest.approx(r[field[h]], rel=5e-3, abs=tol), (h, row[j], r[field[h]])
+    old = [dict(r, median_us=r["median_us"] * 1.5, gbps=r["gbps"] / 1.5) for r in recs]
+    report.write_markdown(tmp_path / "report.md", run, recs, {}, "no plots", report.compare(old, recs))
+    tables = _md_tables((tmp_path / "report.md").read_text())
+    assert len(tables) == 3  # headline, change against the previous run, all measurements
+    for hdr, body in tables:
+        for j, h in enumerate(hdr):
+            if h not in _TEXT_COLUMNS:
+                for row in body:
+                    _cell_value(h, row[j])
+
+
+def _column(header, rows, name):
+    return [row[header.index(name)] for row in rows]
+
+
+def test_flops_and_roof_only_where_meaningful():
+    """FLOP/s only for compute-relevant rows (FLOP/B >= runner.COMPUTE_INTENSITY); /roof only where the device has
+    every roof the row needs: on CPU (no compute roof) not for compute-relevant rows, without any ceiling nowhere.
+    bench.json keeps tflops for every row, and nulls the roofline fields where they would mislead."""
+    assert runner.compute_relevant(4.0 * 100, 100) and not runner.compute_relevant(3.99 * 100, 100)
+    assert not runner.compute_relevant(0.0, 0)
+    rows = [("post", "reference", 1024, 5e-3), ("expand", "reference", 1024, 5e-4),
+            ("norm_fn", "reference", 1024, 4e-3), ("sinkhorn", "reference", 1024, 1.7e-3)]
+    cpu = _fake_records(rows, _fake_run())
+    by_op = {r["op"]: r for r in cpu}
+    assert [by_op[o]["compute_relevant"] for o in ("post", "expand", "norm_fn", "sinkhorn")] == \
+        [False, False, True, True]
+    assert all(isinstance(r["tflops"], float) for r in cpu)  # the data keeps the number
+    assert by_op["norm_fn"]["roofline_ratio"] is None and by_op["norm_fn"]["roofline_us"] is None
+    assert by_op["post"]["roofline_ratio"] > 0
+    for r in cpu:
+        assert report.validate_record(r) == [], r
+    header, body = report.table(cpu)
+    flops_col = next(h for h in header if h.endswith("FLOP/s"))
+    assert flops_col == "GFLOP/s"  # CPU-sized FLOP/s: the unit picked for the column
+    assert _column(header, body, flops_col)[:2] == [report.NA, report.NA]  # post, expand
+    assert all(c != report.NA for c in _column(header, body, flops_col)[2:])  # norm_fn, sinkhorn
+    roof = _column(header, body, "/roof")
+    assert roof[0] != report.NA and roof[1] != report.NA and roof[2:] == [report.NA, report.NA]
+    # an H200: a compute roof, so every row has its /roof
+    gpu = _fake_records([(o, i, T, s / 100) for o, i, T, s in rows], _fake_run(4000.0, gpu=True))
+    header, body = report.table(gpu)
+    assert all(c != report.NA for c in _column(header, body, "/roof"))
+    assert all(r["roofline_ratio"] > 0 for r in gpu)
+    # no bandwidth ceiling at all: no roofline anywhere, the column is dropped
+    header, body = report.table(_fake_records(rows, _fake_run(None)))
+    assert "/roof" not in header
+
+
+def test_plot_mappings_one_colour_per_op_one_marker_per_backend_size_by_tokens():
+    ops = list(runner.TARGETS) + ["some_new_op"]
+    colours = plots.op_colours(reversed(ops))
+    assert list(colours) == ops  # the benchmark's op order, whatever order the records come in
+    assert len(set(colours.values())) == len(ops)
+    assert plots.op_colours(["post", "norm_fn"]) == {"norm_fn": plots.PALETTE[0], "post": plots.PALETTE[1]}
+    impls = ["eager", "reference", "tilelang", "triton", "compile", "other_backend"]
+    markers = plots.impl_markers(impls * 2)
+    assert set(markers) == set(impls) and len(set(markers.values())) == len(impls)
+    assert plots.impl_markers(["triton"])["triton"] == plots.impl_markers(impls)["triton"]  # fixed per backend
+    sizes = plots.t_sizes([65536, 1, 16, 1, 4096])
+    assert list(sorted(sizes)) == [1, 16, 4096, 65536]
+    assert [sizes[t] for t in sorted(sizes)] == sorted(sizes.values()) and len(set(sizes.values())) == 4
+
+
+def test_bandwidth_axis_is_logarithmic_when_values_span_decades():
+    assert plots.log_axis([1.0, 25.0]) and plots.log_axis([0.07, 3.0, 15.0])
+    assert not plots.log_axis([1.0, 20.0]) and not plots.log_axis([2.0, 9.0, 0.0, None])
+    assert not plots.log_axis([])
+    run = _fake_run(15.0)
+    recs = _fake_records([("post", "reference", 1, 8e-6), ("post", "reference", 1024, 2.4e-3),
+                          ("sinkhorn", "reference", 1, 3e-4), ("sinkhorn", "reference", 1024, 2e-3)], run)
+    by = {(r["op"], r["T"]): r["gbps"] for r in recs}
+    assert 15.0 / 20 < by[("post", 1)] < by[("post", 1024)] < 15.0  # within 20x of the ceiling: linear
+    assert plots.bandwidth_yscale(recs, run, "post") == "linear"
+    assert plots.bandwidth_yscale(recs, run, "sinkhorn") == "log"  # 0.0004 .. 15 GB/s
+
+
+def test_roofline_and_bandwidth_plots_draw_fake_gpu_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = _fake_run(4000.0, gpu=True)
+    recs = _fake_records([(o, i, T, 1e-5 * T ** 0.5) for o in ("norm_fn", "post", "expand", "mhc_site")
+                          for i in ("reference", "eager") for T in (1, 64, 4096)], run)
+    made = plots.write_plots(recs, run, tmp_path)
+    assert made["Roofline"] == "roofline.png" and len(made) == 5
+    assert all((tmp_path / f).stat().st_size > 1000 for f in made.values())

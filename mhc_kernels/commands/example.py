@@ -79,8 +79,7 @@ def run(args) -> int:
     ref_out.square().mean().backward()
 
     which = {op: registry.which_backend(op, *args_) for op, args_ in (
-        ("mhc_pre", (x, params["fn"], params["scale"], params["base"], params["norm_weight"], 1e-6, 1e-6, 2.0, 20,
-                     1e-6)),
+        ("mhc_pre", (x, params["fn"], params["scale"], params["base"], params["norm_weight"])),   # defaults after
         ("post", (x[:, 0], x, torch.rand(T, n, device=device), torch.rand(T, n, n, device=device))))}
 
     tab = Table(title=f"one mHC site on {device}: T={T}, n={n}, C={C}, {args.dtype}")
