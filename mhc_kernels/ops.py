@@ -41,7 +41,7 @@ import types
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import registry
+from . import distributed, registry
 from .errors import MHCUnsupportedError
 from .specs import SPECS
 from .validation import bind, complete
@@ -102,6 +102,7 @@ def _make_fake(name: str):
     spec = SPECS[name]
 
     def fake(*args, **kwargs):
+        distributed.ensure_registered()  # DTensor's sharding propagation runs this before its rule lookup
         args = complete(spec, args, kwargs)
         c = bind(spec, args, flatten=False)
         like = args[spec.primary_index]
@@ -350,6 +351,7 @@ for _name, _spec in SPECS.items():
         _op.register_autograd(
             (lambda bw: lambda ctx, *grads: bw(torch.ops.mhc, ctx, *grads))(_backward), setup_context=_setup)
     OPS[_name] = _op
+distributed.ensure_registered()  # the DTensor sharding rules, if torch.distributed.tensor is imported
 
 
 def _make_function(name: str):
@@ -396,6 +398,8 @@ def call(name: str, *args):
     """Run forward op ``name``: through ``torch.ops.mhc`` when compiling (or with the fast
     path off), else through the equivalent ``autograd.Function`` or, when no gradient
     is needed (or the op has none), the op body itself."""
+    if not torch.compiler.is_compiling() and distributed.has_dtensor(args):
+        return distributed.call(name, *args)  # DTensor: torch.ops.mhc with the sharding rules
     if _fastpath and not torch.compiler.is_compiling():
         if (name in FUNCTIONS and torch.is_grad_enabled()
                 and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
