@@ -59,3 +59,17 @@ def test_single_pass_example_runs_and_every_site_gets_gradients():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert scope["heads"][0]["fn"].grad.abs().sum() > 0   # site 0 reaches the loss only through its pre
     assert all(w.grad is not None for w in scope["norms"])
+
+
+def test_hf_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("transformers")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "mhc_kernels import hf" in b]
+    assert blocks, "README has no mhc_kernels.hf example"
+    monkeypatch.chdir(tmp_path)                 # it saves a model
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    from mhc_kernels import hf
+
+    assert hf.is_mhc(scope["model"]) and (tmp_path / "mhc-llama" / "config.json").exists()
