@@ -220,3 +220,42 @@ def _make_rule(spec: OpSpec):
     rule.__name__ = f"mhc_{spec.name}_sharding"
     rule.__qualname__ = rule.__name__
     return rule
+
+
+# -- tensor-parallel serving: the sublayer output as per-rank partial sums -----------------------------------
+class _ReducePartial(torch.autograd.Function):
+    """Forward: the sum over ``group`` of every rank's partial (one all-reduce, out of place); backward: the
+    identity (every rank's partial contributed to the sum with weight 1, and the boundary after it runs
+    replicated, so each rank's gradient is the full one: Megatron's reduce-from-tensor-parallel region)."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        out = partial.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def reduce_partial(name: str, layer_output: torch.Tensor, group=None) -> torch.Tensor:
+    """The full sublayer output from this rank's partial ``layer_output`` (row-parallel output projections
+    leave a partial sum on each tensor-parallel rank): ``torch.distributed.all_reduce`` (SUM) over ``group``
+    (default: the world), out of place, differentiable (the gradient passes through unchanged).
+
+    The all-reduce runs before the boundary kernel and is not overlapped with it: the new residual is
+    ``round(post * y + comb^T x)`` with one rounding, so no part of the boundary can start before ``y`` is
+    complete without changing its bits. Raises :class:`~mhc_kernels.errors.MHCInputError` when
+    ``torch.distributed`` is not initialised."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise MHCInputError(
+            f"mhc.{name}: layer_output_partial=True all-reduces the layer output over the tensor-parallel group, "
+            f"but torch.distributed is not initialised (call torch.distributed.init_process_group first, or pass "
+            f"the full layer output with layer_output_partial=False)")
+    if has_dtensor((layer_output,)):
+        raise MHCInputError(
+            f"mhc.{name}: layer_output_partial=True takes this rank's partial sum as a plain tensor; got a DTensor "
+            f"(a DTensor with a Partial placement is reduced by DTensor itself: pass it with "
+            f"layer_output_partial=False)")
+    return _ReducePartial.apply(layer_output, group)

@@ -75,7 +75,21 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
     return (li, post_mix, comb_mix, mixes) if return_mixes else (li, post_mix, comb_mix)
 
 
-def mhc_post(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor) -> Tensor:
+def _full_layer_output(name: str, layer_output: Tensor, partial: bool, group) -> Tensor:
+    """The sublayer output the boundary runs on: ``layer_output`` itself, or with ``partial`` the sum of every
+    tensor-parallel rank's partial (:func:`mhc_kernels.distributed.reduce_partial`)."""
+    if not partial:
+        if group is not None:
+            raise MHCInputError(f"mhc.{name}: group= is the tensor-parallel group of layer_output_partial=True; "
+                                f"it was given with layer_output_partial=False")
+        return layer_output
+    from .distributed import reduce_partial
+
+    return reduce_partial(name, layer_output, group)
+
+
+def mhc_post(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor, *,
+             layer_output_partial: bool = False, group=None) -> Tensor:
     """Merge the sublayer output back into the streams (contract §5).
 
     ``new_residual[..., i, :] = post_mix[..., i] * layer_output + sum_j comb_mix[..., j, i] * residual[..., j, :]``
@@ -84,6 +98,9 @@ def mhc_post(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
         layer_output: ``(..., C)`` the sublayer's output, in the residual's dtype.
         residual: ``(..., n, C)`` the streams that went into :func:`mhc_pre`.
         post_mix, comb_mix: ``(..., n)`` and ``(..., n, n)`` from :func:`mhc_pre`.
+        layer_output_partial: ``layer_output`` is this tensor-parallel rank's partial sum (a row-parallel output
+            projection's); it is all-reduced (SUM) over ``group`` (default: the world) first, and the residual
+            and mixes are the replicated ones. The gradient reaches each rank's partial unchanged.
 
     Returns:
         ``(..., n, C)`` the new residual, in the residual's dtype.
@@ -95,6 +112,7 @@ def mhc_post(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
         >>> mk.mhc_post(y, x, post_mix, comb_mix).shape
         torch.Size([8, 4, 64])
     """
+    layer_output = _full_layer_output("post", layer_output, layer_output_partial, group)
     return call("post", layer_output, residual, post_mix, comb_mix)
 
 
@@ -192,11 +210,13 @@ def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
              scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6,
              pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
              sinkhorn_eps: float = 1e-6, out_norm_weight: Optional[Tensor] = None,
-             out_norm_eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             out_norm_eps: float = 1e-6, layer_output_partial: bool = False,
+             group=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``mhc_post`` of one sublayer fused with ``mhc_pre`` of the next (contract §8).
 
     ``fn``/``scale``/``base``/``norm_weight``/``out_norm_weight`` are the *next* site's parameters
-    (``out_norm_weight``: the next sublayer's RMSNorm, as in :func:`mhc_pre`).
+    (``out_norm_weight``: the next sublayer's RMSNorm, as in :func:`mhc_pre`). ``layer_output_partial`` /
+    ``group``: tensor-parallel serving, as in :func:`mhc_post` (the all-reduce runs first).
     Returns ``(new_residual, layer_input, post_mix, comb_mix)``; the last three are the
     next site's :func:`mhc_pre` outputs, computed from the stored new residual.
 
@@ -210,6 +230,7 @@ def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
         >>> x.shape, layer_input.shape
         (torch.Size([8, 4, 64]), torch.Size([8, 64]))
     """
+    layer_output = _full_layer_output("post_pre", layer_output, layer_output_partial, group)
     out = call("post_pre", layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
                _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
                _float(sinkhorn_eps), _float(out_norm_eps))
@@ -299,14 +320,16 @@ def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_m
                 prev_pre: Optional[Tensor], fn: Tensor, scale: Tensor, base: Tensor, *,
                 norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6, pre_eps: float = 1e-6,
                 post_mult: float = 2.0, sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6,
-                out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6) -> tuple[Tensor, ...]:
+                out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6,
+                layer_output_partial: bool = False, group=None) -> tuple[Tensor, ...]:
     """The single-pass boundary (contract §14): :func:`mhc_post` of site s-1, then :func:`mhc_pre_sp` of site s
     on the stored new residual. ``post_mix``/``comb_mix`` are site s-1's, ``prev_pre`` is site s-1's pre,
     ``fn``/``scale``/``base``/``norm_weight``/``out_norm_weight`` are site s's.
 
     Returns ``(new_residual, layer_input, pre, post_mix, comb_mix)`` (the last three: site s's). Its floor is
     ``(2n+2)*C`` elements per token: the residual and the layer output read once, the new residual and the
-    layer input written once.
+    layer input written once. ``layer_output_partial`` / ``group``: tensor-parallel serving, as in
+    :func:`mhc_post` (the all-reduce runs first).
 
     Example::
 
@@ -317,6 +340,7 @@ def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_m
         >>> x.shape, h.shape, pre.shape
         (torch.Size([8, 4, 64]), torch.Size([8, 64]), torch.Size([8, 4]))
     """
+    layer_output = _full_layer_output("post_pre_sp", layer_output, layer_output_partial, group)
     out = call("post_pre_sp", layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
                _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
                _float(sinkhorn_eps), _float(out_norm_eps))

@@ -316,7 +316,45 @@ def check_refusals():
     return {"messages": seen}
 
 
+def check_tp_partial_layer_output():
+    """Tensor-parallel serving: each rank holds a partial sublayer output; post / post_pre / post_pre_sp with
+    layer_output_partial=True equal the single-process boundary on the summed output, bit for bit (two
+    partials: the all-reduce rounds their sum once, as the single-process add does), and the gradient reaches
+    each rank's partial unchanged."""
+    from mhc_kernels.reference import cases
+
+    rank = torch.distributed.get_rank()
+    info = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        d = cases.make_inputs("post_pre_sp", (5,), N, 33, dtype, norm_weight=True, seed=7)
+        parts = [torch.randn(5, 33, generator=torch.Generator().manual_seed(100 + r)).to(dtype) for r in range(WORLD)]
+        full = parts[0] + parts[1]
+        mine = parts[rank].clone().requires_grad_()
+        ref_y = full.clone().requires_grad_()
+        x, post, comb = d["residual"], d["post_mix"], d["comb_mix"]
+        site = dict(fn=d["fn"], scale=d["scale"], base=d["base"], norm_weight=d["norm_weight"])
+        got = mk.mhc_post(mine, x, post, comb, layer_output_partial=True)
+        want = mk.mhc_post(ref_y, x, post, comb)
+        assert torch.equal(got, want), f"{dtype} post differs from the single-process boundary"
+        got.float().square().sum().backward()
+        want.float().square().sum().backward()
+        assert torch.equal(mine.grad, ref_y.grad), f"{dtype}: the partial's gradient is the full one"
+        with torch.no_grad():
+            for a, b in zip(mk.post_pre(parts[rank], x, post, comb, **site, layer_output_partial=True),
+                            mk.post_pre(full, x, post, comb, **site)):
+                assert torch.equal(a, b), f"{dtype} post_pre differs"
+            for a, b in zip(mk.post_pre_sp(parts[rank], x, post, comb, d["prev_pre"], **site,
+                                           out_norm_weight=d["out_norm_weight"], layer_output_partial=True,
+                                           group=torch.distributed.group.WORLD),
+                            mk.post_pre_sp(full, x, post, comb, d["prev_pre"], **site,
+                                           out_norm_weight=d["out_norm_weight"])):
+                assert torch.equal(a, b), f"{dtype} post_pre_sp differs"
+        info[str(dtype)] = "bitwise"
+    return info
+
+
 CHECKS = {f.__name__[len("check_"):]: f for f in (
+    check_tp_partial_layer_output,
     check_rules_lazy, check_every_op, check_model_eager, check_model_tokens_and_single_pass, check_model_compile,
     check_kernel_backend, check_fsdp_sequence_parallel, check_refusals)}
 
@@ -420,6 +458,20 @@ def test_fsdp2_with_sequence_parallel(reports):
 def test_c_and_n_sharding_refused(reports):
     info = _passed(reports, "refusals")
     print(json.dumps(info["messages"], indent=1))
+
+
+def test_tensor_parallel_partial_layer_output_equals_the_single_process_boundary(reports):
+    info = _passed(reports, "tp_partial_layer_output")
+    assert set(info) == {"torch.float32", "torch.bfloat16"}
+
+
+def test_partial_layer_output_needs_a_process_group_and_group_needs_partial():
+    x, y = torch.randn(3, N, C), torch.randn(3, C)
+    post, comb = torch.rand(3, N), torch.rand(3, N, N)
+    with pytest.raises(mk.MHCInputError, match="torch.distributed is not initialised"):
+        mk.mhc_post(y, x, post, comb, layer_output_partial=True)
+    with pytest.raises(mk.MHCInputError, match="group= is the tensor-parallel group"):
+        mk.mhc_post(y, x, post, comb, group=object())
 
 
 def test_import_does_not_pull_in_dtensor():
