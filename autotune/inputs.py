@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mhc_kernels.reference import cases
-from mhc_kernels.specs import ACT, COUNT, SPECS, TensorArg, default_sizes, dim_value
+from mhc_kernels.specs import ACT, COUNT, GROUP, SPECS, TensorArg, default_sizes, dim_value
 from mhc_kernels.validation import Call, bind
 
 SEED_TOKENS = 64  # tokens generated on the host; the rest are tiled copies
@@ -26,13 +26,15 @@ def _mix_dtype(dtype):
 
 
 def _shape(t: TensorArg, T: int, n: int, C: int) -> tuple:
-    sizes = default_sizes(n)
+    sizes = default_sizes(n, C)
     return tuple(T if s == "*" else dim_value(s, n, C, sizes) for s in t.shape)
 
 
-def _scalar(spec, name: str, kind: str, n: int):
+def _scalar(spec, name: str, kind: str, n: int, C: int):
     if kind == COUNT:
         return n
+    if kind == GROUP:   # the FP8 group that divides C (128 where it does)
+        return 128 if C % 128 == 0 else 32
     return spec.defaults[name]
 
 
@@ -55,7 +57,7 @@ def fabricate_call(op: str, T: int, n: int, C: int, dtype: torch.dtype, target="
             dt = dtype if a.kind == ACT else _mix_dtype(dtype)
             args.append(torch.empty(_shape(a, T, n, C), dtype=dt, device=device))
         else:
-            args.append(_scalar(spec, a.name, a.kind, n))
+            args.append(_scalar(spec, a.name, a.kind, n, C))
     call = bind(spec, args)
     call.device = torch.device(target)
     return call

@@ -39,6 +39,7 @@ from .functional import (  # noqa: E402
     post_pre,
     post_pre_sp,
     pre_apply_mix,
+    quantize_fp8,
     sinkhorn,
     split_mixes,
 )
@@ -50,7 +51,7 @@ from .specs import SPECS  # noqa: E402
 __all__ = [
     "__version__",
     "mhc_pre", "mhc_post", "norm_fn", "split_mixes", "sinkhorn", "pre_apply_mix", "expand", "mhc_head",
-    "post_pre", "multilayer_recompute", "mhc_pre_sp", "post_pre_sp", "mhc_head_sp", "V41",
+    "post_pre", "multilayer_recompute", "mhc_pre_sp", "post_pre_sp", "mhc_head_sp", "quantize_fp8", "V41",
     "available_backends", "use_backend", "which_backend", "BACKENDS", "BackendStatus",
     "set_eager_fastpath", "eager_fastpath_enabled", "batch_invariant", "batch_invariant_enabled",
     "MHCError", "MHCInputError", "MHCDtypeError", "MHCUnsupportedError", "BackendError",

@@ -20,6 +20,7 @@ import torch
 
 from .errors import MHCInputError
 from .ops import call
+from .specs import FP8_FORMATS
 
 Tensor = torch.Tensor
 
@@ -31,7 +32,7 @@ def _float(v):
 def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None,
             norm_eps: float = 1e-6, pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
             sinkhorn_eps: float = 1e-6, out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6,
-            return_mixes: bool = False) -> tuple[Tensor, ...]:
+            return_mixes: bool = False, out_fp8: Optional[str] = None) -> tuple[Tensor, ...]:
     """Everything before the sublayer: projection, split, Sinkhorn and collapse (contract §6).
 
     Args:
@@ -51,6 +52,9 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
         return_mixes: also return the raw mixes ``(..., n*(n+2))`` (float32, not differentiable: the
             projection before the gains, from which :func:`mhc_kernels.composite.pre_mix` recomputes the
             pre-mix without touching the residual; activation recompute keeps them).
+        out_fp8: ``None``, ``"e4m3_g128"`` or ``"e4m3_g32"``: also return an FP8 copy of the layer input for
+            the next FP8 GEMM, ``(codes, scales)`` as :func:`quantize_fp8` computes them from the stored
+            (rounded) layer input, appended last.
 
     Returns:
         ``(layer_input (..., C), post_mix (..., n), comb_mix (..., n, n))``: the sublayer
@@ -72,7 +76,8 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
                                                _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps),
                                                _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps),
                                                _float(out_norm_eps))
-    return (li, post_mix, comb_mix, mixes) if return_mixes else (li, post_mix, comb_mix)
+    return ((li, post_mix, comb_mix, mixes) if return_mixes else (li, post_mix, comb_mix)) + _fp8_copy(
+        "mhc_pre", li, out_fp8)
 
 
 def _full_layer_output(name: str, layer_output: Tensor, partial: bool, group) -> Tensor:
@@ -178,6 +183,59 @@ def pre_apply_mix(residual: Tensor, pre_mix: Tensor) -> Tensor:
     return call("pre_apply_mix", residual, pre_mix)
 
 
+def _fp8_group(where: str, fmt, C) -> int:
+    """The group of FP8 format ``fmt`` (``"e4m3_g128"`` / ``"e4m3_g32"``), checked against the width ``C``."""
+    if fmt not in FP8_FORMATS:
+        raise MHCInputError(f"{where}: out_fp8 / fmt must be one of {', '.join(map(repr, FP8_FORMATS))} or None; "
+                            f"got {fmt!r}")
+    group = FP8_FORMATS[fmt]
+    if isinstance(C, int) and C % group:
+        alt = " (or 'e4m3_g32')" if group == 128 and C % 32 == 0 else ""
+        raise MHCInputError(f"{where}: FP8 format {fmt!r} needs C a multiple of {group} (whole groups of {group} "
+                            f"columns); got C={C}: pad the hidden width{alt}")
+    return group
+
+
+def quantize_fp8(x: Tensor, fmt: str = "e4m3_g128") -> tuple[Tensor, Tensor]:
+    """The FP8 copy of a layer input (contract §15): e4m3 codes with one scale per group along C.
+
+    Args:
+        x: ``(..., C)`` bf16/fp16/fp32 (its stored values are quantised; not differentiated).
+        fmt: ``"e4m3_g128"``: groups of 128, float32 scales ``max(amax, 1e-4) / 448`` (Hopper FP8 GEMMs);
+            ``"e4m3_g32"``: groups of 32, power-of-two scales ``2^ceil(log2(max(amax, 1e-4) / 448))`` (E8M0,
+            Blackwell MX). ``C`` must be a multiple of the group.
+
+    Returns:
+        ``(codes (..., C) float8_e4m3fn, scales (..., C / group))``: ``codes = e4m3(x / scale)`` rounded to
+        nearest even and saturated to +-448, so ``codes.float() * scale`` (per group) approximates ``x``;
+        scales are float32 (``e4m3_g128``) or float8_e8m0fnu (``e4m3_g32``, exact). A group holding an inf or a
+        NaN gets a NaN scale and NaN codes (propagated, never a silent finite value).
+
+    Example::
+
+        >>> x = torch.randn(4, 256, dtype=torch.bfloat16)
+        >>> codes, scales = mk.quantize_fp8(x)                     # e4m3_g128
+        >>> codes.dtype, scales.shape
+        (torch.float8_e4m3fn, torch.Size([4, 2]))
+        >>> back = (codes.float().unflatten(-1, (2, 128)) * scales.unsqueeze(-1)).flatten(-2)
+        >>> bool(((back - x.float()).abs() <= x.float().abs() / 16 + 1e-3).all())
+        True
+    """
+    group = _fp8_group("mhc.quantize_fp8", fmt, x.shape[-1] if isinstance(x, Tensor) and x.dim() else None)
+    codes, scales = call("quantize_fp8", x.detach() if isinstance(x, Tensor) else x, group)
+    if group == 32 and hasattr(torch, "float8_e8m0fnu"):
+        scales = scales.to(torch.float8_e8m0fnu)   # powers of two: exact
+    return codes, scales
+
+
+def _fp8_copy(name: str, layer_input: Tensor, out_fp8) -> tuple:
+    """``()`` without ``out_fp8``, else :func:`quantize_fp8` of the layer input (checked under ``name``)."""
+    if out_fp8 is None:
+        return ()
+    _fp8_group(f"mhc.{name}", out_fp8, layer_input.shape[-1])
+    return quantize_fp8(layer_input, out_fp8)
+
+
 def expand(hidden: Tensor, n: int) -> Tensor:
     """Copy an embedding into ``n`` identical streams (contract §7): ``(..., C)`` -> ``(..., n, C)``.
 
@@ -210,13 +268,14 @@ def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
              scale: Tensor, base: Tensor, *, norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6,
              pre_eps: float = 1e-6, post_mult: float = 2.0, sinkhorn_iters: int = 20,
              sinkhorn_eps: float = 1e-6, out_norm_weight: Optional[Tensor] = None,
-             out_norm_eps: float = 1e-6, layer_output_partial: bool = False,
-             group=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             out_norm_eps: float = 1e-6, layer_output_partial: bool = False, group=None,
+             out_fp8: Optional[str] = None) -> tuple[Tensor, ...]:
     """``mhc_post`` of one sublayer fused with ``mhc_pre`` of the next (contract §8).
 
     ``fn``/``scale``/``base``/``norm_weight``/``out_norm_weight`` are the *next* site's parameters
     (``out_norm_weight``: the next sublayer's RMSNorm, as in :func:`mhc_pre`). ``layer_output_partial`` /
-    ``group``: tensor-parallel serving, as in :func:`mhc_post` (the all-reduce runs first).
+    ``group``: tensor-parallel serving, as in :func:`mhc_post` (the all-reduce runs first). ``out_fp8``: also
+    the FP8 copy of the layer input, as in :func:`mhc_pre`.
     Returns ``(new_residual, layer_input, post_mix, comb_mix)``; the last three are the
     next site's :func:`mhc_pre` outputs, computed from the stored new residual.
 
@@ -234,7 +293,7 @@ def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
     out = call("post_pre", layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
                _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
                _float(sinkhorn_eps), _float(out_norm_eps))
-    return out[:4]
+    return out[:4] + _fp8_copy("post_pre", out[1], out_fp8)
 
 
 def multilayer_recompute(residual: Tensor, layer_outputs: Tensor, pre_mix: Tensor, post_mix: Tensor,
@@ -283,7 +342,8 @@ def _weight(w: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
 def mhc_pre_sp(residual: Tensor, prev_pre: Optional[Tensor], fn: Tensor, scale: Tensor, base: Tensor, *,
                norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6, pre_eps: float = 1e-6,
                post_mult: float = 2.0, sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6,
-               out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6) -> tuple[Tensor, ...]:
+               out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6,
+               out_fp8: Optional[str] = None) -> tuple[Tensor, ...]:
     """Single-pass pre (contract §14): the sublayer input is the residual collapsed with the *previous*
     site's pre; this site's coefficients come from the same residual.
 
@@ -295,6 +355,7 @@ def mhc_pre_sp(residual: Tensor, prev_pre: Optional[Tensor], fn: Tensor, scale: 
             coefficient head, as :func:`mhc_pre`.
         out_norm_weight: optional ``(C,)`` (float32 or the residual's dtype): the sublayer's RMSNorm, applied to
             the rounded collapse ``u``: ``round(u * rsqrt(mean(u^2) + out_norm_eps) * w)``.
+        out_fp8: also the FP8 copy of the layer input, ``(codes, scales)`` appended last, as in :func:`mhc_pre`.
 
     Returns:
         ``(layer_input (..., C), pre (..., n), post_mix (..., n), comb_mix (..., n, n))``: ``pre``, ``post_mix``,
@@ -313,7 +374,7 @@ def mhc_pre_sp(residual: Tensor, prev_pre: Optional[Tensor], fn: Tensor, scale: 
     out = call("mhc_pre_sp", residual, prev_pre, fn, scale, base, norm_weight, _weight(out_norm_weight, fn),
                _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps),
                _float(out_norm_eps))
-    return out[:4]
+    return out[:4] + _fp8_copy("mhc_pre_sp", out[0], out_fp8)
 
 
 def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor,
@@ -321,7 +382,7 @@ def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_m
                 norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-6, pre_eps: float = 1e-6,
                 post_mult: float = 2.0, sinkhorn_iters: int = 20, sinkhorn_eps: float = 1e-6,
                 out_norm_weight: Optional[Tensor] = None, out_norm_eps: float = 1e-6,
-                layer_output_partial: bool = False, group=None) -> tuple[Tensor, ...]:
+                layer_output_partial: bool = False, group=None, out_fp8: Optional[str] = None) -> tuple[Tensor, ...]:
     """The single-pass boundary (contract §14): :func:`mhc_post` of site s-1, then :func:`mhc_pre_sp` of site s
     on the stored new residual. ``post_mix``/``comb_mix`` are site s-1's, ``prev_pre`` is site s-1's pre,
     ``fn``/``scale``/``base``/``norm_weight``/``out_norm_weight`` are site s's.
@@ -329,7 +390,8 @@ def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_m
     Returns ``(new_residual, layer_input, pre, post_mix, comb_mix)`` (the last three: site s's). Its floor is
     ``(2n+2)*C`` elements per token: the residual and the layer output read once, the new residual and the
     layer input written once. ``layer_output_partial`` / ``group``: tensor-parallel serving, as in
-    :func:`mhc_post` (the all-reduce runs first).
+    :func:`mhc_post` (the all-reduce runs first). ``out_fp8``: also the FP8 copy of the layer input, as in
+    :func:`mhc_pre`.
 
     Example::
 
@@ -344,7 +406,7 @@ def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_m
     out = call("post_pre_sp", layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
                _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
                _float(sinkhorn_eps), _float(out_norm_eps))
-    return out[:5]
+    return out[:5] + _fp8_copy("post_pre_sp", out[1], out_fp8)
 
 
 def mhc_head_sp(residual: Tensor, pre: Optional[Tensor] = None, *, out_norm_weight: Optional[Tensor] = None,

@@ -42,12 +42,14 @@ Sym = Union[str, int]
 
 ACT = "act"
 MIX = "mix"
+FP8 = "fp8"        # float8_e4m3fn codes (outputs only)
 
 # Scalar value classes.
 EPS = "eps"        # finite float >= 0 (an offset that may be zero: pre_eps)
 POS = "pos"        # finite float > 0 (a guard against 0/0 or rsqrt(0): norm_eps, sinkhorn_eps; post_mult)
 ITERS = "iters"    # int in [1, MAX_SINKHORN_ITERS]
 COUNT = "count"    # int >= 1 that binds the stream count n (expand)
+GROUP = "group"    # int in FP8_GROUPS: the FP8 quantisation group along C (binds G = C / group)
 
 # Sinkhorn rounds are unrolled into the GPU kernels (each count compiles its own TileLang kernel) and
 # replayed in reverse by the backward; far past convergence (a few dozen rounds for the logits the
@@ -55,7 +57,13 @@ COUNT = "count"    # int >= 1 that binds the stream count n (expand)
 MAX_SINKHORN_ITERS = 1000
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FREE_SYMBOLS = ("r", "L")
+FREE_SYMBOLS = ("r", "L", "G")
+
+# FP8 layer-input formats (contract §15): the public name -> the group along C. A group of 128 has a float32
+# scale (amax / 448, the Hopper FP8 GEMM convention), a group of 32 a power-of-two scale (E8M0, Blackwell MX).
+FP8_FORMATS = {"e4m3_g128": 128, "e4m3_g32": 32}
+FP8_GROUPS = tuple(sorted(FP8_FORMATS.values()))
+FP8_DTYPE = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -129,14 +137,18 @@ def dim_value(sym: Sym, n, C, sizes=None):
     raise KeyError(f"unknown shape symbol {sym!r}")
 
 
-def default_sizes(n) -> dict:
-    """Free symbols' values where a cost model is asked without them: a site's ``m`` rows, one layer."""
-    return {"r": mix_count(n), "L": 1}
+def default_sizes(n, C=None) -> dict:
+    """Free symbols' values where a cost model is asked without them: a site's ``m`` rows, one layer, FP8
+    groups of 128 (of 32 when C is not a multiple of 128)."""
+    out = {"r": mix_count(n), "L": 1}
+    if C is not None:
+        out["G"] = max(1, C // 128 if C % 128 == 0 else C // 32)
+    return out
 
 
 def format_template(shape: tuple[Sym, ...]) -> str:
     """``("*", "n", "C")`` -> ``(..., n, C)``; ``("m",)`` -> ``(m,)``; ``("r", "K")`` -> ``(rows, K)``."""
-    parts = ["..." if s == "*" else "rows" if s == "r" else str(s) for s in shape]
+    parts = ["..." if s == "*" else "rows" if s == "r" else "C/group" if s == "G" else str(s) for s in shape]
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
@@ -200,7 +212,7 @@ class OpSpec:
         for a in self.args:
             if isinstance(a, TensorArg):
                 p = f"Tensor{'?' if a.optional else ''} {a.name}"
-            elif a.kind in (ITERS, COUNT):
+            elif a.kind in (ITERS, COUNT, GROUP):
                 p = f"int {a.name}"
             else:
                 p = f"float {a.name}"
@@ -214,7 +226,7 @@ class OpSpec:
 
     # -- cost model ------------------------------------------------------------
     def tensor_numel(self, t: TensorArg, T: int, n: int, C: int, sizes=None) -> int:
-        sizes = sizes or default_sizes(n)
+        sizes = sizes or default_sizes(n, C)
         numel = 1
         for s in t.shape:
             numel *= T if s == "*" else dim_value(s, n, C, sizes)
@@ -228,7 +240,7 @@ class OpSpec:
         named in ``present``. ``sizes`` binds the free symbols (``r``: fn's rows,
         default ``m``; ``L``: layers, default 1).
         """
-        sizes = {**default_sizes(n), **sizes}
+        sizes = {**default_sizes(n, C), **sizes}
         act = torch.empty((), dtype=dtype).element_size()
         mix = 8 if dtype == torch.float64 else 4
         if not self.has_act:
@@ -237,7 +249,8 @@ class OpSpec:
         for t in self.tensor_args + self.outputs:
             if t.optional and t.name not in present:
                 continue
-            total += self.tensor_numel(t, T, n, C, sizes) * (act if t.kind == ACT else mix)
+            width = act if t.kind == ACT else 1 if t.kind == FP8 else mix
+            total += self.tensor_numel(t, T, n, C, sizes) * width
         return total
 
     def flops(self, T: int, n: int, C: int, iters: int = 20, **sizes) -> float:
@@ -544,6 +557,18 @@ _register(OpSpec(
     "residual",
     lambda T, n, C, I, z: 3 * T * n * C,
     "mhc_head_sp backward (d_out_norm_weight is zeros without a weight)",
+))
+
+# -- FP8 copy of the layer input (contract §15) --------------------------------------------------------------
+_register(OpSpec(
+    "quantize_fp8",
+    (_hidden("x"), ScalarArg("group", GROUP, 128)),
+    (_t("codes", ("*", "C"), FP8), _t("scales", ("*", "G"))),
+    "x",
+    lambda T, n, C, I, z: 7 * T * C,   # finite test, |x|, the group max, x / scale, saturation (2), rounding
+    "e4m3 codes of x with one scale per group of `group` elements along C (128: float32 amax/448; 32: a power "
+    "of two), from x's stored values; not differentiable (a copy for the next FP8 GEMM)",
+    differentiable=False,
 ))
 
 # Forward ops (each exposed as a public function; all but multilayer_recompute differentiable) and the

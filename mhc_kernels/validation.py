@@ -25,7 +25,12 @@ from .specs import (
     ACT_DTYPES,
     COUNT,
     EPS,
+    FP8,
+    FP8_DTYPE,
+    FP8_FORMATS,
+    FP8_GROUPS,
     FREE_SYMBOLS,
+    GROUP,
     ITERS,
     MAX_SINKHORN_ITERS,
     POS,
@@ -94,7 +99,7 @@ class Call:
         out = []
         for t in self.spec.outputs:
             out.append((_full_shape(t.shape, self.lead, self.n, self.C, self.sizes),
-                        self.act_dtype if t.kind == ACT else self.mix_dtype))
+                        self.act_dtype if t.kind == ACT else FP8_DTYPE if t.kind == FP8 else self.mix_dtype))
         return out
 
     def unflatten(self, outputs):
@@ -136,6 +141,12 @@ def _fail(spec: OpSpec, msg: str, cls=MHCInputError):
 def _check_scalar(where: str, arg, value):
     """``value`` against the value class of ``arg`` (a :class:`~mhc_kernels.specs.ScalarArg`); errors start
     with ``where`` (``mhc.<op>`` at the op boundary, the module's name at construction)."""
+    if arg.kind == GROUP:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in FP8_GROUPS:
+            names = ", ".join(f"{g} ({f!r})" for f, g in FP8_FORMATS.items())
+            _raise(where, f"argument '{arg.name}' (the FP8 group along C) must be one of {names}; got {value!r}",
+                   MHCDtypeError if isinstance(value, bool) or not isinstance(value, int) else MHCInputError)
+        return
     if arg.kind in (ITERS, COUNT):
         if isinstance(value, bool) or not isinstance(value, int):
             _raise(where, f"argument '{arg.name}' must be an int; got {type(value).__name__} {value!r}", MHCDtypeError)
@@ -264,7 +275,7 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
         elif sym == "m":
             n = _solve_n_from_m(spec, p_arg.name, size)
     # scalars (expand's stream count binds n)
-    iters = None
+    iters = group = None
     for a, v in zip(spec.args, args):
         if not isinstance(a, TensorArg):
             _check_scalar(f"mhc.{spec.name}", a, v)
@@ -272,6 +283,8 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
                 n = v
             elif a.kind == ITERS:
                 iters = v
+            elif a.kind == GROUP:
+                group = v
     if n is not None and n < 1:
         _fail(spec, f"argument '{p_arg.name}' has n = {n} streams (shape {tuple(prim.shape)}); n must be >= 1")
     if C is not None and C < 1:
@@ -285,6 +298,13 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
 
     # -- every other tensor argument
     sizes: dict = {}
+    if group is not None:   # FP8 groups along C
+        if C is not None and C % group:
+            fmt = next(f for f, g in FP8_FORMATS.items() if g == group)
+            _fail(spec, f"argument '{p_arg.name}' has C = {C} columns (shape {tuple(prim.shape)}), not a multiple of "
+                        f"the FP8 group {group} ({fmt!r}): every group must be whole (pad C, or take "
+                        f"{'e4m3_g32' if C % 32 == 0 else 'a C that is a multiple of 32'})")
+        sizes["G"] = (C or 1) // group
     out_args = list(args)
     for i, (a, v) in enumerate(zip(spec.args, args)):
         if not isinstance(a, TensorArg):

@@ -34,6 +34,7 @@ PRIMITIVES = {
     "post_bwd": torch_ref.post_bwd,
     "expand": torch_ref.expand_fwd,
     "expand_bwd": torch_ref.expand_bwd,
+    "quantize_fp8": torch_ref.quantize_fp8_fwd,
 }
 
 for _op, _fn in PRIMITIVES.items():

@@ -450,6 +450,42 @@ _case(OpCase(
     ("residual", "pre", "out_norm_weight"), ("out_norm_eps",), grad_scales={"pre": _collapse_grad_scale("pre", 0)}))
 
 
+FP8_NAMES = {128: "e4m3_g128", 32: "e4m3_g32"}
+
+
+def fp8_width(C: int) -> int:
+    """The width a quantize_fp8 case uses for a requested ``C``: rounded up to whole groups of 128 (any group
+    then fits, and the schema's default group 128 works)."""
+    return max(128, -(-C // 128) * 128)
+
+
+def _make_quantize(gen, lead, n, C, dtype, device, nw, consts):
+    """A layer input of whole FP8 groups (``fp8_width``; groups of 32 for an odd ``C``, else 128) with magnitudes
+    over 16 decades across tokens (8 in fp16), an all-zero first group, and values at the e4m3 rounding ties of
+    its scale."""
+    Cq = fp8_width(C)
+    group = 32 if C % 2 else 128        # an odd requested C exercises the E8M0 groups of 32
+    T = int(np.prod(lead)) if lead else 1
+    span = 4 if dtype == torch.float16 else 8       # within fp16's range
+    mag = torch.logspace(-span, span, max(T, 1), dtype=torch.float64)[:T].reshape(tuple(lead) + (1,))
+    x = torch.randn(tuple(lead) + (Cq,), generator=gen, dtype=torch.float64) * mag
+    if x.numel():
+        flat = x.reshape(-1, Cq)
+        flat[0, :group] = 0.0
+        if T > 1:   # exact ties of the grid: 448 * (k + 1/2) / 8 over a group whose amax is 448
+            ties = [448.0] + [(8 + k % 8 + 0.5) * 2.0 ** (k % 5 - 2) for k in range(1, group)]
+            flat[1, :group] = torch.tensor(ties, dtype=torch.float64)
+    return {"x": x.to(dtype=dtype, device=device), "group": group}
+
+
+_case(OpCase(
+    "quantize_fp8", _make_quantize,
+    lambda mk, d: mk.quantize_fp8(d["x"], FP8_NAMES[d["group"]]),
+    lambda d: oracle.quantize_fp8(d["x"], d["group"]),
+    lambda d: transcription.quantize_fp8(d["x"], d["group"]),
+    ()))
+
+
 RECOMPUTE_OP = "multilayer_recompute"
 DEFAULT_LAYERS = 3  # sites of a multilayer_recompute input unless told otherwise
 _RECOMPUTE_ARGS = ("residual", "layer_outputs", "pre_mix", "post_mix", "comb_mix")

@@ -170,3 +170,44 @@ def post_pre_sp(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale,
 def mhc_head_sp(residual, pre, out_norm_weight=None, out_norm_eps=1e-6):
     """contract §14: the final collapse with the last site's pre, optionally normalised."""
     return collapse_norm(residual, pre, out_norm_weight, out_norm_eps)
+
+
+# -- FP8 copy of the layer input (contract §15) ---------------------------------------------------------------
+E4M3_MAX = 448.0       # largest finite float8_e4m3fn
+FP8_AMAX_FLOOR = 1e-4  # a group's amax is taken as at least this (an all-zero group gets a finite scale)
+
+
+def e4m3_round(q):
+    """The float8_e4m3fn value nearest to each finite ``q`` (ties to even), saturated to +-448: on the grid
+    of step 2^(e-3) for |q| in [2^e, 2^(e+1)), e >= -6, and 2^-9 below 2^-6 (the subnormals)."""
+    q = np.asarray(q, dtype=np.float64)
+    a = np.minimum(np.abs(q), E4M3_MAX)
+    _, e = np.frexp(a)                        # a = m * 2^e with m in [0.5, 1)
+    step = np.ldexp(1.0, np.maximum(e - 1, -6) - 3)
+    r = np.minimum(np.round(a / step) * step, E4M3_MAX)   # np.round: half to even
+    return np.copysign(r, q)
+
+
+def quantize_fp8(x, group=128):
+    """contract §15: -> (codes (..., C), scales (..., C/group)) as float64 values.
+
+    ``v`` = x's values in float32. Per group of ``group`` elements along C: ``a = max(amax |v|, 1e-4)``;
+    group 128: ``scale = fl32(a / 448)``; group 32: ``scale = 2^ceil(log2(fl32(a / 448)))`` (E8M0);
+    ``codes = e4m3(fl32(v / scale))`` (nearest, ties to even, saturated). A group with an inf or NaN gets a NaN
+    scale and NaN codes."""
+    v = np.asarray(f64(x), dtype=np.float32).astype(np.float64)
+    C = v.shape[-1]
+    g = v.reshape(v.shape[:-1] + (C // group, group))
+    finite = np.isfinite(g).all(-1)
+    amax = np.where(finite, np.abs(np.where(np.isfinite(g), g, 0.0)).max(-1), 0.0)
+    a = np.maximum(amax, np.float64(np.float32(FP8_AMAX_FLOOR)))
+    r = (a.astype(np.float32) / np.float32(E4M3_MAX)).astype(np.float64)
+    if group == 32:
+        m, e = np.frexp(r)
+        scale = np.ldexp(1.0, np.where(m == 0.5, e - 1, e))
+    else:
+        scale = r
+    q = (g.astype(np.float32) / scale[..., None].astype(np.float32)).astype(np.float64)
+    codes = e4m3_round(np.where(finite[..., None], q, 0.0))
+    codes = np.where(finite[..., None], codes, np.nan).reshape(v.shape)
+    return codes, np.where(finite, scale, np.nan)

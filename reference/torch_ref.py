@@ -214,3 +214,22 @@ def expand_fwd(hidden, n):
 def expand_bwd(grad):
     md = torch.float64 if grad.dtype == torch.float64 else torch.float32
     return grad.sum(dim=1, dtype=md).to(grad.dtype)
+
+
+# -- FP8 copy of the layer input (contract §15) ---------------------------------------------------------------
+def quantize_fp8_fwd(x: Tensor, group: int):
+    """-> (codes (T, C) float8_e4m3fn, scales (T, C/group) float32): per group of ``group`` along C,
+    ``a = max(amax |x|, 1e-4)``, scale ``a / 448`` (group 128) or its power of two rounded up (group 32, E8M0),
+    codes ``e4m3(x / scale)`` rounded to nearest even and saturated; a group with an inf or NaN gets NaN."""
+    v = x.float()
+    g = v.unflatten(-1, (v.shape[-1] // group, group))
+    finite = torch.isfinite(g).all(-1)
+    a = torch.where(torch.isfinite(g), g, 0.0).abs().amax(-1).clamp_min(1e-4)
+    r = a / 448.0
+    if group == 32:
+        m, e = torch.frexp(r)
+        r = torch.ldexp(torch.ones_like(r), e - (m == 0.5).to(e.dtype))
+    q = torch.where(finite.unsqueeze(-1), g / r.unsqueeze(-1), torch.nan)
+    codes = q.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)   # nearest even; NaN stays NaN
+    scales = torch.where(finite, r, torch.nan)
+    return codes.flatten(-2), scales.double() if x.dtype == torch.float64 else scales

@@ -129,3 +129,20 @@ def post_pre_sp(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale,
 
 def mhc_head_sp(residual, pre, out_norm_weight=None, out_norm_eps=1e-6):
     return collapse_norm(residual, pre, out_norm_weight, out_norm_eps)
+
+
+# -- FP8 copy of the layer input (contract §15) ---------------------------------------------------------------
+def quantize_fp8(x, group=128):
+    """Per group of ``group`` along C: scale from the amax (float32 amax/448, or its power of two at 32), codes
+    ``e4m3(x / scale)`` (torch's cast: nearest, saturating); NaN scale and codes for a group with inf/NaN."""
+    v = x.float()
+    g = v.unflatten(-1, (v.shape[-1] // group, group))
+    finite = torch.isfinite(g).all(-1)
+    a = g.abs().amax(-1).clamp_min(1e-4)
+    scale = a / 448.0
+    if group == 32:
+        m, e = torch.frexp(scale)
+        scale = torch.ldexp(torch.ones_like(scale), e - (m == 0.5).int())
+    scale = torch.where(finite, scale, torch.nan)
+    codes = (g / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return codes.flatten(-2), scale

@@ -44,14 +44,18 @@ OTHER_ARCH = ["post_fwd", "post_bwd", "pre_apply_mix_fwd", "norm_fn_fwd", "split
               "mhc_pre_tail", "post_project", "post_pre_sp_project", "mhc_pre_sp_tail"]
 
 
+FP8 = ("quantize_fp8",)   # n-independent, and C must be whole groups of 32 (not 200)
+
+
 def _cases():
     cases = []  # (kernel, arch, n, C, dtype key, full build)
     for n in (1, 2, 4, 8):
         for k in ALL:
-            cases.append((k, "sm_90a", n, 4096, "bf16", n == 4))
+            if k not in FP8 or n == 4:
+                cases.append((k, "sm_90a", n, 4096, "bf16", n == 4))
     for C in (1280, 7168):
         cases += [(k, "sm_90a", 4, C, "bf16", False) for k in C_SWEEP_MAIN]
-    cases += [(k, "sm_90a", 4, 200, "bf16", False) for k in ACT]
+    cases += [(k, "sm_90a", 4, 200, "bf16", False) for k in ACT if k not in FP8]
     cases += [(k, "sm_90a", 4, 201, "bf16", False) for k in ("pre_apply_mix_fwd", "post_fwd", "norm_fn_fwd",
                                                                          "mhc_pre_tail", "post_project")]
     for dt in ("fp16", "fp32"):
@@ -545,6 +549,8 @@ def test_every_op_registered_with_configs():
         assert k is not None and k.tunable, op
         for n in (1, 2, 4, 8):
             for C in (1, 200, 4096):
+                if op == "quantize_fp8" and C % 32:
+                    continue   # refused at the boundary: FP8 groups must be whole
                 for T in (1, 13, 16384):
                     call = fabricate_call(op, T, n, C, torch.bfloat16)
                     cfg = k.default_config(call)

@@ -17,7 +17,7 @@ from typing import Callable
 from mhc_kernels import composite
 from mhc_kernels.registry import Kernel, register_kernel
 
-from . import fused, mixes, norm, streaming
+from . import fp8, fused, mixes, norm, streaming
 from .common import shape_of, supports_call
 
 
@@ -66,6 +66,8 @@ OPS: dict[str, OpDef] = {
     "post_bwd": _streaming("post_bwd", streaming.post_bwd),
     "expand": _streaming("expand", streaming.expand_fwd),
     "expand_bwd": _streaming("expand_bwd", streaming.expand_bwd),
+    "quantize_fp8": OpDef(fp8.quantize_fp8_fwd, lambda s: fp8.default_config("quantize_fp8", s),
+                          lambda s: fp8.config_space("quantize_fp8", s)),
     # the composites this backend fuses (overrides of mhc_kernels.composite's)
     "mhc_pre": _fused("mhc_pre", fused.mhc_pre_fwd),
     "post_pre": _fused("post_pre", fused.post_pre_fwd),

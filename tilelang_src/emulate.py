@@ -105,7 +105,7 @@ def _build_library(src: str) -> ctypes.CDLL:
 
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-                 "int32": torch.int32, "int64": torch.int64}
+                 "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
 
 # Guard zones: every tensor is handed to the kernel inside a copy with GUARD elements before and after,
 # filled with a NaN of a distinctive payload (bit patterns per element size). A write out of bounds (within
@@ -114,7 +114,7 @@ _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 GUARD = 1024
 _GUARD_BITS = {torch.float32: (torch.int32, 0x7FA5A5A5), torch.bfloat16: (torch.int16, 0x7FA5),
                torch.float16: (torch.int16, 0x7E5A), torch.int32: (torch.int32, 0x5A5A5A5A),
-               torch.int64: (torch.int64, 0x5A5A5A5A5A5A5A5A)}
+               torch.int64: (torch.int64, 0x5A5A5A5A5A5A5A5A), torch.uint8: (torch.uint8, 0xA5)}
 
 
 def _guarded(a: torch.Tensor) -> torch.Tensor:

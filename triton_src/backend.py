@@ -20,7 +20,7 @@ import functools
 from mhc_kernels import composite
 from mhc_kernels.registry import Kernel, register_kernel
 
-from . import common, mix, norm_fn, single_pass, sinkhorn
+from . import common, fp8, mix, norm_fn, single_pass, sinkhorn
 
 # op -> (module, launch wrapper); each module declares config_space(op, call) / default_config(op, call)
 # Each kernel module and the primitive ops it serves; an op's launch wrapper is ``<op>_fwd`` for a forward
@@ -29,6 +29,7 @@ MODULES = {
     norm_fn: ("norm_fn", "norm_fn_bwd"),
     sinkhorn: ("split_mixes", "split_mixes_bwd", "sinkhorn", "sinkhorn_bwd"),
     mix: ("pre_apply_mix", "pre_apply_mix_bwd", "post", "post_bwd", "expand", "expand_bwd"),
+    fp8: ("quantize_fp8",),
 }
 PRIMITIVES = {op: (mod, getattr(mod, op if op.endswith("_bwd") else f"{op}_fwd"))
               for mod, ops in MODULES.items() for op in ops}
