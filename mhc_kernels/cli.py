@@ -69,6 +69,9 @@ def _add_bench(sub):
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print the change against an earlier run")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --quick on CPU: 1)")
+    p.add_argument("--decode", action="store_true",
+                   help="decode latency instead: µs per boundary (post_pre, post_pre_sp with the sublayer norm) at "
+                        "T in {1, 2, 4, 8, 16, 64} (or --tokens), eager and replayed from a CUDA graph")
 
 
 def _add_compile(sub):

@@ -122,6 +122,8 @@ def run(args) -> int:
     if quick and "compile" not in baselines:
         notes.append("--quick leaves out the torch.compile baseline (compiling takes longer than the whole run); "
                      "add --baselines eager,compile to include it")
+    if getattr(args, "decode", False):
+        return _run_decode(con, args, dev, backends, notes)
     cfg = runner.SweepConfig(
         targets=ops, backends=backends, baselines=baselines, tokens=tokens, ns=ns, hiddens=hiddens,
         dtype=DTYPES_BY_NAME[args.dtype], device=str(dev),
@@ -173,3 +175,34 @@ def run(args) -> int:
     con.print(f"[dim]{len(records)} measurements in {time.perf_counter() - t_start:.1f} s[/]")
     # a failing backend fails the command; a failing baseline (e.g. no compiler for torch.compile) only warns
     return 0 if all(r["status"] != "error" or r["impl_kind"] == "baseline" for r in records) else 1
+
+
+def _run_decode(con, args, dev, backends, notes) -> int:
+    """``bench --decode``: the decode table (bench/decode.py) and ``decode.json``."""
+    import json
+
+    from rich.table import Table
+
+    from mhc_kernels.bench import decode
+
+    tokens = _split(args.tokens, int) or list(decode.DECODE_TOKENS)
+    n = (_split(args.n, int) or [4])[0]
+    C = (_split(args.hidden, int) or [4096])[0]
+    with con.status("timing decode boundaries ..."):
+        rows = decode.run_decode(backends, tokens, n, C, DTYPES_BY_NAME[args.dtype], dev)
+    tab = Table(title=f"decode: µs per boundary on {dev} (n={n}, C={C}, {args.dtype}, with the sublayer norm)")
+    for col, just in (("op", "left"), ("backend", "left"), ("T", "right"), ("eager µs", "right"),
+                      ("CUDA graph µs", "right"), ("note", "left")):
+        tab.add_column(col, justify=just)
+    for r in rows:
+        tab.add_row(r.op, r.backend, str(r.T), "—" if r.eager_us is None else f"{r.eager_us:,.1f}",
+                    "—" if r.graph_us is None else f"{r.graph_us:,.1f}", escape(r.note))
+    con.print(tab)
+    for note in notes:
+        con.print(f"[dim]Note: {escape(note)}[/]")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps({"device": str(dev), "n": n, "C": C, "dtype": args.dtype,
+                                                 "rows": [r.to_dict() for r in rows]}, indent=1))
+    con.print(f"wrote {out / 'decode.json'}")
+    return 0 if all(r.eager_us is not None for r in rows) else 1
