@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from .errors import MHCError, MHCInputError
-from .specs import SPECS, OpSpec, TensorArg, format_template
+from .specs import SPECS, OpSpec, TensorArg, format_template, token_axis
 
 _DTENSOR_MODULE = "torch.distributed.tensor"
 _registered = False
@@ -126,13 +126,7 @@ def _names(names) -> str:
 
 
 # -- the rules --------------------------------------------------------------------------------------------
-def _token_axis(shape) -> Optional[int]:
-    """Where the token dims sit in a tensor of this template (0; 1 behind a layer dim ``L``), or None."""
-    if shape and shape[0] == "*":
-        return 0
-    if len(shape) > 1 and shape[0] == "L" and shape[1] == "*":
-        return 1
-    return None
+_token_axis = token_axis
 
 
 def _dim_name(template, at: Optional[int], lead: int, d: int) -> str:

@@ -34,7 +34,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -135,6 +135,16 @@ def dim_value(sym: Sym, n, C, sizes=None):
     if sym in FREE_SYMBOLS and sizes is not None and sym in sizes:
         return sizes[sym]
     raise KeyError(f"unknown shape symbol {sym!r}")
+
+
+def token_axis(shape) -> Optional[int]:
+    """Where the token dims sit in a tensor of this shape template: 0, 1 behind a layer dim ``L``, or None
+    (a parameter: no token dims)."""
+    if shape and shape[0] == "*":
+        return 0
+    if len(shape) > 1 and shape[0] == "L" and shape[1] == "*":
+        return 1
+    return None
 
 
 def default_sizes(n, C=None) -> dict:

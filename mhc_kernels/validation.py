@@ -40,6 +40,7 @@ from .specs import (
     TensorArg,
     dim_value,
     format_template,
+    token_axis,
 )
 
 _ACT_NAMES = "bfloat16, float16 or float32"
@@ -115,13 +116,7 @@ class Call:
         return res[0] if len(res) == 1 else tuple(res)
 
 
-def _token_axis(shape) -> Optional[int]:
-    """Where the token dims sit in a tensor of this shape template (0, or 1 behind a layer dim)."""
-    if shape and shape[0] == "*":
-        return 0
-    if len(shape) > 1 and shape[0] == "L" and shape[1] == "*":
-        return 1
-    return None
+_token_axis = token_axis
 
 
 def _full_shape(shape, lead, n, C, sizes) -> tuple:
