@@ -106,3 +106,21 @@ def test_the_mode_nests_and_the_environment_switches_it_on():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, MHC_KERNELS_BATCH_INVARIANT="maybe"))
     assert r.returncode != 0 and "MHC_KERNELS_BATCH_INVARIANT='maybe'" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "tilelang", "reference"])
+@pytest.mark.parametrize("op", BOUNDARY_OPS)
+def test_each_row_equals_the_row_alone_on_the_gpu(backend_name, op):
+    """Production sizes on a GPU, where the default K split does depend on T (tensor-core dots included)."""
+    if not mk.available_backends("cuda")[backend_name].available:
+        pytest.skip(mk.available_backends("cuda")[backend_name].reason)
+    for T in (1, 300, 4096):
+        d = cases.make_inputs(op, (T,), 4, 4096, torch.bfloat16, "cuda", norm_weight=True, seed=T)
+        case = cases.CASES[op]
+        with torch.no_grad(), mk.use_backend(backend_name), mk.batch_invariant():
+            full = case.run(mk, d)
+            for p in sorted({0, T // 2, T - 1}):
+                alone = case.run(mk, _token_rows(op, d, T, slice(p, p + 1)))
+                for i, (a, b) in enumerate(zip(full, alone)):
+                    assert torch.equal(a[p:p + 1], b), f"{backend_name} {op} T={T} row {p} output {i}"

@@ -149,3 +149,17 @@ def test_codes_times_scales_reconstruct_the_input():
         back = codes.float().unflatten(-1, (-1, group)) * scales.float().unsqueeze(-1)
         err = (back.flatten(-2) - x.float()).abs()
         assert bool((err <= x.float().abs() * 2 ** -4 + scales.float().repeat_interleave(group, -1) * 2 ** -10).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "tilelang", "reference"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_codes_and_scales_equal_the_oracle_on_the_gpu(backend_name, fmt):
+    """Production width on a GPU: the division and rounding instructions the hardware runs."""
+    if not mk.available_backends("cuda")[backend_name].available:
+        pytest.skip(mk.available_backends("cuda")[backend_name].reason)
+    group = FORMATS[fmt]
+    x = _awkward_input(64, 7168, group, torch.bfloat16)
+    with mk.use_backend(backend_name):
+        codes, scales = mk.quantize_fp8(x.cuda(), fmt)
+    _assert_exact(codes.cpu(), scales.cpu(), x, group)
