@@ -113,8 +113,17 @@ def _add_check(sub):
     p.add_argument("--verbose", action="store_true", help="one row per case instead of one per op")
 
 
-COMMANDS = {"info": _add_info, "autotune": _add_autotune, "example": _add_example, "bench": _add_bench,
-            "compile": _add_compile, "demo": _add_demo, "check": _add_check}
+def _add_selftest(sub):
+    p = sub.add_parser("selftest", help="the acceptance run of a new machine in a time budget: environment, check of "
+                                        "every backend, the GPU test tier, bench --quick (selftest.json/.md)")
+    p.add_argument("--time-budget", type=float, default=480, help="seconds for the whole run (default: 480)")
+    p.add_argument("--out", default="selftest-results", help="output directory (default: selftest-results)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--skip", nargs="+", choices=["check", "tests", "bench"], default=None, help="stages to leave out")
+
+
+COMMANDS = {"info": _add_info, "selftest": _add_selftest, "autotune": _add_autotune, "example": _add_example,
+            "bench": _add_bench, "compile": _add_compile, "demo": _add_demo, "check": _add_check}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,6 +109,7 @@ def test_the_mode_nests_and_the_environment_switches_it_on():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("backend_name", ["triton", "tilelang", "reference"])
 @pytest.mark.parametrize("op", BOUNDARY_OPS)
 def test_each_row_equals_the_row_alone_on_the_gpu(backend_name, op):

@@ -80,6 +80,7 @@ def test_bench_decode_writes_a_row_per_boundary_and_token_count(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("backend", ["triton", "tilelang", "reference"])
 @pytest.mark.parametrize("op", decode.DECODE_OPS)
 def test_a_captured_boundary_replays_what_eager_computes(backend, op):

@@ -152,6 +152,7 @@ def test_codes_times_scales_reconstruct_the_input():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_smoke
 @pytest.mark.parametrize("backend_name", ["triton", "tilelang", "reference"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_codes_and_scales_equal_the_oracle_on_the_gpu(backend_name, fmt):

@@ -26,9 +26,17 @@ from mhc_kernels.reference import cases, torch_ref  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 OPS = tuple(cases.CASES)  # norm_fn, split_mixes, sinkhorn, pre_apply_mix, post, mhc_pre, expand, mhc_head, post_pre
+SMOKE = pytest.mark.gpu_smoke   # the short tier: production n=4 at T=1 and a few hundred, odd C, T=0
+
+
+def smoke(*values):
+    return pytest.param(*values, marks=SMOKE)
+
+
 SHAPES = [  # (n, C, T)
-    (4, 4096, 16384), (4, 7168, 4096), (4, 1280, 37), (4, 200, 13), (4, 201, 5),
-    (1, 4096, 1), (2, 4096, 1000), (8, 4096, 257), (8, 200, 3), (2, 1280, 0),
+    (4, 4096, 16384), (4, 7168, 4096), (4, 1280, 37), (4, 200, 13), smoke(4, 201, 5),
+    (1, 4096, 1), (2, 4096, 1000), (8, 4096, 257), (8, 200, 3), smoke(2, 1280, 0),
+    smoke(4, 4096, 1), smoke(4, 7168, 257),
 ]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -61,19 +69,19 @@ def test_every_config_in_the_space_is_correct():
     tilelang_checks.configs_in_the_space_are_correct("cuda", 77, 1280, lambda space: space[:12])
 
 
-@pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 2), (1, 201, 1, 1),
+@pytest.mark.parametrize("n,C,T,splits", [smoke(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 2), (1, 201, 1, 1),
                                           (2, 1280, 1000, 4)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_mhc_pre_equals_the_kernel_chain_bitwise(n, C, T, splits, dtype):
     tilelang_checks.fused_mhc_pre_equals_the_chain("cuda", n, C, T, splits, dtype)
 
 
-@pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 2)], ids=str)
+@pytest.mark.parametrize("n,C,T,splits", [smoke(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 2)], ids=str)
 def test_fused_mhc_pre_with_the_sublayer_norm_keeps_the_chain_coefficients(n, C, T, splits):
     tilelang_checks.fused_mhc_pre_equals_the_chain("cuda", n, C, T, splits, torch.bfloat16, out_norm=True)
 
 
-@pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 8), (4, 7168, 13, 1), (8, 200, 37, 3), (1, 201, 1, 2)],
+@pytest.mark.parametrize("n,C,T,splits", [smoke(4, 4096, 4096, 8), (4, 7168, 13, 1), (8, 200, 37, 3), (1, 201, 1, 2)],
                          ids=str)
 @pytest.mark.parametrize("mma", ["fma", "3xtf32"])
 def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma):
@@ -98,7 +106,7 @@ def test_norm_fn_split_k_paths_agree(splits):
 # K tails, float32 x, fn with n rows as in mhc_head). "3xtf32" is held to the float32 contract (it is what
 # config_space offers the tuner); plain "tf32" (~2^-11 relative per product) to 2e-3 of the largest output.
 MMA_SHAPES = [  # (n, C, T, dtype, splits, block_T, block_K)
-    (4, 4096, 300, torch.bfloat16, 1, 32, 128), (4, 4096, 300, torch.bfloat16, 4, 64, 64),
+    smoke(4, 4096, 300, torch.bfloat16, 1, 32, 128), (4, 4096, 300, torch.bfloat16, 4, 64, 64),
     (8, 200, 13, torch.bfloat16, 2, 32, 64), (1, 201, 37, torch.float32, 1, 32, 64),
     (2, 1280, 1000, torch.float16, 1, 64, 256), (4, 4096, 77, torch.float32, 3, 32, 128),
     (8, 7168, 64, torch.bfloat16, 1, 64, 64), (4, 201, 5, torch.bfloat16, 1, 64, 128),

@@ -171,7 +171,11 @@ def test_triton_does_not_serve_cpu_without_the_interpreter():
 # -- GPU ------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", list(cases.CASES))
-@pytest.mark.parametrize("T,n,C", [(16384, 4, 4096), (4096, 4, 7168), (1000, 8, 1280), (1, 2, 200)])
+@pytest.mark.parametrize("T,n,C", [(16384, 4, 4096), (4096, 4, 7168), (1000, 8, 1280), (1, 2, 200),
+                                   pytest.param(1, 4, 4096, marks=pytest.mark.gpu_smoke),
+                                   pytest.param(257, 4, 7168, marks=pytest.mark.gpu_smoke),
+                                   pytest.param(5, 4, 201, marks=pytest.mark.gpu_smoke),
+                                   pytest.param(0, 2, 1280, marks=pytest.mark.gpu_smoke)])
 def test_triton_matches_oracle_on_gpu(op, T, n, C):
     inputs = cases.make_inputs(op, (T,), n, 1 if op in OPS_WITHOUT_C else C, torch.bfloat16, "cuda",
                                norm_weight=True)

@@ -1,0 +1,52 @@
+"""``mhc-kernels selftest``: stages in a time budget, reports, exit status (mhc_kernels/commands/selftest.py)."""
+
+import json
+import time
+
+from mhc_kernels.commands import selftest
+from mhc_kernels.commands.selftest import Stage
+
+
+def test_cpu_run_reports_every_stage_and_writes_json_and_markdown(tmp_path, monkeypatch):
+    from mhc_kernels.cli import main
+
+    # a plain CPU machine: the stages' child processes see no Triton interpreter / TileLang emulator switch
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("MHC_TILELANG_EMULATE", raising=False)
+
+    rc = main(["selftest", "--device", "cpu", "--time-budget", "300", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "selftest.json").read_text())
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert stages["env"]["status"] == "passed" and stages["env"]["data"]["torch"]
+    assert stages["check:reference"]["status"] == "passed"
+    cases = stages["check:reference"]["data"]["cases"]
+    assert cases and all({"op", "case", "status", "worst_ratio", "max_abs_err"} <= set(c) for c in cases)
+    assert stages["tests"]["status"] == "not run" and "CUDA" in stages["tests"]["detail"]
+    assert stages["bench"]["status"] == "passed" and stages["bench"]["data"]["records"]
+    for b in ("triton", "tilelang"):        # not available on plain CPU: said so, not passed
+        assert stages[f"check:{b}"]["status"] == "not run" and "was not checked" in stages[f"check:{b}"]["detail"]
+    assert rc == 0 and doc["exit_status"] == 0
+    md = (tmp_path / "selftest.md").read_text()
+    assert "| check:reference | passed |" in md and "## Bandwidth" in md
+
+
+def test_a_stage_out_of_time_is_never_passed(tmp_path):
+    stages = selftest.selftest("cpu", 2.5, tmp_path, skip=())
+    by = {s.name: s for s in stages}
+    for name, s in by.items():
+        if name != "env":
+            assert s.status in ("not run", "timed out"), (name, s.status)
+    assert selftest.exit_status(stages) == 3
+
+
+def test_a_hanging_stage_is_killed_at_its_cap():
+    t0 = time.perf_counter()
+    rc, out, err, seconds = selftest._child("import time; print('started', flush=True); time.sleep(30)", 1.0)
+    assert rc is None and time.perf_counter() - t0 < 10
+    st = selftest._killed(Stage("bench"), 1.0, out)
+    assert st.status == "timed out" and "not passed" in st.detail
+
+
+def test_exit_status_is_one_when_anything_failed():
+    assert selftest.exit_status([Stage("env", "passed"), Stage("check:triton", "failed")]) == 1
+    assert selftest.exit_status([Stage("env", "passed"), Stage("tests", "not run", detail="no CUDA device")]) == 0
