@@ -106,14 +106,31 @@ def _killed(stage: Stage, cap: float, out: str) -> Stage:
     return stage
 
 
-def stage_env(deadline: float) -> Stage:
-    st, cap = Stage("env"), _cap("env", deadline)
-    rc, out, err, st.seconds = _child(_ENV_CODE, cap)
+def _no_time(st: Stage, cap: float, need: float) -> bool:
+    """Whether fewer than ``need`` seconds are left for the stage (then marked not run, with the reason)."""
+    if cap < need:
+        st.detail = "no time left in the budget"
+    return cap < need
+
+
+def _json_stage(st: Stage, cap: float, code: str, *argv: str) -> Optional[dict]:
+    """Run a stage's child (``code`` prints one JSON line) -> its JSON, or None with ``st`` marked timed out
+    or failed (the child's last stderr line)."""
+    rc, out, err, st.seconds = _child(code, cap, *argv)
     if rc is None:
-        return _killed(st, cap, out)
+        _killed(st, cap, out)
+        return None
     data = _last_json(out)
     if rc != 0 or data is None:
         st.status, st.detail = "failed", (err.strip().splitlines() or ["no output"])[-1][:300]
+        return None
+    return data
+
+
+def stage_env(deadline: float) -> Stage:
+    st, cap = Stage("env"), _cap("env", deadline)
+    data = _json_stage(st, cap, _ENV_CODE)
+    if data is None:
         return st
     st.status, st.data = "passed", data
     st.detail = (f"python {data['python']}, torch {data['torch']} (CUDA {data['torch_cuda']}), triton "
@@ -124,15 +141,10 @@ def stage_env(deadline: float) -> Stage:
 
 def stage_check(device: str, backend: str, deadline: float) -> Stage:
     st, cap = Stage(f"check:{backend}"), _cap("check", deadline)
-    if cap < 5:
-        st.detail = "no time left in the budget"
+    if _no_time(st, cap, 5):
         return st
-    rc, out, err, st.seconds = _child(_CHECK_CODE, cap, device, backend)
-    if rc is None:
-        return _killed(st, cap, out)
-    data = _last_json(out)
-    if rc != 0 or data is None:
-        st.status, st.detail = "failed", (err.strip().splitlines() or ["no output"])[-1][:300]
+    data = _json_stage(st, cap, _CHECK_CODE, device, backend)
+    if data is None:
         return st
     if data["unavailable"]:
         st.detail = f"{backend} was not checked: {data['unavailable'][backend]}"
@@ -158,8 +170,7 @@ def stage_tests(device: str, deadline: float, out_dir: Path) -> Stage:
     if not tests.is_dir():
         st.detail = f"no tests directory at {tests} (run selftest from a checkout to include the GPU tests)"
         return st
-    if cap < 20:
-        st.detail = "no time left in the budget"
+    if _no_time(st, cap, 20):
         return st
     junit = out_dir / "gpu_smoke.xml"
     code = ("import sys, pytest; sys.exit(pytest.main(['-q', '-m', 'gpu_smoke', '-p', 'no:cacheprovider', '-rfE', "
@@ -176,8 +187,7 @@ def stage_tests(device: str, deadline: float, out_dir: Path) -> Stage:
 
 def stage_bench(device: str, deadline: float, out_dir: Path) -> Stage:
     st, cap = Stage("bench"), _cap("bench", deadline)
-    if cap < 15:
-        st.detail = "no time left in the budget"
+    if _no_time(st, cap, 15):
         return st
     bdir = out_dir / "bench"
     code = ("import sys; from mhc_kernels.cli import main; sys.exit(main(['bench', '--quick', '--no-plots', "
