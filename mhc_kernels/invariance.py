@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Optional
 
@@ -38,7 +39,10 @@ REFERENCE_CHUNK = 32            # tokens per PyTorch call of the reference backe
 _MODE: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("mhc_kernels_batch_invariant", default=None)
 
 
+@functools.lru_cache(maxsize=1)
 def _env_enabled() -> bool:
+    """``MHC_KERNELS_BATCH_INVARIANT``, read once per process (every op call asks: not an environment
+    lookup on the hot path)."""
     v = os.environ.get(ENV_VAR, "").strip().lower()
     if v in ("", "0", "false", "no", "off"):
         return False
