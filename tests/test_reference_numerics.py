@@ -143,3 +143,77 @@ def test_reference_widening_the_residual_once_gives_the_shared_composites_bits(o
     plain = composite.composite_kernel(op, "reference", {p.name: kernel.parts[p.name] for p in layout})
     for a, b in zip(kernel(*call.args), plain(*call.args)):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+# -- the float64 oracle on the device (large shapes on a GPU) ------------------------------------------------
+class _Perturbed:
+    """``mhc_kernels`` with output ``index`` of op ``op`` moved by ``rel`` of its largest magnitude."""
+
+    def __init__(self, op, index, rel=0.05):
+        self.op, self.index, self.rel = op, index, rel
+
+    def __getattr__(self, name):
+        real = getattr(mk, name)
+        if name != self.op:
+            return real
+
+        def call(*args, **kwargs):
+            outs = list(real(*args, **kwargs))
+            o = outs[self.index]
+            outs[self.index] = o + (self.rel * float(o.detach().abs().max()) * torch.ones_like(o))
+            return tuple(outs)
+
+        return call
+
+
+def test_oracle_device_picks_the_numpy_oracle_on_cpu_and_obeys_the_switch(monkeypatch):
+    inputs = cases.make_inputs("post", (3,), 4, 8, torch.float32)
+    assert cases.oracle_device(inputs) is None            # auto: CPU inputs keep the NumPy oracle
+    monkeypatch.setenv(cases.ORACLE_ENV, "device")
+    assert cases.oracle_device(inputs) == torch.device("cpu")
+    monkeypatch.setenv(cases.ORACLE_ENV, "gpu")
+    with pytest.raises(ValueError, match="auto, numpy or device"):
+        cases.oracle_device(inputs)
+
+
+@pytest.mark.parametrize("op", [o for o in cases.CASES if o != cases.RECOMPUTE_OP])
+def test_the_device_oracle_judges_like_the_numpy_oracle(op, monkeypatch):
+    """The torch float64 oracle (what a GPU run uses at large shapes) gives the reference backend the verdicts
+    and nearly the error ratios of the NumPy oracle, forward and backward."""
+    inputs = cases.make_inputs(op, (5,), 4, 24, torch.bfloat16, norm_weight=True)
+    with mk.use_backend("reference"):
+        numpy_fwd = cases.check_forward(mk, op, inputs)
+        numpy_bwd = cases.check_backward(mk, op, inputs)
+        monkeypatch.setenv(cases.ORACLE_ENV, "device")
+        dev_fwd = cases.check_forward(mk, op, inputs)
+        dev_bwd = cases.check_backward(mk, op, inputs)
+    for a, b in zip(numpy_fwd + numpy_bwd, dev_fwd + dev_bwd):
+        assert a.name == b.name and a.ok and b.ok, (a, b)
+        assert abs(a.worst_ratio - b.worst_ratio) <= 0.05 + 0.05 * a.worst_ratio, (a, b)
+
+
+@pytest.mark.parametrize("mode", ["numpy", "device"])
+@pytest.mark.parametrize("op,index", [("post_pre", 0), ("post_pre", 1), ("mhc_pre", 0), ("post_pre_sp", 1)])
+def test_a_wrong_output_fails_under_either_oracle(op, index, mode, monkeypatch):
+    """A wrong output fails under both oracles -- post_pre's stored new residual included: its expectation and its
+    working-precision slack come from a pass without the backend's stored values (with them, a wrong new residual
+    was its own slack and passed at err/tol 0.25)."""
+    monkeypatch.setenv(cases.ORACLE_ENV, mode)
+    inputs = cases.make_inputs(op, (5,), 4, 24, torch.float32, norm_weight=True)
+    with mk.use_backend("reference"):
+        good = cases.check_forward(mk, op, inputs)
+        res = cases.check_forward(_Perturbed(op, index), op, inputs)
+    assert all(r.ok for r in good), good
+    assert not res[index].ok, res
+
+
+def test_the_device_oracle_checks_multilayer_recompute(monkeypatch):
+    from mhc_kernels.recompute import multilayer_recompute
+
+    monkeypatch.setenv(cases.ORACLE_ENV, "device")
+    inputs = cases.make_recompute_inputs((6,), 4, 16, 3, torch.bfloat16)
+    with mk.use_backend("reference"):
+        res = cases.check_recompute(multilayer_recompute, inputs)
+        bad = cases.check_recompute(lambda *a: tuple(o * 1.05 for o in multilayer_recompute(*a)), inputs)
+    assert all(r.ok for r in res), res
+    assert not all(r.ok for r in bad), bad
