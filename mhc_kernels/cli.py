@@ -78,13 +78,32 @@ def _add_compile(sub):
     p = sub.add_parser("compile", help="compile every GPU kernel ahead of time for real targets (no GPU needed) and "
                                        "report registers, spills and shared memory")
     p.add_argument("--backend", choices=["triton", "tilelang", "all"], default="all")
-    p.add_argument("--arch", action="append", choices=["sm_80", "sm_90a", "sm_100a"], default=None,
-                   help="target architecture; repeat for several (default: sm_90a)")
+    p.add_argument("--arch", action="append", choices=["sm_80", "sm_90a", "sm_100a", "emulated"], default=None,
+                   help="target architecture; repeat for several (default: sm_90a); 'emulated' (--fill-cache only): "
+                        "the CPU emulator's cache, for MHC_TILELANG_EMULATE=1 runs")
     p.add_argument("--n", type=int, default=4, help="stream count (default: 4)")
     p.add_argument("--hidden", type=int, default=4096, help="hidden width C (default: 4096)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="TileLang: the token counts T to build the run-time kernels for (default: 4096); the split "
+                        "counts and tail layouts depend on T")
+    p.add_argument("--sms", type=int, default=None,
+                   help="TileLang: the SM count configs are planned for (default: the arch's usual GPU: 108 for "
+                        "sm_80, 132 for sm_90a, 148 for sm_100a)")
     p.add_argument("--dtype", choices=list(ACT_DTYPE_NAMES), default="bf16")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
     p.add_argument("--emit-dir", default=None, metavar="DIR", help="write each kernel's PTX (and cubin) here")
+    p.add_argument("--fill-cache", action="store_true",
+                   help="TileLang: build the kernels a run will ask for (--for) into TileLang's kernel cache "
+                        "($TILELANG_CACHE_DIR, default ~/.tilelang/cache; 'emulated': $MHC_KERNELS_CACHE), for a GPU "
+                        "machine to reuse; no resource report")
+    p.add_argument("--for", dest="plan", default="selftest",
+                   choices=["selftest", "gpu-tests", "check", "bench"],
+                   help="--fill-cache: which run to fill the cache for (default: selftest = check + bench --quick + "
+                        "the gpu_smoke shapes; gpu-tests adds the full GPU tier's shapes)")
+    p.add_argument("--ops", nargs="+", default=None, help="--fill-cache: only these ops (default: every op)")
+    p.add_argument("--jobs", type=int, default=1, help="--fill-cache: parallel builds (default: 1)")
+    p.add_argument("--dry-run", action="store_true", help="--fill-cache: record and count the kernels, build nothing")
+    p.add_argument("--keys-out", default=None, metavar="PATH", help="--fill-cache: also write the recorded keys here")
 
 
 def _add_demo(sub):

@@ -6,8 +6,10 @@ the builds run in one child process per call, so the module-scoped fixtures comp
 kernel set once.
 """
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -162,3 +164,74 @@ def test_every_triton_kernel_compiles_clean_at_representative_shapes(arch, hidde
     records = aot.compile_all(arch, N, hidden, torch.bfloat16)
     _assert_clean(records, arch)
     assert {r["kernel"] for r in records} == {s.name for s in aot.collect_specs(N, hidden, torch.bfloat16)}
+
+
+# -- TileLang: the run time's kernel keys, and --fill-cache -----------------------------------------------
+needs_tilelang = pytest.mark.skipif(
+    importlib.util.find_spec("tilelang") is None or shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="needs tilelang and a host C++ compiler (the emulator)")
+
+
+@needs_tilelang
+def test_fill_cache_leaves_check_nothing_to_compile(tmp_path, monkeypatch):
+    """``compile --fill-cache --for check --arch emulated`` builds what ``check`` then launches: the emulator's
+    cache gains no entry during the check (the mix kernels are keyed C=1 float32 at run time, post by its own
+    layout; both were missed by the old one-config-per-kernel compile)."""
+    from mhc_kernels.tilelang_src import common, emulate
+
+    monkeypatch.setenv("MHC_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("MHC_TILELANG_EMULATE", "1")
+
+    def entries():
+        return sorted(p.name for p in (tmp_path / "tilelang_emu").glob("*.so"))
+
+    def cold():  # the next lookups go to the disk cache, as in a new process
+        common._compiled.cache_clear()
+        emulate._build_library.cache_clear()
+
+    ops = ["split_mixes", "post"]
+    cold()
+    assert cli.main(["compile", "--fill-cache", "--for", "check", "--arch", "emulated", "--ops", *ops]) == 0
+    filled = entries()
+    assert len(filled) >= 4
+    cold()
+    try:
+        assert cli.main(["check", "--device", "cpu", "--backends", "tilelang", "--ops", *ops]) == 0
+        assert entries() == filled, "check compiled kernels that --fill-cache did not build"
+    finally:
+        cold()
+
+
+@needs_tilelang
+def test_recorded_keys_follow_the_token_count_and_the_sm_count():
+    """The recorded keys are the run time's: norm_fn's split count depends on T and on the SM count, the mix
+    kernels are keyed C=1 float32, every optional-weight variant is there; nothing is compiled."""
+    from mhc_kernels.tilelang_src import runtime_keys
+
+    def split(keys):
+        return {dict(k.config)["split_K"] for k in keys if k.kernel == "mhc_pre_project"}
+
+    few, _ = runtime_keys.record_shapes([(1, 4, 4096, torch.bfloat16)], 132, ops=["mhc_pre", "split_mixes"])
+    many, _ = runtime_keys.record_shapes([(4096, 4, 4096, torch.bfloat16)], 132, ops=["mhc_pre", "split_mixes"])
+    small_gpu, _ = runtime_keys.record_shapes([(1, 4, 4096, torch.bfloat16)], 16, ops=["mhc_pre"])
+    assert split(few) != split(many) and split(few) != split(small_gpu)
+    mix = [k for k in few if k.kernel.startswith("split_mixes")]
+    assert mix and all(k.C == 1 and k.dtype == "float32" for k in mix)
+    assert {"mhc_pre_tail", "collapse_norm"} <= {k.kernel for k in few}   # without and with the out-norm weight
+    assert len(set(few)) == len(few)
+
+
+def test_fill_cache_dry_run_counts_the_plan(tmp_path, capsys):
+    pytest.importorskip("tilelang", reason="tilelang is not installed")
+    from mhc_kernels.tilelang_src import runtime_keys
+
+    out = tmp_path / "keys.json"
+    assert cli.main(["compile", "--fill-cache", "--for", "check", "--dry-run", "--keys-out", str(out)]) == 0
+    keys = runtime_keys.load(str(out))
+    assert len(keys) > 20 and "dry run, nothing built" in capsys.readouterr().out
+    assert {"mhc_pre_tail", "post_project", "sinkhorn_bwd"} <= {k.kernel for k in keys}
+
+
+def test_compile_refuses_the_emulated_arch_without_fill_cache(capsys):
+    assert cli.main(["compile", "--backend", "tilelang", "--arch", "emulated"]) == 2
+    assert "--fill-cache only" in capsys.readouterr().out

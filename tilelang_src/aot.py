@@ -1,14 +1,17 @@
 """Ahead-of-time compilation of every TileLang kernel for a GPU that need not be present.
 
-:func:`compile_all` builds each kernel (forward and backward) at its default config for
-one shape with ``tilelang.compile`` for a real CUDA arch (nvcc does the work, no GPU
-needed), then assembles the kernel's PTX (nvcc -ptx on the generated CUDA source,
-which is what tilelang 0.1.15's ``JITKernel._get_ptx`` does) with ``ptxas -v`` to
-read registers, spills and static shared memory (:mod:`mhc_kernels.ptxas`).
+:func:`compile_all` builds exactly the kernels the run time launches for the shapes it is given --
+the keys (configs, constants, split counts) recorded by replaying every op forward and backward on
+CPU with stub kernels (:mod:`.runtime_keys`) -- with ``tilelang.compile`` for a real CUDA arch
+(nvcc does the work, no GPU needed; TileLang's disk cache keeps each build), then assembles
+the kernel's PTX (nvcc -ptx on the generated CUDA source, which is what tilelang 0.1.15's
+``JITKernel._get_ptx`` does) with ``ptxas -v`` to read registers, spills and static shared
+memory (:mod:`mhc_kernels.ptxas`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -80,11 +83,13 @@ def _lower_to_ptx(prim, arch: str):
 
 
 def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, config: Optional[dict] = None,
-                emit_dir: Optional[str] = None, T: Optional[int] = None, full: bool = True) -> dict:
+                consts: Optional[dict] = None, emit_dir: Optional[str] = None, T: Optional[int] = None,
+                full: bool = True) -> dict:
     """Compile kernel ``name`` for ``arch``; returns the record described in :func:`compile_all`.
 
-    ``full=True`` builds with ``tilelang.compile`` (cubin and launcher, as at run time);
-    ``full=False`` stops at the PTX (lowering, codegen, ``nvcc -ptx``) -- the same source,
+    ``config`` / ``consts``: the kernel's config and compile-time constants (a recorded run-time key); by default
+    its AOT config and constants at ``T`` (``AOT_T``). ``full=True`` builds with ``tilelang.compile`` (cubin and
+    launcher, as at run time); ``full=False`` stops at the PTX (lowering, codegen, ``nvcc -ptx``) -- the same source,
     about half the time. The record also carries ``source`` (the CUDA) and ``ptx``.
     """
     _load_all()
@@ -96,7 +101,8 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
         import tilelang
 
         cfg = kdef.cfg_of(config) if config is not None else _config_for(kdef, n, C, dtype, T)
-        consts = kdef.consts(common.Shape(T or AOT_T, n, C, dtype))
+        if consts is None:
+            consts = kdef.consts(common.Shape(T or AOT_T, n, C, dtype))
         rec["config"] = ", ".join(f"{k}={v}" for k, v in cfg.items()) + \
             "".join(f", {k}={v}" for k, v in consts.items())
         prim = kdef.build(n, C, dtype, cfg, **consts)
@@ -123,7 +129,8 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
         rec["error"] = "; ".join(problems) or None
         if emit_dir:
             os.makedirs(emit_dir, exist_ok=True)
-            stem = os.path.join(emit_dir, f"{name}.n{n}.C{C}.{common.dtype_name(dtype)}.{arch}")
+            tag = hashlib.sha1(rec["config"].encode()).hexdigest()[:8]  # one kernel name, several keys
+            stem = os.path.join(emit_dir, f"{name}.n{n}.C{C}.{common.dtype_name(dtype)}.{tag}.{arch}")
             with open(stem + ".cu", "w") as f:
                 f.write(src)
             with open(stem + ".ptx", "w") as f:
@@ -134,18 +141,26 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
     return rec
 
 
-def compile_all(arch: str, n: int, C: int, dtype: torch.dtype, emit_dir: str | None = None) -> list[dict]:
-    """Compile every TileLang kernel (fwd and bwd) at its default config for ``(n, C, dtype)`` on ``arch``.
+def compile_all(arch: str, n: int, C: int, dtype: torch.dtype, emit_dir: str | None = None,
+                tokens: tuple = (AOT_T,), sms: Optional[int] = None) -> list[dict]:
+    """Compile every TileLang kernel the run time launches for ``(T, n, C, dtype)`` at each ``T`` of ``tokens`` --
+    every op forward and backward, every optional-weight variant, planned for ``sms`` SMs (default: the arch's
+    usual count, :data:`.runtime_keys.ARCH_SMS`) -- on ``arch``. Each distinct key is built once.
 
-    Returns one record per kernel: ``{"backend": "tilelang", "kernel", "arch", "config" (str), "registers",
-    "spills", "smem_bytes", "seconds", "ok", "error"}``. ``ok`` is False when compilation failed, the kernel
-    spills registers, or its shared memory exceeds the arch's limit (``error`` says which). With
+    Returns one record per key: ``{"backend": "tilelang", "kernel", "arch", "config" (str: config and constants),
+    "registers", "spills", "smem_bytes", "seconds", "ok", "error"}``. ``ok`` is False when compilation failed, the
+    kernel spills registers, or its shared memory exceeds the arch's limit (``error`` says which). With
     ``emit_dir`` the generated CUDA source and the PTX of each kernel are written there.
     """
+    from . import runtime_keys
+
     os.environ.setdefault("TILELANG_PRINT_ON_COMPILATION", "0")
+    keys, _ = runtime_keys.record_shapes([(int(T), n, C, dtype) for T in tokens],
+                                         sms or runtime_keys.ARCH_SMS.get(arch, common.num_sms()))
     out = []
-    for name in kernel_names():
-        rec = compile_one(name, arch, n, C, dtype, emit_dir=emit_dir)
+    for k in keys:
+        rec = compile_one(k.kernel, arch, k.n, k.C, k.torch_dtype, config=dict(k.config), consts=dict(k.consts),
+                          emit_dir=emit_dir)
         rec.pop("source", None)
         rec.pop("ptx", None)
         out.append(rec)

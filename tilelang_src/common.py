@@ -94,7 +94,12 @@ def shape_of(call) -> Shape:
     return Shape(int(call.T), int(call.n or 1), int(call.C or 1), call.dtype)
 
 
+SMS_OVERRIDE: Optional[int] = None  # the SM count configs are planned for (runtime_keys.recording), else the GPU's
+
+
 def num_sms(device=None) -> int:
+    if SMS_OVERRIDE is not None:
+        return SMS_OVERRIDE
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(device or torch.cuda.current_device()).multi_processor_count
     return 132  # H100 SXM: the planning default when no GPU is present (AOT)

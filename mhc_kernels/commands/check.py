@@ -125,6 +125,7 @@ def _run_case(backend, op, device, spec) -> Outcome:
 
 
 def _cases_for(backend: str, device: torch.device):
+    """The case table of ``backend`` on ``device`` (a device type: ``"cuda"`` or ``"cpu"``)."""
     if device.type == "cuda":
         return _CUDA_CASES
     if backend in ("triton", "tilelang"):
@@ -132,9 +133,12 @@ def _cases_for(backend: str, device: torch.device):
     return _CPU_CASES
 
 
-def run_checks(device, backends: Optional[list] = None, ops: Optional[list] = None):
-    """-> (summaries, unavailable {backend: reason}, explicitly requested)."""
+def run_checks(device, backends: Optional[list] = None, ops: Optional[list] = None, *,
+               cases_device: Optional[str] = None):
+    """-> (summaries, unavailable {backend: reason}, explicitly requested). ``cases_device``: run the case table
+    of that device type instead of ``device``'s (``compile --fill-cache`` replays the GPU's table on CPU)."""
     device = torch.device(device)
+    table_device = torch.device(cases_device) if cases_device else device
     status = mk.available_backends(device)
     requested = backends is not None
     names = backends or list(status)
@@ -153,7 +157,7 @@ def run_checks(device, backends: Optional[list] = None, ops: Optional[list] = No
             continue
         for op in ops:
             s = OpSummary(b, op)
-            for i, spec in enumerate(_cases_for(b, device)):
+            for i, spec in enumerate(_cases_for(b, table_device)):
                 if op == cases.RECOMPUTE_OP:
                     spec = tuple(spec) + (_RECOMPUTE_L[i % len(_RECOMPUTE_L)],)
                 s.outcomes.append(_run_case(b, op, device, spec))

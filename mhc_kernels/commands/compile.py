@@ -2,8 +2,16 @@
 
 For each backend (``triton``, ``tilelang``) it calls
 ``mhc_kernels.<backend>_src.aot.compile_all(arch, n, C, dtype, emit_dir)``, which compiles the
-backend's kernels at their default configs for one representative shape and reads registers,
-spills and shared memory from ``ptxas -v``. The table lists one row per kernel and arch; the
+backend's kernels and reads registers, spills and shared memory from ``ptxas -v``: Triton's at
+their default configs for one representative shape; TileLang's exactly as the run time keys
+them for ``--tokens`` (every op forward and backward replayed on CPU with stub kernels,
+``tilelang_src/runtime_keys.py``), so TileLang's disk cache then holds what a GPU run with
+those shapes launches.
+
+``--fill-cache --for selftest|gpu-tests|check|bench`` only builds (no ``ptxas -v``): the
+TileLang kernels that run will ask for, into TileLang's kernel cache, for an offline GPU
+machine to reuse (copy ``$TILELANG_CACHE_DIR`` there); ``--arch emulated`` fills the CPU
+emulator's cache instead (what ``MHC_TILELANG_EMULATE=1`` runs reuse). The table lists one row per kernel and arch; the
 exit status is non-zero when a kernel fails to compile, spills registers or needs more shared
 memory than the arch has -- or when the toolchain (ptxas, nvcc for TileLang) is missing.
 """
@@ -16,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -85,8 +94,91 @@ def _load_aot(backend: str):
         raise
 
 
+def _build_chunk(keys_json: list, target) -> list:
+    """Worker of ``--jobs``: build a share of the keys (a separate process: TileLang compiles hold the GIL)."""
+    from mhc_kernels.tilelang_src import runtime_keys
+
+    return runtime_keys.build([runtime_keys.Key.from_json(d) for d in keys_json], target)
+
+
+def fill_cache(args, con) -> int:
+    """``--fill-cache``: record the run's TileLang keys, build each for the target. Exit 0 when every build
+    succeeded, 1 when one failed, 2 when the toolchain is missing."""
+    if importlib.util.find_spec("tilelang") is None:
+        con.print("[red]tilelang is not installed[/] (pip install 'mhc-kernels[tilelang]'): nothing to fill")
+        return 2
+    from mhc_kernels.tilelang_src import common, runtime_keys
+
+    arches = args.arch or ["sm_90a"]
+    if len(arches) != 1:
+        con.print("[red]--fill-cache builds for one --arch at a time[/] (a cache serves one GPU arch)")
+        return 2
+    arch = arches[0]
+    emulated = arch == "emulated"
+    dry = bool(getattr(args, "dry_run", False))
+    if dry:
+        pass
+    elif emulated:
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            con.print("[red]the emulator's kernels are built with g++ (or $CXX), which was not found[/]")
+            return 2
+    elif shutil.which("nvcc") is None:
+        con.print("[red]nvcc was not found on PATH[/]: TileLang kernels are compiled with nvcc; install the CUDA "
+                  "toolkit or add its bin/ directory to PATH.")
+        return 2
+    os.environ.setdefault("TILELANG_PRINT_ON_COMPILATION", "0")
+    sms = args.sms or (common.num_sms() if emulated else runtime_keys.ARCH_SMS[arch])
+    t0 = time.perf_counter()
+    with con.status(f"recording the TileLang kernels of '{args.plan}' ..."):
+        keys, notes = runtime_keys.record_plan(args.plan, sms, device_cases="cpu" if emulated else "cuda",
+                                               ops=args.ops)
+    con.print(f"{len(keys)} TileLang kernels for '{args.plan}' on {arch} ({sms} SMs), recorded in "
+              f"{time.perf_counter() - t0:.1f} s")
+    if args.keys_out:
+        runtime_keys.save(args.keys_out, keys)
+        con.print(f"wrote the keys to {args.keys_out}")
+    if dry:
+        by_kernel: dict[str, int] = {}
+        for k in keys:
+            by_kernel[k.kernel] = by_kernel.get(k.kernel, 0) + 1
+        con.print("dry run, nothing built: " + ", ".join(f"{name} x{c}" for name, c in sorted(by_kernel.items())))
+        return 0
+    target = common.EMULATED if emulated else {"kind": "cuda", "arch": arch}
+    t1 = time.perf_counter()
+    jobs = max(1, int(args.jobs or 1))
+    if jobs == 1 or len(keys) < 2:
+        with con.status("building ...") as st:
+            records = runtime_keys.build(keys, target, progress=lambda i, k, s: st.update(
+                f"building {i + 1}/{len(keys)}: {k.kernel} ({s:.1f} s)"))
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        chunks = [[k.as_json() for k in keys[i::jobs]] for i in range(jobs)]
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            records = [r for part in ex.map(_build_chunk, chunks, [target] * jobs) for r in part]
+    bad = [r for r in records if not r["ok"]]
+    for r in bad:
+        con.print(f"[red]{escape(r['kernel'])} failed[/]: {escape(str(r['error']))[:600]}")
+    for note in notes:
+        con.print(f"[yellow]{escape(note)}[/]")
+    where = (os.path.join(os.environ.get("MHC_KERNELS_CACHE") or "~/.cache/mhc_kernels", "tilelang_emu")
+             if emulated else os.environ.get("TILELANG_CACHE_DIR") or "~/.tilelang/cache")
+    con.print(f"built {len(records) - len(bad)}/{len(records)} kernels in {time.perf_counter() - t1:.1f} s "
+              f"into {where}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 1 if bad else 0
+
+
 def run(args) -> int:
     con = Console(width=None if sys.stdout.isatty() else 200)  # pipes and logs get the full table
+    if getattr(args, "fill_cache", False):
+        return fill_cache(args, con)
+    if "emulated" in (args.arch or []):
+        con.print("[red]--arch emulated is a target of --fill-cache only[/] (the emulator has no registers to report)")
+        return 2
     # Building for a GPU never needs Triton's interpreter, and interpreter-decorated kernels
     # cannot be compiled: drop the switch while triton is not imported yet.
     if "triton" not in sys.modules:
@@ -121,7 +213,9 @@ def run(args) -> int:
         emit = None if args.emit_dir is None else os.path.join(args.emit_dir, backend)
         for arch in arches:
             try:
-                recs = aot.compile_all(arch, args.n, args.hidden, dtype, emit)
+                extra = {} if backend != "tilelang" else {
+                    k: v for k, v in (("tokens", tuple(args.tokens or ())), ("sms", args.sms)) if v}
+                recs = aot.compile_all(arch, args.n, args.hidden, dtype, emit, **extra)
             except ptxas.PtxasUnavailable as e:
                 con.print(f"[red]{escape(str(e))}[/]")
                 return 2
