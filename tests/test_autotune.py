@@ -334,25 +334,26 @@ def test_cli_without_gpu_exits_nonzero_with_a_clear_message():
 
 # -- the runtime: one resolution per call, in the core ------------------------------------------------------
 def test_a_composite_reads_its_own_store_entry_once_and_the_result_is_memoized(monkeypatch):
-    """mhc_pre's config is one entry (named sub-configs, merged part by part over the default), looked up
-    once per call shape; repeated calls hit the memo; a cleared store is read afresh."""
+    """mhc_head's config is one entry (named sub-configs, merged part by part over the default), looked up
+    once per call shape; repeated calls hit the memo; a cleared store is read afresh. (Triton's mhc_pre is
+    its own two-launch kernel now, with the parts "projection" and "tail"; mhc_head is a composite.)"""
     pytest.importorskip("triton")
     asked = []
     stored = {"pre_apply_mix": {"block_T": 2, "num_warps": 8}}
 
     def lookup(op, backend, device, dtype, n, C, T):
         asked.append((op, backend, n, C, T))
-        return stored if op == "mhc_pre" else None
+        return stored if op == "mhc_head" else None
 
     monkeypatch.setattr(tuned, "lookup", lookup)
-    k = registry.get_kernel("mhc_pre", "triton")
-    call = fabricate_call("mhc_pre", 4096, 4, 4096, torch.bfloat16)
+    k = registry.get_kernel("mhc_head", "triton")
+    call = fabricate_call("mhc_head", 4096, 4, 4096, torch.bfloat16)
     default = k.default_config(call)
-    assert set(default) == {"norm_fn", "split_mixes", "pre_apply_mix", "collapse_norm"}   # + the out-norm kernel
+    assert set(default) == {"norm_fn", "pre_apply_mix"}
     cfg = registry.config_for(k, call)
     assert cfg["pre_apply_mix"] == dict(default["pre_apply_mix"], block_T=2, num_warps=8)
-    assert cfg["norm_fn"] == default["norm_fn"] and cfg["split_mixes"] == default["split_mixes"]
-    assert asked == [("mhc_pre", "triton", 4, 4096, 4096)]   # the composite's own entry, not norm_fn's
+    assert cfg["norm_fn"] == default["norm_fn"]
+    assert asked == [("mhc_head", "triton", 4, 4096, 4096)]   # the composite's own entry, not norm_fn's
     assert registry.config_for(k, call) is cfg and len(asked) == 1
     tuned.clear_cache()
     registry.config_for(k, call)

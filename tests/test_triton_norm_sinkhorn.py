@@ -394,7 +394,7 @@ _COMPILE = textwrap.dedent("""
     from mhc_kernels.triton_src import aot, norm_fn, single_pass, sinkhorn
     from mhc_kernels import ptxas
     for mod, name, n in ((norm_fn, "norm_fn_bwd_site", 4), (sinkhorn, "split_mixes_bwd", 4),
-                         (single_pass, "sp_project_post", 8)):
+                         (single_pass, "sp_project_post", 8), (single_pass, "pre_tail_norm", 8)):
         spec = [s for s in mod.aot_specs(n, 4096, torch.bfloat16) if s.name == name][0]
         for cc, arch in ((80, "sm_80"), (90, "sm_90a"), (100, "sm_100a")):
             opts = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)

@@ -1,15 +1,15 @@
 """Registers the Triton kernels as the ``triton`` backend.
 
 Every primitive op maps to a launch wrapper with the reference's signature plus the
-``config`` the core resolves (see :mod:`.common`). The composites (``mhc_pre``,
-``mhc_head``, ``post_pre``, ``multilayer_recompute`` and their backward) are the shared
-ones of :mod:`mhc_kernels.composite` over these kernels (the fusion of the two-pass site is
-inside the primitives: ``norm_fn_bwd`` adds the collapse's gradient and an incoming residual
-gradient before its single rounding, so a site's backward writes one residual-gradient
-tensor), except single-pass mHC's forward boundary, ``mhc_pre_sp`` and ``post_pre_sp``, whose
-kernels read the residual once (``single_pass.py``), and ``mhc_head_sp``, whose collapse and RMSNorm are
-one kernel (``mix.collapse_norm_fwd``; ``mhc_pre`` and ``post_pre`` use it for their optional out-norm). The
-registry serves CUDA tensors with them, and CPU tensors when ``TRITON_INTERPRET=1`` (the probe in
+``config`` the core resolves (see :mod:`.common`). The composites (``mhc_head``,
+``multilayer_recompute`` and every backward) are the shared ones of :mod:`mhc_kernels.composite`
+over these kernels (the fusion of the two-pass site is inside the primitives: ``norm_fn_bwd`` adds
+the collapse's gradient and an incoming residual gradient before its single rounding, so a site's
+backward writes one residual-gradient tensor), except the forward boundaries, which are two launches
+at every T (``single_pass.py``: a main loop, then one boundary tail kernel): ``mhc_pre_sp`` and
+``post_pre_sp`` read the residual once, ``mhc_pre`` and ``post_pre`` twice (their collapse needs this
+site's pre); and ``mhc_head_sp``, whose collapse and RMSNorm are one kernel (``mix.collapse_norm_fwd``).
+The registry serves CUDA tensors with them, and CPU tensors when ``TRITON_INTERPRET=1`` (the probe in
 ``__init__``).
 """
 
@@ -52,9 +52,11 @@ for _op, (_mod, _fn) in PRIMITIVES.items():
                     config_space=functools.partial(_mod.config_space, _op),
                     default_config=functools.partial(_mod.default_config, _op))
 
-# single-pass mHC's forward boundary: the residual read once (single_pass.py), overriding the shared composites
-FUSED = {"mhc_pre_sp": single_pass.mhc_pre_sp_fwd, "post_pre_sp": single_pass.post_pre_sp_fwd}
-# the collapse with the sublayer's RMSNorm in one kernel (mhc_head_sp; mhc_pre / post_pre's out-norm use it)
+# the forward boundaries in two launches (single_pass.py), overriding the shared composites; single-pass mHC's
+# read the residual once
+FUSED = {"mhc_pre_sp": single_pass.mhc_pre_sp_fwd, "post_pre_sp": single_pass.post_pre_sp_fwd,
+         "mhc_pre": single_pass.mhc_pre_fwd, "post_pre": single_pass.post_pre_fwd}
+# the collapse with the sublayer's RMSNorm in one kernel (mhc_head_sp)
 OWN_CONFIG = {"mhc_head_sp": (mix, mix.collapse_norm_fwd)}
 
 composite.register_composites(
@@ -65,7 +67,8 @@ composite.register_composites(
         default_config=functools.partial(mix.default_config, composite.STREAM_WEIGHT_GRAD))},
     overrides={**{op: dict(fn=fn, supports=_supports("split_mixes"),
                            config_space=functools.partial(single_pass.config_space, op),
-                           default_config=functools.partial(single_pass.default_config, op))
+                           default_config=functools.partial(single_pass.default_config, op),
+                           check_config=functools.partial(single_pass.check_config, op))
                   for op, fn in FUSED.items()},
                **{op: dict(fn=fn, supports=_supports(op), config_space=functools.partial(mod.config_space, op),
                            default_config=functools.partial(mod.default_config, op))

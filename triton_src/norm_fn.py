@@ -108,16 +108,18 @@ def _norm_fn_fwd_kernel(
 
 
 @triton.jit
-def _norm_fn_finalize_kernel(
+def _finalize_tile(
     part_dot_ptr,   # (SPLIT_K, T, rows) fp32
     part_sq_ptr,    # (SPLIT_K, T) fp32
     mixes_ptr,      # (T, rows) fp32
     rstd_ptr,       # (T,) fp32
+    offs_t,         # (BLOCK_T,) the tokens of this tile
     T, K, rows, norm_eps,
     ROWS_P: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T),). Adds the K splits in order 0..SPLIT_K-1, then mixes = dots * rstd."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """The split reduction of the tokens ``offs_t``: adds the K splits in order 0..SPLIT_K-1, then
+    mixes = dots * rstd. The one body of :func:`_norm_fn_finalize_kernel` and of the single-pass module's
+    boundary tail (bit-identical results)."""
     t_mask = offs_t < T
     offs_r = tl.arange(0, ROWS_P)
     mask = t_mask[:, None] & (offs_r < rows)[None, :]
@@ -129,6 +131,21 @@ def _norm_fn_finalize_kernel(
     rstd = tl.math.rsqrt(sumsq / K + norm_eps)
     tl.store(mixes_ptr + offs_t[:, None] * rows + offs_r[None, :], dots * rstd[:, None], mask=mask)
     tl.store(rstd_ptr + offs_t, rstd, mask=t_mask)
+
+
+@triton.jit
+def _norm_fn_finalize_kernel(
+    part_dot_ptr,   # (SPLIT_K, T, rows) fp32
+    part_sq_ptr,    # (SPLIT_K, T) fp32
+    mixes_ptr,      # (T, rows) fp32
+    rstd_ptr,       # (T,) fp32
+    T, K, rows, norm_eps,
+    ROWS_P: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_T),): :func:`_finalize_tile` of BLOCK_T tokens."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _finalize_tile(part_dot_ptr, part_sq_ptr, mixes_ptr, rstd_ptr, offs_t, T, K, rows, norm_eps,
+                   ROWS_P=ROWS_P, BLOCK_T=BLOCK_T, SPLIT_K=SPLIT_K)
 
 
 @triton.jit
@@ -307,34 +324,47 @@ def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config: dict):
     Bytes moved (specs.SPECS["norm_fn"].bytes): T*K*itemsize + rows*K*4 (+ K*4) + T*(rows+1)*4;
     with split_K > 1 the partial buffer adds 2*split_K*T*(rows+1)*4. The residual is read once.
     """
+    T = residual.shape[0]
+    rows, K = fn.shape
+    p = project(residual, fn, norm_weight, norm_eps, config=config)
+    if p.split_K > 1 and T > 0:
+        _norm_fn_finalize_kernel[(triton.cdiv(T, p.block_T),)](
+            p.part_dot, p.part_sq, p.mixes, p.rstd, T, K, rows, float(norm_eps),
+            ROWS_P=p.rows_p, BLOCK_T=p.block_T, SPLIT_K=p.split_K, num_warps=4)
+    return p.mixes, p.rstd
+
+
+def project(residual, fn, norm_weight, norm_eps, *, config: dict) -> SimpleNamespace:
+    """norm_fn's main loop alone (one launch; none at T = 0) -> namespace of ``mixes``, ``rstd`` (written when
+    ``split_K == 1``, else still to be formed from the partials), ``part_dot (split_K, T, rows)``,
+    ``part_sq (split_K, T)`` (written when ``split_K > 1``), the split count actually used, ``block_T`` and
+    ``rows_p``. :func:`norm_fn_fwd` adds the finalize kernel; the Triton ``mhc_pre`` its boundary tail."""
     T, n, C = residual.shape
     rows, K = fn.shape
     mixes = _alloc((T, rows), torch.float32, residual.device)
     rstd = _alloc((T,), torch.float32, residual.device)
-    if T == 0:
-        return mixes, rstd
     cfg = _check_config("norm_fn", config, _FWD_KEYS, ("block_T", "block_K"), ("split_K",))
     block_T, block_K = cfg["block_T"], cfg["block_K"]
     split_K = max(1, min(cfg["split_K"], triton.cdiv(K, block_K)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_K), block_K) * block_K
     split_K = triton.cdiv(K, k_per_split)  # no empty split
     rows_p = max(16, common.next_pow2(rows))
-    nw = norm_weight if norm_weight is not None else fn
     if split_K > 1:
         part_dot = torch.empty((split_K, T, rows), dtype=torch.float32, device=residual.device)
         part_sq = torch.empty((split_K, T), dtype=torch.float32, device=residual.device)
     else:
         part_dot = part_sq = mixes
+    out = SimpleNamespace(mixes=mixes, rstd=rstd, part_dot=part_dot, part_sq=part_sq, split_K=split_K,
+                          block_T=block_T, rows_p=rows_p)
+    if T == 0:
+        return out
+    nw = norm_weight if norm_weight is not None else fn
     grid = (triton.cdiv(T, block_T), split_K)
     _norm_fn_fwd_kernel[grid](
         residual, fn, nw, mixes, rstd, part_dot, part_sq, T, K, rows, k_per_split, float(norm_eps),
         ROWS_P=rows_p, BLOCK_T=block_T, BLOCK_K=block_K, SPLIT_K=split_K, HAS_NW=norm_weight is not None,
         PRECISION=cfg["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split_K > 1:
-        _norm_fn_finalize_kernel[(triton.cdiv(T, block_T),)](
-            part_dot, part_sq, mixes, rstd, T, K, rows, float(norm_eps),
-            ROWS_P=rows_p, BLOCK_T=block_T, SPLIT_K=split_K, num_warps=4)
-    return mixes, rstd
+    return out
 
 
 def norm_fn_bwd(grad_mixes, residual, fn, norm_weight, mixes, rstd, *, config: dict, apply_w=None, apply_grad=None,

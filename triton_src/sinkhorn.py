@@ -142,20 +142,21 @@ def _sinkhorn_bwd_kernel(
 
 
 @triton.jit
-def _split_mixes_fwd_kernel(
+def _split_mixes_tile(
     mixes_ptr,      # (T, M) fp32, M = N*(N+2)
     scale_ptr,      # (3,) fp32
     base_ptr,       # (M,) fp32
     pre_ptr,        # pre_mix (T, N) fp32
     post_ptr,       # post_mix (T, N) fp32
     comb_ptr,       # comb_mix (T, N, N) fp32
-    T, pre_eps, post_mult, iters, sinkhorn_eps,
-    N: tl.constexpr, BLOCK_T: tl.constexpr,
+    offs_t,         # (BLOCK_T,) int32: the tokens of this tile
+    t_mask,         # (BLOCK_T,) offs_t < T
+    pre_eps, post_mult, iters, sinkhorn_eps,
+    N: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T),)."""
+    """split_mixes of the tokens ``offs_t``: loads their mixes rows, stores pre, post and comb. The one body of
+    :func:`_split_mixes_fwd_kernel` and of the single-pass module's boundary tail (bit-identical results)."""
     M: tl.constexpr = N * (N + 2)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < T
     offs_n = tl.arange(0, N)
     row = mixes_ptr + offs_t[:, None] * M
     nn = offs_n[None, :, None] * N + offs_n[None, None, :]     # (1, N, N): i*N + j
@@ -172,6 +173,23 @@ def _split_mixes_fwd_kernel(
     tl.store(post_ptr + tn, tl.sigmoid(z_post) * post_mult, mask=t_mask[:, None])
     tl.store(comb_ptr + offs_t[:, None, None] * (N * N) + nn, _sinkhorn_tile(z_comb, iters, sinkhorn_eps),
              mask=t_mask[:, None, None])
+
+
+@triton.jit
+def _split_mixes_fwd_kernel(
+    mixes_ptr,      # (T, M) fp32, M = N*(N+2)
+    scale_ptr,      # (3,) fp32
+    base_ptr,       # (M,) fp32
+    pre_ptr,        # pre_mix (T, N) fp32
+    post_ptr,       # post_mix (T, N) fp32
+    comb_ptr,       # comb_mix (T, N, N) fp32
+    T, pre_eps, post_mult, iters, sinkhorn_eps,
+    N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_T),): :func:`_split_mixes_tile` of BLOCK_T tokens."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _split_mixes_tile(mixes_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, offs_t, offs_t < T,
+                      pre_eps, post_mult, iters, sinkhorn_eps, N=N)
 
 
 @triton.jit
