@@ -22,6 +22,13 @@ import torch
 from mhc_kernels.registry import dtype_and_streams_reason
 from mhc_kernels.specs import next_pow2  # noqa: F401  (the kernel modules' one next_pow2)
 
+from . import interpreter_enabled
+
+if interpreter_enabled():   # every kernel module imports this one: the interpreter fix is in before any launch
+    from .compat import patch_interpreter
+
+    patch_interpreter()
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_N = 8  # n*n mixing matrices live in registers; n=16 would need 256 per token
 
