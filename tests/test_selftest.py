@@ -50,3 +50,22 @@ def test_a_hanging_stage_is_killed_at_its_cap():
 def test_exit_status_is_one_when_anything_failed():
     assert selftest.exit_status([Stage("env", "passed"), Stage("check:triton", "failed")]) == 1
     assert selftest.exit_status([Stage("env", "passed"), Stage("tests", "not run", detail="no CUDA device")]) == 0
+
+
+def test_stages_report_the_tilelang_kernels_they_compiled(tmp_path, monkeypatch):
+    """A stage that compiles cold says how many kernels it added to TileLang's cache (the layout TileLang 0.1.x
+    writes: <dir>/<version>/<platform>/kernels/<key>), so a selftest without a filled cache explains its time."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    kernels = tmp_path / "0.1.15" / "linux-x86_64" / "kernels"
+    kernels.mkdir(parents=True)
+    (kernels / "old").mkdir()
+    assert selftest.tilelang_cache_entries() == (str(tmp_path), 1)
+
+    def stage():
+        for key in ("a", "b"):
+            (kernels / key).mkdir()
+        return Stage("check:tilelang", status="passed", detail="ok")
+
+    st = selftest._counting_compiles(stage)
+    assert st.data["tilelang_compiled"] == 2 and "compiled 2 TileLang kernels" in st.detail
+    assert selftest._counting_compiles(lambda: Stage("bench", status="passed")).data["tilelang_compiled"] == 0

@@ -207,11 +207,35 @@ def stage_bench(device: str, deadline: float, out_dir: Path) -> Stage:
     return st
 
 
+def tilelang_cache_entries() -> tuple[str, int]:
+    """(TileLang's kernel cache directory, the number of kernels in it): a stage that adds many compiled cold
+    (``mhc-kernels compile --fill-cache`` fills the cache beforehand; README)."""
+    import glob
+    import os
+
+    root = os.environ.get("TILELANG_CACHE_DIR") or os.path.expanduser("~/.tilelang/cache")
+    return root, len(glob.glob(os.path.join(glob.escape(root), "*", "*", "kernels", "*")))
+
+
+def _counting_compiles(stage_fn):
+    """Run ``stage_fn()`` -> its Stage, with the TileLang kernels it compiled (cache entries added) in its data."""
+    root, before = tilelang_cache_entries()
+    st = stage_fn()
+    added = tilelang_cache_entries()[1] - before
+    st.data["tilelang_compiled"] = added
+    if added:
+        st.detail = (st.detail + "; " if st.detail else "") + f"compiled {added} TileLang kernels into {root}"
+    return st
+
+
 def selftest(device: str, budget: float, out_dir: Path, skip=()) -> list[Stage]:
     """Run the stages within ``budget`` seconds -> their results (see the module docstring)."""
     deadline = time.monotonic() + budget
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = [stage_env(deadline)]
+    root, entries = tilelang_cache_entries()
+    stages[0].data["tilelang_cache"] = {"dir": root, "kernels": entries}
+    stages[0].detail += f"; TileLang cache {root}: {entries} kernels"
     env = stages[0].data
     backends = list((env.get("backends") or {}).get(device, {}) or ["reference", "triton", "tilelang"])
     for b in backends:
@@ -220,11 +244,11 @@ def selftest(device: str, budget: float, out_dir: Path, skip=()) -> list[Stage]:
         elif env and not env["backends"][device][b][0]:
             stages.append(Stage(f"check:{b}", detail=f"{b} was not checked: {env['backends'][device][b][1]}"))
         else:
-            stages.append(stage_check(device, b, deadline))
+            stages.append(_counting_compiles(lambda b=b: stage_check(device, b, deadline)))
     stages.append(Stage("tests", detail="skipped (--skip tests)") if "tests" in skip
-                  else stage_tests(device, deadline, out_dir))
+                  else _counting_compiles(lambda: stage_tests(device, deadline, out_dir)))
     stages.append(Stage("bench", detail="skipped (--skip bench)") if "bench" in skip
-                  else stage_bench(device, deadline, out_dir))
+                  else _counting_compiles(lambda: stage_bench(device, deadline, out_dir)))
     return stages
 
 
