@@ -217,7 +217,7 @@ def test_recorded_keys_follow_the_token_count_and_the_sm_count():
     assert split(few) != split(many) and split(few) != split(small_gpu)
     mix = [k for k in few if k.kernel.startswith("split_mixes")]
     assert mix and all(k.C == 1 and k.dtype == "float32" for k in mix)
-    assert {"mhc_pre_tail", "collapse_norm"} <= {k.kernel for k in few}   # without and with the out-norm weight
+    assert {"mhc_pre_tail", "mhc_pre_norm_tail"} <= {k.kernel for k in few}   # without and with the out-norm weight
     assert len(set(few)) == len(few)
 
 

@@ -79,10 +79,6 @@ _FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided
          "sym_storage_offset", "is_contiguous", "dim", "size", "stride", "storage_offset"}
 KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] != "reference"]   # the reference is not a kernel backend
 BOUNDARY_OPS = ("post_pre_sp", "post_pre", "mhc_pre_sp", "mhc_pre")
-# (op, with the sublayer's norm) that TileLang runs in more than two launches today (another change brings them
-# to two; the lead tightens this then)
-_TILELANG_OVER_TWO = {(op, w) for op in BOUNDARY_OPS for w in (False, True)}
-
 
 class _LaunchCounter(TorchDispatchMode):
     """Records the device launches of the code run inside it: ``launches`` (kernel backends' launches, each run
@@ -168,10 +164,7 @@ def _boundary(op, T, weighted):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_out_norm", "out_norm"])
 @pytest.mark.parametrize("op", BOUNDARY_OPS)
-def test_a_decode_boundary_is_at_most_two_launches(backend, op, weighted, counted, request):
-    if backend == "tilelang" and (op, weighted) in _TILELANG_OVER_TWO:
-        request.applymarker(pytest.mark.xfail(strict=False, reason="TileLang's boundary is more than two launches "
-                                              "today (the norm weight's fold, ones for out_rstd, the out-norm)"))
+def test_a_decode_boundary_is_at_most_two_launches(backend, op, weighted, counted):
     for T in (1, 16, 64):
         with torch.no_grad(), mk.use_backend(backend):
             fn = _boundary(op, T, weighted)

@@ -37,11 +37,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALL = aot.kernel_names()
 ACT = [k for k in ALL if common.KERNELS[k].act_dependent]
 C_SWEEP_MAIN = ["pre_apply_mix_fwd", "pre_apply_mix_bwd", "post_fwd", "post_bwd", "expand_fwd", "expand_bwd",
-                "norm_fn_fwd", "norm_fn_bwd_dx", "norm_fn_bwd_dfn", "mhc_pre_tail", "mhc_pre_project", "post_project",
-                "post_pre_sp_project"]
+                "norm_fn_fwd", "norm_fn_bwd_dx", "norm_fn_bwd_dfn", "mhc_pre_tail", "mhc_pre_norm_tail",
+                "mhc_pre_project", "post_project", "post_pre_sp_project"]
 SINGLE_PASS = ("pre_sp_project", "post_pre_sp_project", "mhc_pre_sp_tail")
 OTHER_ARCH = ["post_fwd", "post_bwd", "pre_apply_mix_fwd", "norm_fn_fwd", "split_mixes_bwd", "sinkhorn_bwd",
-              "mhc_pre_tail", "post_project", "post_pre_sp_project", "mhc_pre_sp_tail"]
+              "mhc_pre_tail", "mhc_pre_norm_tail", "post_project", "post_pre_sp_project", "mhc_pre_sp_tail"]
 
 
 FP8 = ("quantize_fp8",)   # n-independent, and C must be whole groups of 32 (not 200)
@@ -57,10 +57,13 @@ def _cases():
         cases += [(k, "sm_90a", 4, C, "bf16", False) for k in C_SWEEP_MAIN]
     cases += [(k, "sm_90a", 4, 200, "bf16", False) for k in ACT if k not in FP8]
     cases += [(k, "sm_90a", 4, 201, "bf16", False) for k in ("pre_apply_mix_fwd", "post_fwd", "norm_fn_fwd",
-                                                                         "mhc_pre_tail", "post_project")]
+                                                                         "mhc_pre_tail", "mhc_pre_norm_tail",
+                                                                         "post_project")]
     for dt in ("fp16", "fp32"):
-        # (the single-pass kernels share post_project's dtype handling, covered here)
-        cases += [(k, "sm_90a", 4, 4096, dt, False) for k in ACT if k not in ("norm_fn_finalize", *SINGLE_PASS)]
+        # (the single-pass kernels share post_project's dtype handling, covered here; the norm tail's collapse and
+        # rewrite are collapse_norm's, its Sinkhorn warp the tail's)
+        cases += [(k, "sm_90a", 4, 4096, dt, False) for k in ACT
+                  if k not in ("norm_fn_finalize", "mhc_pre_norm_tail", *SINGLE_PASS)]
     for arch in ("sm_80", "sm_100a"):
         cases += [(k, arch, 4, 4096, "bf16", False) for k in OTHER_ARCH]
     return cases
@@ -97,10 +100,15 @@ def _build_sinkhorn(iters, kernel="sinkhorn_fwd"):
 SEGMENTED = [("sinkhorn_bwd", 8, 700), ("split_mixes_bwd", 8, 2000)]  # checkpoints of every round do not fit
 
 # The single-pass kernels' non-default variants (the default build is the middle-site one, with a carried pre
-# and the out-norm): the first site's one-hot collapse and the tail without the norm, at n=4 and n=8.
+# and the out-norm): the first site's one-hot collapse and the tail without the norm, at n=4 and n=8; and the
+# fused projections with norm_weight folded in as fn is staged (fold=True), at n=8 (the most registers).
 VARIANTS = [("variant", k, n, tuple(c.items())) for n in (4, 8) for k, c in (
     ("pre_sp_project", {"collapse": "first"}), ("post_pre_sp_project", {"collapse": "first"}),
     ("mhc_pre_sp_tail", {"iters": 20, "normalize": False}))]
+FOLDED = [("variant", k, 8, tuple(c.items())) for k, c in (
+    ("mhc_pre_project", {"fold": True}), ("post_project", {"fold": True}),
+    ("post_pre_sp_project", {"collapse": "mix", "fold": True}))]
+VARIANTS += FOLDED
 
 
 def _build_variant(case):
@@ -247,6 +255,29 @@ def test_fused_pre_tail_overlaps_sinkhorn_with_the_collapse(records):
     assert len(re.findall(r"for \(int \w+ = 0; \w+ < 6; \+\+\w+\)", records["tail_iters7"])) == 1
 
 
+def test_fused_pre_norm_tail_normalises_beside_the_sinkhorn(records):
+    """mhc_pre / post_pre with the sublayer's norm: one tail whose CTAs own whole rows (fused._build_pre_norm_tail)."""
+    loop19 = r"for \(int \w+ = 0; \w+ < 19; \+\+\w+\)"
+    for n in (1, 2, 4, 8):
+        src = _src(records, "mhc_pre_norm_tail", n=n)
+        # the configured Sinkhorn (iters=20), once; the residual read at one site (the collapse), 16 bytes at a time
+        assert len(re.findall(loop19, src)) == 1, n
+        assert _global_load_sites(src, "x") == 1 and "uint4" in src, n
+        # the collapse u stored at one site, read back at one (by the thread that stored it) and rewritten at one
+        assert _stores(src, "layer_input") == 2 and _global_load_sites(src, "layer_input") == 1, n
+        assert "part_usq" not in src and "residual" not in src, n
+        # two barriers, both outside the roles: pre published, then the token statistics; between them the
+        # collapse threads stream while the extra warp runs the Sinkhorn; rho after the second
+        assert src.count("__syncthreads()") == 2, n
+        first = src.index("__syncthreads()")
+        second = src.index("__syncthreads()", first + 1)
+        branch = src.index("if (((int)threadIdx.x) < 128) {")
+        assert first < branch < src.index("} else {", branch) < second, n
+        assert src.index("rsqrtf", second) > second and "out_rstd" in src[second:], n
+        # a register budget that leaves room for 7 CTAs per SM (2 at n = 8); spills are checked above
+        assert f"__launch_bounds__(160, {7 if n <= 4 else 2})" in src, n
+
+
 def test_fused_post_project_reads_and_writes_the_residual_once(records):
     for n in (1, 2, 4, 8):
         src = _src(records, "post_project", n=n)
@@ -268,12 +299,13 @@ def test_single_pass_projections_read_the_residual_once(records):
     """mhc_pre_sp / post_pre_sp's main loops (contract §14): the residual (and the layer output) read at one
     site, the collapse formed from the staged values -- the layer input (and the new residual) stored at
     one site and never read back; partials only (the tail finalises)."""
-    variants = [(_src(records, k, n=n), k, n, "mix") for k in ("pre_sp_project", "post_pre_sp_project")
+    variants = [(_src(records, k, n=n), k, n, "mix", "") for k in ("pre_sp_project", "post_pre_sp_project")
                 for n in (1, 2, 4, 8)]
-    variants += [(r["source"], c[1], c[2], "first") for c, r in records.items()
-                 if isinstance(c, tuple) and c[0] == "variant" and c[1].endswith("_project")]
-    for src, k, n, collapse in variants:
-        where = f"{k} n={n} {collapse}"
+    variants += [(r["source"], c[1], c[2], dict(c[3])["collapse"], " fold" if dict(c[3]).get("fold") else "")
+                 for c, r in records.items()
+                 if isinstance(c, tuple) and c[0] == "variant" and c[1] in ("pre_sp_project", "post_pre_sp_project")]
+    for src, k, n, collapse, fold in variants:
+        where = f"{k} n={n} {collapse}{fold}"
         assert _global_load_sites(src, "residual") == 1, where
         assert _global_load_sites(src, "layer_input") == 0 and _stores(src, "layer_input") == 1, where
         assert _global_load_sites(src, "fn") == 1, where
@@ -310,6 +342,16 @@ def test_single_pass_variants_compile_without_spills(records):
         if isinstance(c, tuple) and c[0] == "variant":
             assert r["spills"] == 0 and 0 < r["registers"] <= 255, c
             assert r["smem_bytes"] <= ptxas.SMEM_LIMIT_BYTES["sm_90a"], c
+
+
+def test_folded_projections_multiply_fn_by_the_norm_weight_as_they_stage_it(records):
+    """norm_weight folded in the kernel (no torch multiply in front): read at one site beside fn, the residual still
+    once; the default (unfolded) builds do not read it."""
+    for c in FOLDED:
+        src = records[c]["source"]
+        assert _global_load_sites(src, "norm_weight") == 1 and _global_load_sites(src, "fn") == 1, c
+        assert _global_load_sites(src, "residual" if c[1] != "mhc_pre_project" else "x") == 1, c
+        assert _global_load_sites(_src(records, c[1], n=8), "norm_weight") == 0, c
 
 
 def test_fused_pre_tail_deals_every_token_to_one_sinkhorn_lane():

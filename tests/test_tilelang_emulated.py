@@ -96,13 +96,17 @@ def test_fused_mhc_pre_equals_the_kernel_chain_bitwise(n, C, T, splits, dtype):
 
 
 @pytest.mark.parametrize("n,C,T,splits,dtype", [(4, 33, 5, 3, torch.bfloat16), (8, 16, 9, 2, torch.float32)], ids=str)
-def test_fused_mhc_pre_with_the_sublayer_norm_keeps_the_chain_coefficients(n, C, T, splits, dtype):
+def test_fused_mhc_pre_with_the_sublayer_norm_equals_the_chain_bitwise(n, C, T, splits, dtype):
     tilelang_checks.fused_mhc_pre_equals_the_chain("cpu", n, C, T, splits, dtype, out_norm=True)
 
 
 @pytest.mark.parametrize("n,C,T,splits", [(4, 64, 37, 2), (4, 33, 5, 1), (8, 16, 9, 4), (2, 1, 3, 1)], ids=str)
 def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits):
     tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cpu", n, C, T, splits)
+
+
+def test_fused_post_pre_with_the_sublayer_norm_matches_post_then_mhc_pre():
+    tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cpu", 4, 33, 5, 1, out_norm=True)
 
 
 @pytest.mark.parametrize("n,C,T,splits,dtype,with_post,first,normalize", SP_FUSED_CASES, ids=str)

@@ -76,16 +76,20 @@ def test_fused_mhc_pre_equals_the_kernel_chain_bitwise(n, C, T, splits, dtype):
     tilelang_checks.fused_mhc_pre_equals_the_chain("cuda", n, C, T, splits, dtype)
 
 
-@pytest.mark.parametrize("n,C,T,splits", [smoke(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 2)], ids=str)
-def test_fused_mhc_pre_with_the_sublayer_norm_keeps_the_chain_coefficients(n, C, T, splits):
+@pytest.mark.parametrize("n,C,T,splits", [smoke(4, 4096, 4096, 1), smoke(4, 7168, 1, 64), (4, 7168, 13, 8),
+                                          (8, 200, 37, 2), (2, 201, 5, 2)], ids=str)
+def test_fused_mhc_pre_with_the_sublayer_norm_equals_the_chain_bitwise(n, C, T, splits):
+    """The two-launch mhc_pre with the sublayer's norm (fused._build_pre_norm_tail) against the chain with the
+    collapse-norm kernel and the three-launch path it replaced: every output bit for bit."""
     tilelang_checks.fused_mhc_pre_equals_the_chain("cuda", n, C, T, splits, torch.bfloat16, out_norm=True)
 
 
 @pytest.mark.parametrize("n,C,T,splits", [smoke(4, 4096, 4096, 8), (4, 7168, 13, 1), (8, 200, 37, 3), (1, 201, 1, 2)],
                          ids=str)
 @pytest.mark.parametrize("mma", ["fma", "3xtf32"])
-def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma):
-    tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cuda", n, C, T, splits, mma)
+@pytest.mark.parametrize("out_norm", [False, True], ids=["plain", "out_norm"])
+def test_fused_post_pre_matches_post_then_mhc_pre(n, C, T, splits, mma, out_norm):
+    tilelang_checks.fused_post_pre_matches_post_then_mhc_pre("cuda", n, C, T, splits, mma, out_norm=out_norm)
 
 
 @pytest.mark.parametrize("n,C,T,splits", [(4, 4096, 4096, 1), (4, 7168, 13, 8), (8, 200, 37, 3), (1, 201, 1, 2)],

@@ -19,9 +19,11 @@ POST_PRE_ARGS = ("layer_output", "residual", "post_mix", "comb_mix") + PRE_ARGS[
 def fused_mhc_pre_equals_the_chain(device, n, C, T, splits, dtype, out_norm=False):
     """The fused tail does the chain's arithmetic operation for operation (fused.py's claim): mhc_pre through
     it equals norm_fn -> split_mixes -> pre_apply_mix bit for bit, for the same projection config. With the
-    sublayer's norm (``out_norm``: the single-pass tail's Sinkhorn warp, then the collapse-norm kernel) the
-    coefficients are still the chain's bit for bit and the layer input is the chain's collapse normalised to
-    one rounding step (the norm's sum of squares runs in the kernel's lane order)."""
+    sublayer's norm (``out_norm``: the tail whose CTAs own whole rows, :func:`fused._build_pre_norm_tail`) every
+    output is bit for bit the chain's with the collapse-norm kernel (norm_fn -> split_mixes -> collapse_norm) and
+    the three-launch path it replaced (the single-pass tail's Sinkhorn warp, then collapse_norm); the layer input
+    is the chain's collapse normalised in torch to one rounding step (the norm's sum of squares runs in the
+    kernel's lane order)."""
     from mhc_kernels import composite
     from mhc_kernels.tilelang_src import fused as fused_mod
     from mhc_kernels.tilelang_src import mixes, norm, streaming
@@ -44,19 +46,36 @@ def fused_mhc_pre_equals_the_chain(device, n, C, T, splits, dtype, out_norm=Fals
     if w is None:
         assert torch.equal(fused[0], layer_input), "layer_input differs from the chain"
         assert torch.equal(fused[5], out_rstd), "out_rstd is ones without a norm"
-    else:
-        torch.testing.assert_close(fused[0].float(), layer_input.float(), rtol=2 ** -7 if dtype != torch.float32
-                                   else 1e-5, atol=1e-5, msg="normalised layer_input")
-        torch.testing.assert_close(fused[5], out_rstd, rtol=1e-5, atol=0, msg="out_rstd")
+        return
+    torch.testing.assert_close(fused[0].float(), layer_input.float(), rtol=2 ** -7 if dtype != torch.float32
+                               else 1e-5, atol=1e-5, msg="normalised layer_input")
+    torch.testing.assert_close(fused[5], out_rstd, rtol=1e-5, atol=0, msg="out_rstd")
+    # the chain with the collapse-norm kernel, and the three-launch path: every output bit for bit
+    cn = {"collapse_norm": cfg["collapse_norm"]}
+    chain = (*streaming.collapse_norm_fwd(x, pre, w, inputs["out_norm_eps"], config=cn), post, comb, mixes_, rstd)
+    part_mix, part_sq = norm.norm_fn_partials(x, fn, nw, config=cfg["projection"])
+    _, pre_t, post_t, comb_t, mixes_t, rstd_t, _ = fused_mod.mhc_pre_sp_tail(
+        part_mix, part_sq, part_sq, scale, base, None, x.new_empty((T, C)), *consts, inputs["out_norm_eps"],
+        config=fused_mod.tail_kernel_config(cfg))
+    three = (*streaming.collapse_norm_fwd(x, pre_t, w, inputs["out_norm_eps"], config=cn), post_t, comb_t, mixes_t,
+             rstd_t)
+    names = ("layer_input", "out_rstd", "post", "comb", "mixes", "rstd")
+    got = (fused[0], fused[5]) + tuple(fused[1:5])
+    for what, want in (("the chain", chain), ("the three-launch path", three)):
+        for name, a, b in zip(names, got, want):
+            assert torch.equal(a, b), f"{name} differs from {what} (max |diff| {(a.float() - b.float()).abs().max()})"
 
 
-def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma"):
+def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma", out_norm=False):
     """post fused into the projection (mma="fma"; a tensor-core config runs post, then mhc_pre): the new
-    residual is post's bit for bit, the rest agrees with post -> mhc_pre to float32 accumulation error."""
+    residual is post's bit for bit, the rest agrees with post -> mhc_pre to float32 accumulation error. With
+    ``out_norm`` the tail is the one that also applies the sublayer's norm (fused_mhc_pre_equals_the_chain checks
+    it bit for bit against the chain)."""
     from mhc_kernels.tilelang_src import fused, norm, streaming
 
     inputs = cases.make_inputs("post_pre", (T,), n, C, torch.bfloat16, device, norm_weight=True)
-    inputs["out_norm_weight"] = None       # the two-launch path (fused_mhc_pre_equals_the_chain covers the norm)
+    if not out_norm:
+        inputs["out_norm_weight"] = None
     args = [inputs[k] for k in POST_PRE_ARGS]
     cfg = fused.default_config("post_pre", norm.Shape(T, n, C, torch.bfloat16))
     cfg["projection"].update(split_K=splits, mma=mma)
@@ -69,8 +88,11 @@ def fused_post_pre_matches_post_then_mhc_pre(device, n, C, T, splits, mma="fma")
     # float32 outputs to accumulation error; the bf16 layer input to one rounding step (its float32 value
     # moves by that error too, which can flip the last bit)
     torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2 ** -7, atol=1e-5, msg="layer_input")
-    for name, a, b in zip(("post", "comb", "mixes", "rstd", "out_rstd"), got[2:], want[2:]):
+    for name, a, b in zip(("post", "comb", "mixes", "rstd"), got[2:6], want[2:6]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    # out_rstd is the statistic of the rounded collapse u: a last-bit flip of u (above) moves mean(u^2) by up to
+    # 2 * 2^-8 relative, so rsqrt of it by up to 2^-8 (without the norm it is exactly 1)
+    torch.testing.assert_close(got[6], want[6], rtol=2 ** -8 if out_norm else 0, atol=0, msg="out_rstd")
 
 
 def norm_fn_split_k_paths_agree(device, T, C, splits):
@@ -99,9 +121,10 @@ def configs_in_the_space_are_correct(device, T, C, take):
             out = backend.OPS[op].fn(*args, config=cfg)
             torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2, msg=str(cfg))
     inputs = cases.make_inputs("mhc_pre", (T,), 4, C, torch.float32, device, norm_weight=True)
-    args = [inputs[k] for k in PRE_ARGS]
-    with mk.use_backend("reference"):
-        ref = torch.ops.mhc.mhc_pre(*args)
-    for cfg in take(backend.OPS["mhc_pre"].space(common.Shape(T, 4, C, torch.float32))):
-        for a, b in zip(backend.OPS["mhc_pre"].fn(*args, config=cfg), ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(cfg))
+    for w in (None, inputs["out_norm_weight"]):   # the tail's layouts; the tail with the sublayer's norm
+        args = [dict(inputs, out_norm_weight=w)[k] for k in PRE_ARGS]
+        with mk.use_backend("reference"):
+            ref = torch.ops.mhc.mhc_pre(*args)
+        for cfg in take(backend.OPS["mhc_pre"].space(common.Shape(T, 4, C, torch.float32))):
+            for a, b in zip(backend.OPS["mhc_pre"].fn(*args, config=cfg), ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(cfg))

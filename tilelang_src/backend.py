@@ -3,8 +3,9 @@
 ``OPS`` maps every op with a TileLang kernel of its own to its launch wrapper and its config
 functions (default and search space, both functions of a :class:`~.common.Shape`): the
 primitives, and the two composites this backend fuses -- ``mhc_pre`` (the projection, then one
-tail kernel running the Sinkhorn beside the collapse) and ``post_pre`` (post inside the
-projection's main loop, then the same tail), from ``fused.py``. Every other composite
+tail kernel running the Sinkhorn beside the collapse and, with the sublayer's norm, the norm) and
+``post_pre`` (post inside the projection's main loop, then the same tail), from ``fused.py``: two
+launches each, as the single-pass ``mhc_pre_sp`` / ``post_pre_sp``. Every other composite
 (``mhc_pre_bwd``, ``mhc_head`` and its backward, ``multilayer_recompute``) is the shared one
 of :mod:`mhc_kernels.composite` over these kernels.
 """

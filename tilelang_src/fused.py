@@ -1,10 +1,14 @@
-"""Fused kernels of the composite ops: ``mhc_pre``'s tail and ``post_pre``'s post + projection.
+"""Fused kernels of the composite ops: ``mhc_pre``'s tails and ``post_pre``'s post + projection.
 
-``mhc_pre`` on the TileLang backend is two launches:
+Every forward boundary on the TileLang backend (``mhc_pre``, ``post_pre``, ``mhc_pre_sp``, ``post_pre_sp``,
+with or without the sublayer's norm) is two device launches and no torch-side ones (no fold, cast, fill
+or copy: ``norm_weight`` is folded into ``fn`` by the projection as it stages it, ``out_rstd`` is written
+by the tail, placeholders are ``torch.empty``; tests/test_decode.py counts them). ``mhc_pre``:
 
 1. the projection main loop (``norm.py``) writes per-split partial dot products
    ``part_mix (S, T, m)`` and sums of squares ``part_sq (S, T)`` -- the residual's first pass;
-2. :func:`_build_pre_tail` (this file), per CTA of ``block_T`` tokens x ``block_C`` columns:
+2. without the sublayer's norm, :func:`_build_pre_tail` (this file), per CTA of ``block_T`` tokens x
+   ``block_C`` columns:
 
    * all threads: ``r = rsqrt(sum_s part_sq / K + norm_eps)``, and for every token of the block
      ``pre_i = sigmoid(r * sum_s part_mix[s, :, i] * scale[0] + base[i]) + pre_eps`` into shared
@@ -15,33 +19,50 @@
    * one extra warp (the *Sinkhorn warp*, threads ``threads .. threads+31``): for the block's tokens
      ``t`` with ``t % n_cblocks == bx`` (the Sinkhorn work of a token block is spread over the CTAs
      that share it), one lane per token: ``mixes = r * sum_s part_mix``, ``rstd``, ``post``, and the
-     ``iters``-round Sinkhorn of the comb logits in registers, written as ``comb``.
+     ``iters``-round Sinkhorn of the comb logits in registers, written as ``comb``; ``out_rstd = 1``.
 
    The two roles are different warps of one CTA, so the serial, latency-bound Sinkhorn chain issues
    while the collapse warps wait on HBM; nothing synchronises them after ``pre`` is shared.
 
+   With the sublayer's norm (``out_norm_weight``) the second launch is :func:`_build_pre_norm_tail`
+   instead: the same roles, but a CTA owns ``block_T`` tokens and their whole rows (the norm's statistic
+   needs every column of a token's collapse), laid out as ``streaming.collapse_norm``: the collapse
+   threads store ``u = round(sum_i pre_i x_i)`` and sum the rounded ``u^2``, one more barrier (which also
+   waits for the Sinkhorn warp), then ``rho = rsqrt(mean(u^2) + out_norm_eps)`` and each thread rewrites the
+   vectors it stored as ``round(u * rho * w)``.
+
 ``post_pre`` is :func:`_build_post_project` (the new residual computed, written once and projected in
-the same main loop) followed by the same tail, which reads the new residual back once.
+the same main loop) followed by the same tail (either one), which reads the new residual back once. With a
+tensor-core projection (``mma`` != "fma", not a default) ``post_pre`` is post, then ``mhc_pre``: three
+launches, and the fold is a torch multiply in front of the projection (four).
 
 Memory traffic of the pair (bf16 residual, per token): the residual is read twice (``2 * n * C * 2``
 bytes: the projection needs every column of a token before ``pre`` exists, and a token's row does not
 fit in shared memory next to a useful token block at C >= 4096), ``layer_input`` written once
-(``C * 2``), ``fn`` from L2; the partials, mixes, rstd, post and comb are ``O(S * m)`` floats per token.
-The unfused chain (projection -> finalize -> split_mixes -> pre_apply_mix) moves the same residual
-bytes in four launches, with the Sinkhorn kernel serialised between the residual's two passes.
+(``C * 2``; with the sublayer's norm written, re-read from cache and written again: ``3 * C * 2``), ``fn``
+(and ``norm_weight``) from L2; the partials, mixes, rstd, post and comb are ``O(S * m)`` floats per token.
+The unfused chain (projection -> finalize -> split_mixes -> pre_apply_mix [-> the norm]) moves the same
+residual bytes in four (five) launches, with the Sinkhorn kernel serialised between the residual's two
+passes.
 
 The arithmetic is the unfused chain's, written once: the split reduction (``norm.split_reduce_macros``,
-as the finalize kernel), post and the Sinkhorn (``mixes.split_post_comb_macro``, as split_mixes_fwd) and
-the collapse (``streaming.collapse_macro``, as pre_apply_mix_fwd) are the same macros, so the fused and
-the chained ``mhc_pre`` agree bit for bit.
+as the finalize kernel), post and the Sinkhorn (``mixes.split_post_comb_macro``, as split_mixes_fwd), the
+collapse (``streaming.collapse_macro``, as pre_apply_mix_fwd) and the norm's statistic and rewrite
+(``streaming.collapse_norm_macros``, as collapse_norm) are the same macros, so the fused and the chained
+``mhc_pre`` agree bit for bit, with and without the sublayer's norm.
 
-Configs. These two ops are the TileLang backend's overrides of the shared composites (``backend.py``
+The single-pass ops (contract §14, :func:`_build_project` with a collapse, then
+:func:`_build_pre_sp_tail`) are two launches as well: the residual read once by the projection, which also
+writes the collapse; the tail finalises the coefficients and, with the norm, rewrites the layer input in place.
+
+Configs. These ops are the TileLang backend's overrides of the shared composites (``backend.py``
 registers them). Their configs have named parts: ``{"projection": norm_fn's keys, "tail": pre_apply_mix's
-layout}`` for ``mhc_pre``, plus ``"post"`` (post's layout, used only when the projection is a tensor-core
-one) for ``post_pre``. The tail kernel takes the tail's ``block_T``, ``block_C``, ``threads`` (collapse
-threads; the CTA has one more warp) and ``vec``, and the projection's ``split_K`` (the partials' own count).
-The post + projection kernel takes the projection's keys (``block_T``, ``block_K``, ``thread_T``,
-``thread_M``, ``split_K``; ``mma`` must be "fma").
+layout}`` for ``mhc_pre`` and ``post_pre``, plus ``"collapse_norm"`` (collapse_norm's layout: the norm tail's)
+and, for ``post_pre``, ``"post"`` (post's layout, used only when the projection is a tensor-core one). The tail
+kernel takes the tail's ``block_T``, ``block_C``, ``threads`` (collapse threads; the CTA has one more warp) and
+``vec``, and the projection's ``split_K`` (the partials' own count); the norm tail takes ``collapse_norm``'s
+``block_T``, ``threads``, ``vec`` and the same ``split_K``. The post + projection kernel takes the projection's
+keys (``block_T``, ``block_K``, ``thread_T``, ``thread_M``, ``split_K``; ``mma`` must be "fma").
 """
 
 import torch
@@ -59,8 +80,9 @@ SINKHORN_WARP = 32
 
 def default_config(op: str, s: Shape) -> dict:
     """``mhc_pre``, ``mhc_pre_sp``, ``post_pre_sp``: ``{"projection": norm_fn's default, "tail": pre_apply_mix's
-    layout}``; ``post_pre``: the same plus ``"post"`` (post's layout, for a tensor-core projection, which runs post
-    separately)."""
+    layout}``; ``mhc_pre`` and ``post_pre`` also ``"collapse_norm"`` (the layout of the tail with the sublayer's
+    norm, :func:`_build_pre_norm_tail`), and ``post_pre`` ``"post"`` (post's layout, for a tensor-core projection,
+    which runs post separately)."""
     cfg = {"projection": norm.default_config("norm_fn", s), "tail": streaming.default_config("pre_apply_mix", s)}
     if op == "post_pre":
         cfg["post"] = streaming.default_config("post", s)
@@ -71,7 +93,9 @@ def default_config(op: str, s: Shape) -> dict:
 
 def config_space(op: str, s: Shape) -> list[dict]:
     """The default, plus the tail's streaming layouts (``pre_apply_mix``'s space) at the default projection; the
-    projection is tuned as norm_fn's own op."""
+    projection is tuned as norm_fn's own op. The norm tail keeps collapse_norm's default layout (every candidate
+    carries it): the tuner's calls have no ``out_norm_weight``, so candidates for it would time the same kernel
+    and pick among ties (``mhc_head_sp``'s own space tunes that layout)."""
     d = default_config(op, s)
     out = [d]
     for c in streaming.config_space("pre_apply_mix", s):
@@ -84,6 +108,12 @@ def config_space(op: str, s: Shape) -> list[dict]:
 def tail_kernel_config(cfg: dict) -> dict:
     """The tail kernel's flat config: the tail's layout and the projection's split count."""
     return dict(cfg["tail"], split_K=cfg["projection"]["split_K"])
+
+
+def norm_tail_kernel_config(cfg: dict) -> dict:
+    """The flat config of the tail with the sublayer's norm: ``collapse_norm``'s layout and the projection's split
+    count."""
+    return dict(cfg["collapse_norm"], split_K=cfg["projection"]["split_K"])
 
 
 def sinkhorn_passes(block_T: int, n_cblocks: int) -> int:
@@ -107,6 +137,14 @@ def tail_min_blocks(n: int, threads: int) -> int:
     the compile tests) at 8 CTAs of 160 threads; n = 8's 64-float Sinkhorn matrix needs ~144.
     """
     budget = 48 if n <= 4 else 144
+    return max(1, min(65536 // (budget * threads), 2048 // threads))
+
+
+def norm_tail_min_blocks(n: int, threads: int) -> int:
+    """The same for the tail with the sublayer's norm (:func:`_build_pre_norm_tail`), whose collapse threads keep
+    ``collapse_norm``'s layout: its rewrite loop wants ~56 registers (48 spills a word), so 7 CTAs of 160
+    threads per SM at n <= 4 (28 collapse warps, plenty of 16-byte loads in flight); n = 8 as the tail."""
+    budget = 56 if n <= 4 else 144
     return max(1, min(65536 // (budget * threads), 2048 // threads))
 
 
@@ -138,6 +176,7 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
                      layer_input: T.Tensor((Tn, C), dt),                                           # outputs
                      post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
                      mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),    # saved for bwd
+                     out_rstd: T.Tensor((Tn,), "float32"),
                      norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,             # constants
                      sinkhorn_eps: T.float32):
         with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=th + SINKHORN_WARP) as (bx, by):
@@ -177,6 +216,7 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
                         # rstd = rsqrt(sum_s part_sq[s] / K + eps);  mixes = (sum_s part_mix[s]) * rstd
                         r = split_rstd(part_sq, tok, norm_eps)
                         rstd[tok] = r
+                        out_rstd[tok] = 1.0   # no sublayer norm: its rstd is 1 (written here, not a torch fill)
                         for j in T.serial(m):
                             mixes[tok, j] = split_sum(part_mix, tok, j) * r
                         # post = sigmoid(.) * post_mult;  comb = sinkhorn(mixes[2n:] * scale2 + base[2n:])
@@ -185,11 +225,118 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
     return mhc_pre_tail
 
 
+NORM_TAIL_KEYS = ("block_T", "threads", "vec", "split_K")
+
+
+def _build_pre_norm_tail(n, C, dtype, cfg, iters=20):
+    """``mhc_pre``'s tail with the sublayer's RMSNorm (``out_norm_weight``), from the projection's split partials.
+
+    Shapes: ``part_mix (S, T, m)``, ``part_sq (S, T)``, ``scale (3,)``, ``base (m,)`` float32, ``x (T, n, C)``,
+    ``out_norm_weight (C,)`` float32 -> ``layer_input (T, C)`` (residual dtype), ``post``, ``comb``, ``mixes``,
+    ``rstd``, ``out_rstd`` float32.
+
+    A CTA owns ``block_T`` tokens and their whole rows (the norm's statistic needs every column of a token before
+    its first normalised value); the layout of its collapse threads is ``collapse_norm``'s (``threads / block_T``
+    per token, ``vec``-element vectors, ``streaming.collapse_norm_macros``), plus the Sinkhorn warp:
+
+    * all threads: ``pre`` of the block's tokens from the partials into shared memory, as the tail computes it
+      (one (token, stream) value per thread and step: ``split_K`` loads each, never all at once); a barrier;
+    * collapse threads (``tx < threads``): ``u = round(sum_i pre_i x_i)`` stored as ``layer_input`` and the sum
+      of the rounded ``u^2`` of their vectors into shared memory;
+    * the Sinkhorn warp, meanwhile: ``rstd``, ``mixes``, ``post`` and ``comb`` of the block's tokens, one lane
+      per token (the tail's Sinkhorn role), while the collapse threads wait on HBM;
+    * a second barrier (the token statistics; it also waits for the Sinkhorn warp, which overlaps the collapse,
+      the larger phase), then the collapse threads: ``rho = rsqrt(sum u^2 / C + out_norm_eps)`` (partials in
+      lane order), ``out_rstd``, and their own vectors rewritten as ``round(u * rho * w)`` (re-read from cache).
+
+    The arithmetic is the three-launch chain's (the tail's split reduction and Sinkhorn, ``collapse_norm``'s
+    collapse, statistic and rewrite, the same macros), so it equals the chain bit for bit. Traffic per token: the
+    partials, ``x`` once (``n * C``), ``layer_input`` written, re-read from cache and written (``3 * C``).
+    """
+    import tilelang.language as T
+
+    dt = dtype_name(dtype)
+    streaming.check_collapse_norm_config(C, cfg)
+    bt, th, V, S = cfg["block_T"], cfg["threads"], cfg["vec"], cfg["split_K"]
+    m = n * (n + 2)
+    nn = n * n
+    K = n * C
+    TPT = th // bt                  # collapse threads per token
+    NSK = sinkhorn_passes(bt, 1)    # Sinkhorn tokens per lane
+    NPRE = cdiv(bt * n, th + SINKHORN_WARP)
+    Tn = T.dynamic("T")
+    split_sum, split_rstd = split_reduce_macros(S, K)        # as norm_fn's finalize kernel
+    split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
+    collapse_sq, token_rho, normalize = streaming.collapse_norm_macros(n, C, V, TPT, dt, Tn)  # as collapse_norm
+
+    @T.prim_func
+    def mhc_pre_norm_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                          scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                          x: T.Tensor((Tn, n, C), dt), out_norm_weight: T.Tensor((C,), "float32"),
+                          layer_input: T.Tensor((Tn, C), dt),                                         # outputs
+                          post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                          mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),  # saved for bwd
+                          out_rstd: T.Tensor((Tn,), "float32"),
+                          norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,          # constants
+                          sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+        with T.Kernel(T.ceildiv(Tn, bt), threads=th + SINKHORN_WARP) as by:
+            T.annotate_min_blocks_per_sm(norm_tail_min_blocks(n, th + SINKHORN_WARP))
+            tx = T.get_thread_binding(0)
+            pre_s = T.alloc_shared((bt, n), "float32")
+            part_s = T.alloc_shared((bt, TPT), "float32")
+            xv = T.alloc_local((V,), dt)
+            acc = T.alloc_local((V,), "float32")
+            ov = T.alloc_local((V,), dt)
+            P = T.alloc_local((nn,), "float32")
+            den = T.alloc_local((n,), "float32")
+            r = T.alloc_var("float32")
+            rho = T.alloc_var("float32")
+            t = tx // TPT
+            lane = tx % TPT
+            tok = by * bt + t
+            # -- every thread: pre = sigmoid(sum_s part_mix[s, :n] * rstd * scale0 + base[:n]) + pre_eps -------
+            for q in T.serial(NPRE):
+                idx = q * (th + SINKHORN_WARP) + tx
+                if idx < bt * n:
+                    tp = by * bt + idx // n
+                    if tp < Tn:
+                        r = split_rstd(part_sq, tp, norm_eps)
+                        pre_s[idx // n, idx % n] = T.sigmoid(split_sum(part_mix, tp, idx % n) * r * scale[0]
+                                                             + base[idx % n]) + pre_eps
+            T.sync_threads()
+            if tx < th:
+                # -- collapse threads: u = round(sum_i pre_i x_i) stored; the sum of the rounded u^2 -------------
+                part_s[t, lane] = collapse_sq(x, layer_input, pre_s, t, tok, lane, xv, acc, ov)
+            else:
+                # -- Sinkhorn warp: mixes, rstd, post and comb of the block's tokens, one lane per token -------
+                for q in T.serial(NSK):
+                    ts = sinkhorn_token(0, tx - th, q, 1)
+                    tk = by * bt + ts
+                    if ts < bt and tk < Tn:
+                        # rstd = rsqrt(sum_s part_sq[s] / K + eps);  mixes = (sum_s part_mix[s]) * rstd
+                        r = split_rstd(part_sq, tk, norm_eps)
+                        rstd[tk] = r
+                        for j in T.serial(m):
+                            mixes[tk, j] = split_sum(part_mix, tk, j) * r
+                        # post = sigmoid(.) * post_mult;  comb = sinkhorn(mixes[2n:] * scale2 + base[2n:])
+                        split_post_comb(mixes, scale, base, tk, post, comb, P, den, post_mult, sinkhorn_eps, iters)
+            T.sync_threads()
+            if tx < th:
+                # -- rho = rsqrt(sum of the token's partials (lane order) / C + eps); u rewritten in place ------
+                rho = token_rho(part_s, t, out_norm_eps)
+                if tok < Tn and lane == 0:
+                    out_rstd[tok] = rho
+                normalize(layer_input, out_norm_weight, tok, lane, rho, ov)
+
+    return mhc_pre_norm_tail
+
+
 def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True):
     """``mhc_pre_sp``'s second kernel, from the split partials of :func:`_build_project` (collapse mode).
 
     Shapes: ``part_mix (S, T, m)``, ``part_sq``, ``part_usq (S, T)`` float32, ``scale (3,)``, ``base (m,)``,
-    ``out_norm_weight (C,)`` float32, ``layer_input (T, C)`` (residual dtype: the rounded collapse ``u``,
+    ``out_norm_weight (C,)`` float32 (not read without ``normalize``), ``layer_input (T, C)`` (residual dtype: the
+    rounded collapse ``u``,
     rewritten in place when normalising) -> ``pre``, ``post (T, n)``, ``comb (T, n, n)``, ``mixes (T, m)``,
     ``rstd``, ``out_rstd (T,)`` float32.
 
@@ -314,15 +461,16 @@ def post_cols(n: int, C: int, dtype, block_K: int) -> int:
 COLLAPSE_MODES = (None, "first", "mix")
 
 
-def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
+def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None, fold=False):
     """The projection main loop over column chunks of all ``n`` streams, with ``post`` and/or the single-pass
     collapse fused into its staging step ("fma" projection only). Three kernels are built from it:
 
     * ``post_project`` (``with_post``, no collapse; ``post_pre``'s first kernel): ``y (T, C)``,
-      ``residual (T, n, C)``, ``post (T, n)``, ``comb (T, n, n)``, ``fn (m, n*C)`` float32 -> ``out (T, n, C)``
-      (the new residual), ``part_mix (S, T, m)``, ``part_sq (S, T)``;
+      ``residual (T, n, C)``, ``post (T, n)``, ``comb (T, n, n)``, ``fn (m, n*C)``, ``norm_weight (n*C,)`` float32
+      -> ``out (T, n, C)`` (the new residual), ``part_mix (S, T, m)``, ``part_sq (S, T)``;
     * ``pre_sp_project`` (no post, ``collapse``; ``mhc_pre_sp``'s first kernel): ``residual``,
-      [``prev_pre (T, n)`` float32,] ``fn`` -> ``layer_input (T, C)``, ``part_mix``, ``part_sq``, ``part_usq (S, T)``;
+      [``prev_pre (T, n)`` float32,] ``fn``, ``norm_weight`` -> ``layer_input (T, C)``, ``part_mix``, ``part_sq``,
+      ``part_usq (S, T)``;
     * ``post_pre_sp_project`` (both; ``post_pre_sp``'s first kernel): the union of the two.
 
     A CTA owns ``block_T`` tokens and one column range (``split_K`` ranges of ``C``, all ``n`` streams).
@@ -333,14 +481,18 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
     collapse it also forms ``u = sum_i prev_pre_i s_i`` (float32 in stream order, one rounding: the
     arithmetic of ``pre_apply_mix``), or ``u = s_0`` bit for bit (``collapse="first"``, the one-hot pre of the
     first site), writes it as ``layer_input`` and stages the rounded ``u`` in a ``[column, token]`` tile.
+    fn's rows for the chunk's columns are staged beside it -- with ``fold``, multiplied by ``norm_weight`` as they
+    are (``fn * norm_weight`` rounded once, the product the wrapper's torch fold would make, so no launch of its
+    own; without, ``norm_weight`` is a placeholder the kernel never reads).
     The ``thread_T x thread_M`` register tile then accumulates dot products and sums of squares of ``s``,
     and the threads of row group 0 the sum of squares of the rounded ``u`` (its RMSNorm statistic, fixed
     order; the tail adds the splits in order) -- no atomics.
 
     Traffic per token (bf16): the residual (and ``y``) read once, ``out`` and ``layer_input`` written once;
-    ``fn`` comes from L2; the partials are ``S * (m + 2)`` floats. ``post_pre_sp``: ``(2n + 2) * C`` elements,
-    ``mhc_pre_sp``: ``(n + 1) * C``. Summation order over K differs from the plain projection's (chunks
-    interleave the streams), so mixes agree with it to float32 accumulation error, not bit for bit.
+    ``fn`` (and ``norm_weight``) come from L2; the partials are ``S * (m + 2)`` floats. ``post_pre_sp``:
+    ``(2n + 2) * C`` elements, ``mhc_pre_sp``: ``(n + 1) * C``. Summation order over K differs from the plain
+    projection's (chunks interleave the streams), so mixes agree with it to float32 accumulation error, not bit
+    for bit.
     """
     import tilelang.language as T
 
@@ -372,7 +524,7 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
     accumulate, store_partials = fma_tile_macros(TT, TM, m, Tn)
 
     @T.macro
-    def main_loop(y, residual, post, comb, prev_pre, fn, out, layer_input, part_mix, part_sq, part_usq):
+    def main_loop(y, residual, post, comb, prev_pre, fn, norm_weight, out, layer_input, part_mix, part_sq, part_usq):
         with T.Kernel(T.ceildiv(Tn, bt), S, threads=threads) as (bx, bs):
             tx = T.get_thread_binding(0)
             xs = T.alloc_shared((KR, bt), "float32")   # transposed: [stream * BC + column, token]
@@ -384,6 +536,8 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
             xv = T.alloc_local((n, V), dt)
             ov = T.alloc_local((V,), dt)
             fv = T.alloc_local((VF,), "float32")
+            if fold:
+                wv = T.alloc_local((VF,), "float32")
             if with_post:
                 yv = T.alloc_local((V,), dt)
                 yf = T.alloc_local((V,), "float32")
@@ -471,7 +625,8 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
                             if collapse is not None:
                                 for v in T.unroll(V):
                                     us[cv * V + v, t] = 0.0
-                # fn's rows for the same columns of every stream (zero past C and in the padded rows)
+                # fn's rows for the same columns of every stream (zero past C and in the padded rows); with the
+                # fold, fn * norm_weight
                 for it in T.serial(FL):
                     idx = it * threads + tx
                     if idx < MP * n * (BC // VF):
@@ -482,8 +637,14 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
                         if j < m and c0 + cc < C:
                             for v in T.vectorized(VF):
                                 fv[v] = fn[j, i * C + c0 + cc + v]
-                            for v in T.unroll(VF):
-                                fs[i * BC + cc + v, j] = fv[v]
+                            if fold:
+                                for v in T.vectorized(VF):
+                                    wv[v] = norm_weight[i * C + c0 + cc + v]
+                                for v in T.unroll(VF):
+                                    fs[i * BC + cc + v, j] = fv[v] * wv[v]
+                            else:
+                                for v in T.unroll(VF):
+                                    fs[i * BC + cc + v, j] = fv[v]
                         else:
                             for v in T.unroll(VF):
                                 fs[i * BC + cc + v, j] = 0.0
@@ -506,10 +667,10 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
         @T.prim_func
         def post_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),              # inputs
                          post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                         fn: T.Tensor((m, K), "float32"),
+                         fn: T.Tensor((m, K), "float32"), norm_weight: T.Tensor((K,), "float32"),
                          out: T.Tensor((Tn, n, C), dt),                                               # outputs
                          part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32")):
-            main_loop(y, residual, post, comb, None, fn, out, None, part_mix, part_sq, None)
+            main_loop(y, residual, post, comb, None, fn, norm_weight, out, None, part_mix, part_sq, None)
 
         return post_project
     if collapse is None:
@@ -517,31 +678,34 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
     if not with_post and collapse == "first":
         @T.prim_func
         def pre_sp_project_first(residual: T.Tensor((Tn, n, C), dt), fn: T.Tensor((m, K), "float32"),   # in
+                                 norm_weight: T.Tensor((K,), "float32"),
                                  layer_input: T.Tensor((Tn, C), dt),                                    # outputs
                                  part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
                                  part_usq: T.Tensor((S, Tn), "float32")):
-            main_loop(None, residual, None, None, None, fn, None, layer_input, part_mix, part_sq, part_usq)
+            main_loop(None, residual, None, None, None, fn, norm_weight, None, layer_input, part_mix, part_sq,
+                      part_usq)
 
         return pre_sp_project_first
     if not with_post:
         @T.prim_func
         def pre_sp_project(residual: T.Tensor((Tn, n, C), dt), prev_pre: T.Tensor((Tn, n), "float32"),  # inputs
-                           fn: T.Tensor((m, K), "float32"),
+                           fn: T.Tensor((m, K), "float32"), norm_weight: T.Tensor((K,), "float32"),
                            layer_input: T.Tensor((Tn, C), dt),                                          # outputs
                            part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
                            part_usq: T.Tensor((S, Tn), "float32")):
-            main_loop(None, residual, None, None, prev_pre, fn, None, layer_input, part_mix, part_sq, part_usq)
+            main_loop(None, residual, None, None, prev_pre, fn, norm_weight, None, layer_input, part_mix, part_sq,
+                      part_usq)
 
         return pre_sp_project
     if collapse == "first":
         @T.prim_func
         def post_pre_sp_project_first(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),      # inputs
                                       post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                                      fn: T.Tensor((m, K), "float32"),
+                                      fn: T.Tensor((m, K), "float32"), norm_weight: T.Tensor((K,), "float32"),
                                       out: T.Tensor((Tn, n, C), dt), layer_input: T.Tensor((Tn, C), dt),  # outputs
                                       part_mix: T.Tensor((S, Tn, m), "float32"),
                                       part_sq: T.Tensor((S, Tn), "float32"), part_usq: T.Tensor((S, Tn), "float32")):
-            main_loop(y, residual, post, comb, None, fn, out, layer_input, part_mix, part_sq, part_usq)
+            main_loop(y, residual, post, comb, None, fn, norm_weight, out, layer_input, part_mix, part_sq, part_usq)
 
         return post_pre_sp_project_first
 
@@ -549,10 +713,11 @@ def _build_project(n, C, dtype, cfg, rows=None, with_post=True, collapse=None):
     def post_pre_sp_project(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),                # inputs
                             post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
                             prev_pre: T.Tensor((Tn, n), "float32"), fn: T.Tensor((m, K), "float32"),
+                            norm_weight: T.Tensor((K,), "float32"),
                             out: T.Tensor((Tn, n, C), dt), layer_input: T.Tensor((Tn, C), dt),            # outputs
                             part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
                             part_usq: T.Tensor((S, Tn), "float32")):
-        main_loop(y, residual, post, comb, prev_pre, fn, out, layer_input, part_mix, part_sq, part_usq)
+        main_loop(y, residual, post, comb, prev_pre, fn, norm_weight, out, layer_input, part_mix, part_sq, part_usq)
 
     return post_pre_sp_project
 
@@ -563,19 +728,21 @@ def _iters(s: Shape) -> dict:
 
 kernel_def(KernelDef("mhc_pre_tail", "mhc_pre", _build_pre_tail, TAIL_KEYS, _iters,
                      aot_config=lambda s: tail_kernel_config(default_config("mhc_pre", s))))
+kernel_def(KernelDef("mhc_pre_norm_tail", "mhc_pre", _build_pre_norm_tail, NORM_TAIL_KEYS, _iters,
+                     aot_config=lambda s: norm_tail_kernel_config(default_config("mhc_pre", s))))
 PROJECT_KEYS = ("block_T", "block_K", "thread_T", "thread_M", "split_K", "mma")
 
 
-def _build_post_project(n, C, dtype, cfg, rows=None):
-    return _build_project(n, C, dtype, cfg, rows, with_post=True)
+def _build_post_project(n, C, dtype, cfg, rows=None, fold=False):
+    return _build_project(n, C, dtype, cfg, rows, with_post=True, fold=fold)
 
 
-def _build_pre_sp_project(n, C, dtype, cfg, collapse="mix"):
-    return _build_project(n, C, dtype, cfg, with_post=False, collapse=collapse)
+def _build_pre_sp_project(n, C, dtype, cfg, collapse="mix", fold=False):
+    return _build_project(n, C, dtype, cfg, with_post=False, collapse=collapse, fold=fold)
 
 
-def _build_post_pre_sp_project(n, C, dtype, cfg, collapse="mix"):
-    return _build_project(n, C, dtype, cfg, with_post=True, collapse=collapse)
+def _build_post_pre_sp_project(n, C, dtype, cfg, collapse="mix", fold=False):
+    return _build_project(n, C, dtype, cfg, with_post=True, collapse=collapse, fold=fold)
 
 
 def _mix_collapse(s: Shape) -> dict:
@@ -593,7 +760,8 @@ kernel_def(KernelDef("mhc_pre_sp_tail", "mhc_pre_sp", _build_pre_sp_tail, TAIL_K
 # -- launch wrappers: the backend's overrides of the mhc_pre and post_pre composites ----------------------
 def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
                  config):
-    """-> (layer_input, post, comb, mixes, rstd) from the projection's split partials.
+    """-> (layer_input, post, comb, mixes, rstd, out_rstd) from the projection's split partials, without the
+    sublayer's norm (``out_rstd`` is 1, written by the kernel).
 
     ``config``: the tail kernel's flat config (:func:`tail_kernel_config`); its split count must be the
     partials' own.
@@ -609,50 +777,65 @@ def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, po
     comb = part_mix.new_empty((Tt, n, n))
     mixes = part_mix.new_empty((Tt, m))
     rstd = part_mix.new_empty((Tt,))
+    out_rstd = part_mix.new_empty((Tt,))
     if Tt == 0:
-        return layer_input, post, comb, mixes, rstd
+        return layer_input, post, comb, mixes, rstd, out_rstd
     get_kernel("mhc_pre_tail", n, C, residual.dtype, config, residual.device, iters=int(iters))(
-        part_mix, part_sq, scale, base, residual, layer_input, post, comb, mixes, rstd,
+        part_mix, part_sq, scale, base, residual, layer_input, post, comb, mixes, rstd, out_rstd,
         float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps))
-    return layer_input, post, comb, mixes, rstd
+    return layer_input, post, comb, mixes, rstd, out_rstd
 
 
-def _tail_then_norm(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
-                    sinkhorn_eps, out_norm_eps, config):
-    """mhc_pre's tail with the sublayer's RMSNorm -> (layer_input, post, comb, mixes, rstd, out_rstd): the
-    single-pass tail without its norm (the Sinkhorn warp alone: rstd, mixes, pre, post, comb), then the collapse
-    and the norm in one kernel (``streaming.collapse_norm_fwd``: the norm needs every column of a token's
-    collapse, which the two-launch tail's column-blocked CTAs do not have)."""
-    Tt, _, C = residual.shape
-    li, pre, post, comb, mixes, rstd, _ = mhc_pre_sp_tail(
-        part_mix, part_sq, part_sq, scale, base, None, residual.new_empty((Tt, C)), norm_eps, pre_eps, post_mult,
-        iters, sinkhorn_eps, out_norm_eps, config=tail_kernel_config(config))
-    v, out_rstd = streaming.collapse_norm_fwd(residual, pre, out_norm_weight, out_norm_eps,
-                                              config={"collapse_norm": config["collapse_norm"]})
-    return v, post, comb, mixes, rstd, out_rstd
+def mhc_pre_norm_tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
+                      sinkhorn_eps, out_norm_eps, *, config):
+    """-> (layer_input, post, comb, mixes, rstd, out_rstd) from the projection's split partials, the layer input
+    normalised with the sublayer's RMSNorm (``out_norm_weight``, float32), in one kernel
+    (:func:`_build_pre_norm_tail`). ``config``: its flat config (:func:`norm_tail_kernel_config`)."""
+    from .common import get_kernel
+
+    Tt, n, C = residual.shape
+    S, _, m = part_mix.shape
+    if config["split_K"] != S:
+        raise ValueError(f"mhc_pre norm tail: config split_K={config['split_K']} but the partials have {S} splits")
+    layer_input = residual.new_empty((Tt, C))
+    post = part_mix.new_empty((Tt, n))
+    comb = part_mix.new_empty((Tt, n, n))
+    mixes = part_mix.new_empty((Tt, m))
+    rstd = part_mix.new_empty((Tt,))
+    out_rstd = part_mix.new_empty((Tt,))
+    if Tt == 0:
+        return layer_input, post, comb, mixes, rstd, out_rstd
+    get_kernel("mhc_pre_norm_tail", n, C, residual.dtype, config, residual.device, iters=int(iters))(
+        part_mix, part_sq, scale, base, residual, out_norm_weight.contiguous(), layer_input, post, comb, mixes, rstd,
+        out_rstd, float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps), float(out_norm_eps))
+    return layer_input, post, comb, mixes, rstd, out_rstd
+
+
+def _tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps,
+          out_norm_eps, config):
+    """mhc_pre's second (last) launch for the op config ``config``: the tail, or with the sublayer's norm the tail
+    that also normalises."""
+    if out_norm_weight is None:
+        return mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters,
+                            sinkhorn_eps, config=tail_kernel_config(config))
+    return mhc_pre_norm_tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult,
+                             iters, sinkhorn_eps, out_norm_eps, config=norm_tail_kernel_config(config))
 
 
 def mhc_pre_fwd(residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
                 sinkhorn_eps, out_norm_eps, *, config):
     """mhc_pre in two launches -> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd): the projection's split
-    partials, then the fused tail (reduce, split, Sinkhorn beside the collapse; ``out_rstd`` ones). With the
-    sublayer's norm (``out_norm_weight``) three: the tail's Sinkhorn warp, then the collapse and the norm in one
-    kernel (:func:`_tail_then_norm`)."""
+    partials (``norm_weight`` folded into ``fn`` as it is staged), then the fused tail (reduce, split, Sinkhorn
+    beside the collapse; ``out_rstd`` 1) or, with the sublayer's norm (``out_norm_weight``), the tail whose CTAs own
+    whole rows and normalise the collapse too (:func:`_build_pre_norm_tail`)."""
     part_mix, part_sq = norm.norm_fn_partials(residual, fn, norm_weight, config=config["projection"])
-    if out_norm_weight is not None:
-        return _tail_then_norm(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps,
-                               post_mult, iters, sinkhorn_eps, out_norm_eps, config)
-    return mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps,
-                        config=tail_kernel_config(config)) + (_ones_rstd(residual),)
-
-
-def _ones_rstd(residual):
-    return torch.ones(residual.shape[:1], dtype=torch.float32, device=residual.device)
+    return _tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
+                 sinkhorn_eps, out_norm_eps, config)
 
 
 def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *, config):
     """-> (new_residual, part_mix (S, T, m), part_sq (S, T)): post fused into the projection's main loop
-    (``config``: the projection's, "fma" only)."""
+    (``config``: the projection's, "fma" only; ``norm_weight`` folded in the kernel)."""
     from .common import get_kernel
 
     Tt, n, C = residual.shape
@@ -663,8 +846,9 @@ def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *,
     ps = fn.new_empty((S, Tt))
     if Tt == 0:
         return out, pm, ps
-    get_kernel("post_project", n, C, residual.dtype, config, residual.device)(
-        layer_output, residual, post_mix, comb_mix, norm._fold(fn, norm_weight), out, pm, ps)
+    f, nw, fc = norm.fold_args(fn, norm_weight, "fma")
+    get_kernel("post_project", n, C, residual.dtype, config, residual.device, **fc)(
+        layer_output, residual, post_mix, comb_mix, f, nw, out, pm, ps)
     return out, pm, ps
 
 
@@ -672,9 +856,9 @@ def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, no
                  pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config):
     """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd) of the next sublayer.
 
-    Two launches with the default ("fma") projection: post fused into the projection's main loop (the new
-    residual written once and projected from registers), then mhc_pre's fused tail (the collapse reads the
-    new residual back once); with the sublayer's norm the tail is :func:`_tail_then_norm` (three launches). A
+    Two launches with the default ("fma") projection, with or without the sublayer's norm: post fused into the
+    projection's main loop (the new residual written once and projected from registers), then mhc_pre's tail
+    (the collapse reads the new residual back once; with ``out_norm_weight`` the normalising tail). A
     tensor-core projection runs post (``config["post"]``), then mhc_pre."""
     if config["projection"]["mma"] != "fma":
         new_residual = streaming.post_fwd(layer_output, residual, post_mix, comb_mix, config=config["post"])
@@ -682,13 +866,8 @@ def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, no
                                              pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, config=config)
     new_residual, part_mix, part_sq = post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight,
                                                    config=config["projection"])
-    if out_norm_weight is not None:
-        return (new_residual,) + _tail_then_norm(part_mix, part_sq, scale, base, new_residual, out_norm_weight,
-                                                 norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
-                                                 config)
-    return (new_residual,) + mhc_pre_tail(part_mix, part_sq, scale, base, new_residual, norm_eps, pre_eps,
-                                          post_mult, iters, sinkhorn_eps, config=tail_kernel_config(config)) + (
-        _ones_rstd(new_residual),)
+    return (new_residual,) + _tail(part_mix, part_sq, scale, base, new_residual, out_norm_weight, norm_eps, pre_eps,
+                                   post_mult, iters, sinkhorn_eps, out_norm_eps, config)
 
 
 # -- single-pass (contract §14): mhc_pre_sp and post_pre_sp, the residual read once ------------------------
@@ -696,7 +875,8 @@ def sp_project(residual, prev_pre, fn, norm_weight, *, config, post=None):
     """-> (new_residual or None, layer_input (T, C) = the rounded collapse u, part_mix (S, T, m), part_sq (S, T),
     part_usq (S, T)): the projection with the collapse (with ``prev_pre``, or stream 0 when it is None) in its
     main loop; ``post = (layer_output, post_mix, comb_mix)`` also fuses post in front (the collapse and the
-    projection then see the rounded new residual). ``config``: the projection's, "fma" only."""
+    projection then see the rounded new residual). ``config``: the projection's, "fma" only; ``norm_weight`` is
+    folded in the kernel."""
     from .common import get_kernel
 
     Tt, n, C = residual.shape
@@ -709,14 +889,14 @@ def sp_project(residual, prev_pre, fn, norm_weight, *, config, post=None):
         return new_residual, layer_input, pm, ps, pu
     collapse = "first" if prev_pre is None else "mix"
     w = () if prev_pre is None else (prev_pre.contiguous(),)
-    f = norm._fold(fn, norm_weight)
+    f, nw, fc = norm.fold_args(fn, norm_weight, "fma")
     if post is None:
-        get_kernel("pre_sp_project", n, C, residual.dtype, config, residual.device, collapse=collapse)(
-            residual, *w, f, layer_input, pm, ps, pu)
+        get_kernel("pre_sp_project", n, C, residual.dtype, config, residual.device, collapse=collapse, **fc)(
+            residual, *w, f, nw, layer_input, pm, ps, pu)
     else:
         y, post_mix, comb_mix = post
-        get_kernel("post_pre_sp_project", n, C, residual.dtype, config, residual.device, collapse=collapse)(
-            y, residual, post_mix, comb_mix, *w, f, new_residual, layer_input, pm, ps, pu)
+        get_kernel("post_pre_sp_project", n, C, residual.dtype, config, residual.device, collapse=collapse, **fc)(
+            y, residual, post_mix, comb_mix, *w, f, nw, new_residual, layer_input, pm, ps, pu)
     return new_residual, layer_input, pm, ps, pu
 
 
@@ -737,7 +917,9 @@ def mhc_pre_sp_tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, l
     if Tt == 0:
         return layer_input, pre, post, comb, mixes, rstd, out_rstd
     normalize = out_norm_weight is not None
-    w = out_norm_weight.float().contiguous() if normalize else part_mix.new_ones((C,))
+    # float32 (the op's rule: no cast); without one a placeholder the kernel never reads (torch.empty launches
+    # nothing, ones would be a fill)
+    w = out_norm_weight.contiguous() if normalize else part_mix.new_empty((C,))
     get_kernel("mhc_pre_sp_tail", n, C, layer_input.dtype, config, layer_input.device, iters=int(iters),
                normalize=normalize)(
         part_mix, part_sq, part_usq, scale, base, w, layer_input, pre, post, comb, mixes, rstd, out_rstd,

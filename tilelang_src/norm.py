@@ -1,7 +1,8 @@
 """``norm_fn`` forward and backward: the reordered-RMSNorm projection.
 
 Forward: ``mixes = (x_flat @ fn_eff^T) * rsqrt(sum(x_flat^2) / K + eps)`` with
-``fn_eff = fn * norm_weight`` (folded once per call by the wrapper). The projection
+``fn_eff = fn * norm_weight`` (folded by the "fma" kernels as they stage ``fn``, by a torch multiply in front
+of the tensor-core ones: :func:`fold_args`). The projection
 is a ``(T, K) x (K, m)`` product with ``m = n(n+2)``; config key ``mma`` picks how:
 
 * ``"fma"`` (the default): plain float32 FMAs, no tensor cores. ``fn`` is **not rounded**
@@ -193,8 +194,10 @@ def fma_tile_macros(TT: int, TM: int, m: int, Tn):
     return accumulate, store_partials
 
 
-def _build_fwd(n, C, dtype, cfg, fused, rows=None):
-    """Main loop. ``fused``: one K range (split_K == 1), finalise in place; else write partials."""
+def _build_fwd(n, C, dtype, cfg, fused, rows=None, fold=False):
+    """Main loop. ``fused``: one K range (split_K == 1), finalise in place; else write partials. ``fold``: fn's
+    chunk is multiplied by ``norm_weight`` as it is staged (``fn * norm_weight`` rounded once, as the torch fold
+    would make it, without a launch of its own); otherwise ``norm_weight`` is a placeholder the kernel never reads."""
     import tilelang.language as T
 
     dt = dtype_name(dtype)
@@ -218,8 +221,8 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
     accumulate, store_partials = fma_tile_macros(TT, TM, m, Tn)
 
     @T.prim_func
-    # inputs x, fn; outputs mixes, rstd (split_K == 1) or the partials part_mix, part_sq; constant eps
-    def norm_fn_fwd(x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),
+    # inputs x, fn, norm_weight; outputs mixes, rstd (split_K == 1) or the partials part_mix, part_sq; constant eps
+    def norm_fn_fwd(x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"), norm_weight: T.Tensor((K,), "float32"),
                     mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
                     part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
                     eps: T.float32):
@@ -233,6 +236,8 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
             fr = T.alloc_local((TM,), "float32")
             xv = T.alloc_local((V,), dt)
             fv = T.alloc_local((VF,), "float32")
+            if fold:
+                wv = T.alloc_local((VF,), "float32")
             rg = tx % RG
             tg = tx // RG
             for e in T.unroll(TT * TM):
@@ -258,7 +263,7 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
                         else:
                             for v in T.unroll(V):
                                 xs[kv * V + v, t] = 0.0
-                # stage fn (padded rows and the K tail are zero)
+                # stage fn, with the fold fn * norm_weight (padded rows and the K tail are zero)
                 for it in T.serial(FL):
                     idx = it * threads + tx
                     if idx < MP * (bk // VF):
@@ -268,8 +273,14 @@ def _build_fwd(n, C, dtype, cfg, fused, rows=None):
                         if j < m and q < K:
                             for v in T.vectorized(VF):
                                 fv[v] = fn[j, q + v]
-                            for v in T.unroll(VF):
-                                fs[kv * VF + v, j] = fv[v]
+                            if fold:
+                                for v in T.vectorized(VF):
+                                    wv[v] = norm_weight[q + v]
+                                for v in T.unroll(VF):
+                                    fs[kv * VF + v, j] = fv[v] * wv[v]
+                            else:
+                                for v in T.unroll(VF):
+                                    fs[kv * VF + v, j] = fv[v]
                         else:
                             for v in T.unroll(VF):
                                 fs[kv * VF + v, j] = 0.0
@@ -335,8 +346,10 @@ def _check_mode(mode):
         raise ValueError(f"norm_fn config: mma must be one of {MMA_MODES}, got {mode!r}")
 
 
-def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
-    """Tensor-core main loop (``mma`` = "tf32" or "3xtf32"); same tensors and outputs as :func:`_build_fwd`.
+def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None, fold=False):
+    """Tensor-core main loop (``mma`` = "tf32" or "3xtf32"); same tensors and outputs as :func:`_build_fwd`, but
+    ``fn`` comes folded (the wrapper's torch fold: in the kernel the product would be contracted into the split's
+    ``fn - hi`` and round differently) and ``norm_weight`` is not read.
 
     A CTA owns ``block_T`` tokens x one K range. Per ``block_K`` chunk each thread holds a fixed token and
     ``block_T * block_K / threads`` consecutive-vector elements of its row in registers (loaded one chunk
@@ -358,6 +371,8 @@ def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
     bt, bk, mode = cfg["block_T"], cfg["block_K"], cfg["mma"]
     _check_mode(mode)
     assert mode != "fma"
+    if fold:
+        raise ValueError("the tensor-core projection takes fn folded (fold=False)")
     S = 1 if fused else cfg["split_K"]
     split = mode == "3xtf32"                  # fn = hi + lo
     x_split = split and dtype == torch.float32  # x = hi + lo as well (bf16 / fp16 are exact in TF32)
@@ -385,8 +400,10 @@ def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
                              "float32")
 
     @T.prim_func
-    # inputs x, fn; outputs mixes, rstd (split_K == 1) or the partials part_mix, part_sq; constant eps
+    # inputs x, fn (folded), norm_weight (not read); outputs mixes, rstd (split_K == 1) or the partials part_mix,
+    # part_sq; constant eps
     def norm_fn_fwd_mma(x: T.Tensor((Tn, K), dt), fn: T.Tensor((m, K), "float32"),
+                        norm_weight: T.Tensor((K,), "float32"),
                         mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),
                         part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),
                         eps: T.float32):
@@ -515,26 +532,26 @@ def _build_fwd_mma(n, C, dtype, cfg, fused, rows=None):
     return norm_fn_fwd_mma
 
 
-def _build_fwd_fused(n, C, dtype, cfg, rows=None):
+def _build_fwd_fused(n, C, dtype, cfg, rows=None, fold=False):
     cfg = dict(cfg, split_K=1)
     if cfg.get("mma", "fma") != "fma":
-        return _build_fwd_mma(n, C, dtype, cfg, fused=True, rows=rows)
-    return _build_fwd(n, C, dtype, cfg, fused=True, rows=rows)
+        return _build_fwd_mma(n, C, dtype, cfg, fused=True, rows=rows, fold=fold)
+    return _build_fwd(n, C, dtype, cfg, fused=True, rows=rows, fold=fold)
 
 
-def _build_fwd_splitk(n, C, dtype, cfg, rows=None):
+def _build_fwd_splitk(n, C, dtype, cfg, rows=None, fold=False):
     cfg = dict(cfg, split_K=max(2, cfg["split_K"]))
     if cfg.get("mma", "fma") != "fma":
-        return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows)
-    return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows)
+        return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows, fold=fold)
+    return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows, fold=fold)
 
 
-def _build_fwd_partials(n, C, dtype, cfg, rows=None):
+def _build_fwd_partials(n, C, dtype, cfg, rows=None, fold=False):
     """The main loop writing split partials for any ``split_K`` (1 included): ``mhc_pre``'s projection,
     whose reduce stage is the fused tail kernel (``fused.py``)."""
     if cfg.get("mma", "fma") != "fma":
-        return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows)
-    return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows)
+        return _build_fwd_mma(n, C, dtype, cfg, fused=False, rows=rows, fold=fold)
+    return _build_fwd(n, C, dtype, cfg, fused=False, rows=rows, fold=fold)
 
 
 def split_reduce_macros(S: int, K: int):
@@ -729,6 +746,17 @@ def _fold(fn, norm_weight):
     return fn.contiguous() if norm_weight is None else (fn * norm_weight).contiguous()
 
 
+def fold_args(fn, norm_weight, mma):
+    """-> (fn, norm_weight, kernel constants) as a forward projection takes them: the "fma" kernels fold
+    ``norm_weight`` into ``fn`` as they stage it (constant ``fold``; ``fn * norm_weight`` in torch would be a
+    launch of its own), the tensor-core ones take ``fn`` folded by torch. Where the kernel does not read
+    ``norm_weight`` it gets a placeholder (``torch.empty``: no launch)."""
+    K = fn.shape[1]
+    if norm_weight is not None and mma == "fma":
+        return fn.contiguous(), norm_weight.contiguous(), {"fold": True}
+    return _fold(fn, norm_weight), fn.new_empty((K,)), {}
+
+
 def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config):
     """-> (mixes (T, rows), rstd (T,)); ``rows`` is fn's row count (m, or n for the head)."""
     Tt, n, C = residual.shape
@@ -741,18 +769,18 @@ def norm_fn_fwd(residual, fn, norm_weight, norm_eps, *, config):
     cfg = config  # resolved by the core (registry.config_for)
     _check_mode(cfg["mma"])
     x = residual.view(Tt, n * C)
-    f = _fold(fn, norm_weight)
+    f, nw, fc = fold_args(fn, norm_weight, cfg["mma"])
     S = cfg["split_K"]
     dev = residual.device
     if S == 1:
         dummy = fn.new_empty((1, Tt, m)), fn.new_empty((1, Tt))
-        get_kernel("norm_fn_fwd", n, C, residual.dtype, cfg, dev, rows=rows)(
-            x, f, mixes, rstd, *dummy, float(norm_eps))
+        get_kernel("norm_fn_fwd", n, C, residual.dtype, cfg, dev, rows=rows, **fc)(
+            x, f, nw, mixes, rstd, *dummy, float(norm_eps))
     else:
         pm = fn.new_empty((S, Tt, m))
         ps = fn.new_empty((S, Tt))
-        get_kernel("norm_fn_fwd_splitk", n, C, residual.dtype, cfg, dev, rows=rows)(
-            x, f, mixes, rstd, pm, ps, float(norm_eps))
+        get_kernel("norm_fn_fwd_splitk", n, C, residual.dtype, cfg, dev, rows=rows, **fc)(
+            x, f, nw, mixes, rstd, pm, ps, float(norm_eps))
         get_kernel("norm_fn_finalize", n, C, residual.dtype, cfg, dev, rows=rows)(pm, ps, mixes, rstd, float(norm_eps))
     return mixes, rstd
 
@@ -771,8 +799,9 @@ def norm_fn_partials(residual, fn, norm_weight, *, config):
     if Tt == 0:
         return pm, ps
     unused = fn.new_empty((Tt, m)), fn.new_empty((Tt,))  # the finalised outputs, which this kernel leaves alone
-    get_kernel("mhc_pre_project", n, C, residual.dtype, cfg, residual.device)(
-        residual.view(Tt, n * C), _fold(fn, norm_weight), *unused, pm, ps, 0.0)
+    f, nw, fc = fold_args(fn, norm_weight, cfg["mma"])
+    get_kernel("mhc_pre_project", n, C, residual.dtype, cfg, residual.device, **fc)(
+        residual.view(Tt, n * C), f, nw, *unused, pm, ps, 0.0)
     return pm, ps
 
 

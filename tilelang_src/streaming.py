@@ -143,12 +143,75 @@ def _build_pre_apply_fwd(n, C, dtype, cfg):
     return pre_apply_mix_fwd
 
 
+def collapse_norm_macros(n: int, C: int, V: int, TPT: int, dt: str, Tn):
+    """The collapse + RMSNorm of token rows that ``TPT`` threads each walk in ``V``-element vectors (thread
+    ``lane`` takes vectors ``j = it * TPT + lane``), shared by :func:`_build_collapse_norm` and the fused
+    ``mhc_pre`` tail with the out-norm (``fused.py``) so the two round identically:
+
+    * ``collapse_sq(x, out, mix, mrow, tok, lane, xv, acc, ov)``: ``u = round(sum_i mix[mrow, i] x_i)`` per
+      vector (:func:`collapse_macro`), stored to ``out``; returns this thread's float32 sum of the rounded
+      ``u^2`` (its vectors in order);
+    * ``token_rho(part_s, t, out_norm_eps)``: ``rsqrt(sum / C + out_norm_eps)`` of token ``t``'s ``TPT`` partials
+      added in lane order from 0.0 (every thread of the token gets the same value);
+    * ``normalize(out, w, tok, lane, rho, ov)``: rewrites the vectors this thread stored as
+      ``round(u * rho * w)`` (only its own writes are read back).
+
+    ``Tn`` (the kernel's symbolic token count) is closed over, not passed (a macro parameter would rename it).
+    """
+    import tilelang.language as T
+
+    NVEC = C // V                   # vectors per row
+    NIT = cdiv(NVEC, TPT)           # vectors per thread
+    collapse = collapse_macro(n, V, dt)
+
+    @T.macro
+    def collapse_sq(x, out, mix, mrow, tok, lane, xv, acc, ov):
+        ss = T.alloc_var("float32")
+        ss = 0.0
+        for it in T.serial(NIT):
+            j = it * TPT + lane
+            if tok < Tn and j < NVEC:
+                collapse(x, out, mix, mrow, tok, j * V, xv, acc, ov)
+                for v in T.serial(V):
+                    ss += T.cast(ov[v], "float32") * T.cast(ov[v], "float32")
+        return ss
+
+    @T.macro
+    def token_rho(part_s, t, out_norm_eps):   # (a macro parameter renames the scalar: not "eps", Sinkhorn's name)
+        s = T.alloc_var("float32")
+        s = 0.0
+        for q in T.serial(TPT):
+            s += part_s[t, q]
+        return T.rsqrt(s / C + out_norm_eps)
+
+    @T.macro
+    def normalize(out, w, tok, lane, rho, ov):
+        for it in T.serial(NIT):
+            j = it * TPT + lane
+            if tok < Tn and j < NVEC:
+                for v in T.vectorized(V):
+                    ov[v] = out[tok, j * V + v]
+                for v in T.vectorized(V):
+                    ov[v] = T.cast(T.cast(ov[v], "float32") * rho * w[j * V + v], dt)
+                for v in T.vectorized(V):
+                    out[tok, j * V + v] = ov[v]
+
+    return collapse_sq, token_rho, normalize
+
+
+def check_collapse_norm_config(C: int, cfg: dict):
+    bt, th, V = cfg["block_T"], cfg["threads"], cfg["vec"]
+    if th % bt or C % V:
+        raise ValueError(f"collapse_norm: block_T={bt} must divide threads={th} and vec={V} must divide C={C}")
+
+
 def _build_collapse_norm(n, C, dtype, cfg):
     """``mhc_head_sp`` / ``mhc_pre``'s collapse with the sublayer's RMSNorm, in one kernel.
 
     Shapes: ``x (T, n, C)`` (residual dtype), ``mix (T, n)``, ``w (C,)`` float32 -> ``out (T, C)`` (residual
-    dtype), ``out_rstd (T,)`` float32. Grid: token blocks of ``block_T``; ``threads / block_T`` threads per token
-    walk its row in ``vec``-element vectors:
+    dtype), ``out_rstd (T,)`` float32.
+    Grid: token blocks of ``block_T``; ``threads / block_T`` threads per token walk its row in ``vec``-element
+    vectors (:func:`collapse_norm_macros`):
 
     1. ``u = round(sum_i mix_i x_i)`` per vector (``collapse_macro``: ``pre_apply_mix``'s arithmetic, the same
        bits), stored to ``out``, and ``sum u^2`` of the rounded values into a per-thread float32 partial;
@@ -163,14 +226,11 @@ def _build_collapse_norm(n, C, dtype, cfg):
     import tilelang.language as T
 
     dt = dtype_name(dtype)
+    check_collapse_norm_config(C, cfg)
     bt, th, V = cfg["block_T"], cfg["threads"], cfg["vec"]
-    if th % bt or C % V:
-        raise ValueError(f"collapse_norm: block_T={bt} must divide threads={th} and vec={V} must divide C={C}")
     TPT = th // bt                  # threads per token
-    NVEC = C // V                   # vectors per row
-    NIT = cdiv(NVEC, TPT)           # vectors per thread
     Tn = T.dynamic("T")
-    collapse = collapse_macro(n, V, dt)
+    collapse_sq, token_rho, normalize = collapse_norm_macros(n, C, V, TPT, dt, Tn)
 
     @T.prim_func
     def collapse_norm(x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),      # inputs
@@ -183,38 +243,19 @@ def _build_collapse_norm(n, C, dtype, cfg):
             xv = T.alloc_local((V,), dt)
             acc = T.alloc_local((V,), "float32")
             ov = T.alloc_local((V,), dt)
-            ss = T.alloc_var("float32")
             rho = T.alloc_var("float32")
             t = tx // TPT
             lane = tx % TPT
             tok = by * bt + t
-            # -- u = round(sum_i mix_i x_i), stored; ss = sum of the rounded u^2 over this thread's vectors -----
-            ss = 0.0
-            for it in T.serial(NIT):
-                j = it * TPT + lane
-                if tok < Tn and j < NVEC:
-                    collapse(x, out, mix, tok, tok, j * V, xv, acc, ov)
-                    for v in T.serial(V):
-                        ss += T.cast(ov[v], "float32") * T.cast(ov[v], "float32")
-            part_s[t, lane] = ss
+            # -- u = round(sum_i mix_i x_i), stored; the sum of the rounded u^2 over this thread's vectors ------
+            part_s[t, lane] = collapse_sq(x, out, mix, tok, tok, lane, xv, acc, ov)
             T.sync_threads()
             # -- rho = rsqrt(sum of the token's partials (lane order) / C + eps) ------------------------------
-            ss = 0.0
-            for q in T.serial(TPT):
-                ss += part_s[t, q]
-            rho = T.rsqrt(ss / C + eps)
+            rho = token_rho(part_s, t, eps)
             if tok < Tn and lane == 0:
                 out_rstd[tok] = rho
             # -- out = round(u * rho * w) over the vectors this thread stored -------------------------------
-            for it in T.serial(NIT):
-                j = it * TPT + lane
-                if tok < Tn and j < NVEC:
-                    for v in T.vectorized(V):
-                        ov[v] = out[tok, j * V + v]
-                    for v in T.vectorized(V):
-                        ov[v] = T.cast(T.cast(ov[v], "float32") * rho * w[j * V + v], dt)
-                    for v in T.vectorized(V):
-                        out[tok, j * V + v] = ov[v]
+            normalize(out, w, tok, lane, rho, ov)
 
     return collapse_norm
 
@@ -512,7 +553,7 @@ def collapse_norm_fwd(residual, pre, out_norm_weight, out_norm_eps, *, config):
     if Tt == 0:
         return out, out_rstd
     get_kernel("collapse_norm", n, C, residual.dtype, config["collapse_norm"], residual.device)(
-        residual, pre, out_norm_weight.float().contiguous(), out, out_rstd, float(out_norm_eps))
+        residual, pre, out_norm_weight.contiguous(), out, out_rstd, float(out_norm_eps))   # float32 (the op's rule)
     return out, out_rstd
 
 
