@@ -766,24 +766,25 @@ def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, po
     ``config``: the tail kernel's flat config (:func:`tail_kernel_config`); its split count must be the
     partials' own.
     """
+    return _launch_tail("mhc_pre_tail", part_mix, part_sq, scale, base, residual, (), config, float(norm_eps),
+                        float(pre_eps), float(post_mult), float(sinkhorn_eps), iters=iters)
+
+
+def _launch_tail(kernel, part_mix, part_sq, scale, base, residual, weight, config, *consts, iters):
+    """Allocate the tail's outputs and launch ``kernel`` (``mhc_pre_tail`` / ``mhc_pre_norm_tail``; ``weight``: the
+    inputs it takes after the residual) -> (layer_input, post, comb, mixes, rstd, out_rstd)."""
     from .common import get_kernel
 
     Tt, n, C = residual.shape
     S, _, m = part_mix.shape
     if config["split_K"] != S:
-        raise ValueError(f"mhc_pre tail: config split_K={config['split_K']} but the partials have {S} splits")
-    layer_input = residual.new_empty((Tt, C))
-    post = part_mix.new_empty((Tt, n))
-    comb = part_mix.new_empty((Tt, n, n))
-    mixes = part_mix.new_empty((Tt, m))
-    rstd = part_mix.new_empty((Tt,))
-    out_rstd = part_mix.new_empty((Tt,))
-    if Tt == 0:
-        return layer_input, post, comb, mixes, rstd, out_rstd
-    get_kernel("mhc_pre_tail", n, C, residual.dtype, config, residual.device, iters=int(iters))(
-        part_mix, part_sq, scale, base, residual, layer_input, post, comb, mixes, rstd, out_rstd,
-        float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps))
-    return layer_input, post, comb, mixes, rstd, out_rstd
+        raise ValueError(f"{kernel}: config split_K={config['split_K']} but the partials have {S} splits")
+    outs = (residual.new_empty((Tt, C)), part_mix.new_empty((Tt, n)), part_mix.new_empty((Tt, n, n)),
+            part_mix.new_empty((Tt, m)), part_mix.new_empty((Tt,)), part_mix.new_empty((Tt,)))
+    if Tt:
+        get_kernel(kernel, n, C, residual.dtype, config, residual.device, iters=int(iters))(
+            part_mix, part_sq, scale, base, residual, *weight, *outs, *consts)
+    return outs
 
 
 def mhc_pre_norm_tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
@@ -791,24 +792,9 @@ def mhc_pre_norm_tail(part_mix, part_sq, scale, base, residual, out_norm_weight,
     """-> (layer_input, post, comb, mixes, rstd, out_rstd) from the projection's split partials, the layer input
     normalised with the sublayer's RMSNorm (``out_norm_weight``, float32), in one kernel
     (:func:`_build_pre_norm_tail`). ``config``: its flat config (:func:`norm_tail_kernel_config`)."""
-    from .common import get_kernel
-
-    Tt, n, C = residual.shape
-    S, _, m = part_mix.shape
-    if config["split_K"] != S:
-        raise ValueError(f"mhc_pre norm tail: config split_K={config['split_K']} but the partials have {S} splits")
-    layer_input = residual.new_empty((Tt, C))
-    post = part_mix.new_empty((Tt, n))
-    comb = part_mix.new_empty((Tt, n, n))
-    mixes = part_mix.new_empty((Tt, m))
-    rstd = part_mix.new_empty((Tt,))
-    out_rstd = part_mix.new_empty((Tt,))
-    if Tt == 0:
-        return layer_input, post, comb, mixes, rstd, out_rstd
-    get_kernel("mhc_pre_norm_tail", n, C, residual.dtype, config, residual.device, iters=int(iters))(
-        part_mix, part_sq, scale, base, residual, out_norm_weight.contiguous(), layer_input, post, comb, mixes, rstd,
-        out_rstd, float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps), float(out_norm_eps))
-    return layer_input, post, comb, mixes, rstd, out_rstd
+    return _launch_tail("mhc_pre_norm_tail", part_mix, part_sq, scale, base, residual,
+                        (out_norm_weight.contiguous(),), config, float(norm_eps), float(pre_eps), float(post_mult),
+                        float(sinkhorn_eps), float(out_norm_eps), iters=iters)
 
 
 def _tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps,
