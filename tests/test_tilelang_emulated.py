@@ -6,8 +6,8 @@ generated CUDA source is compiled as host C++ against ``tilelang_src/cuda_emu.h`
 (``tilelang_src/emulate.py``). So these tests run the same index arithmetic, masks,
 loops, shared-memory staging, barriers and float32 math as the GPU would, on every op
 forward and backward, with awkward shapes; what they cannot run are the tensor-core
-(``mma``) projection variants (refused, tested below). One OS thread per CUDA thread:
-shapes stay small. The GPU tests (test_tilelang_gpu.py) remain the word on real hardware.
+(``mma``) projection variants (refused, tested below). One fiber per CUDA thread, CTAs in
+turn: shapes stay small. The GPU tests (test_tilelang_gpu.py) remain the word on real hardware.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ VARIANTS = [  # every n, C odd / not a multiple of any block / 1, T in {0, 1, 5,
     dict(n=2, C=200, lead=(0,), dtype=torch.float32, nw=False, consts={}),
     dict(n=2, C=40, lead=(2, 3), dtype=torch.float32, nw=True, consts={"sinkhorn_iters": 20}),
     dict(n=4, C=72, lead=(300,), dtype=torch.bfloat16, nw=False, consts={}),  # several token blocks per grid
-    # production widths (a few tokens: one OS thread per CUDA thread)
+    # production widths (a few tokens: CTAs run one after another)
     dict(n=4, C=4096, lead=(3,), dtype=torch.bfloat16, nw=True, consts={}),
     dict(n=4, C=7168, lead=(2,), dtype=torch.bfloat16, nw=False, consts={}),
 ]
@@ -247,3 +247,46 @@ def test_emulator_leaves_inputs_untouched_so_chained_ops_backpropagate():
         li_r = mk.pre_apply_mix(ref, pre)
         (li_r.sum() + mk.mhc_post(li_r, ref, post, comb).sum()).backward()
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
+
+
+PROBE = """extern "C" __global__ void __launch_bounds__(64, 1) probe_kernel(float* __restrict__ out, int mode) {
+  extern __shared__ __align__(16) float buf[];
+  int t = (int)threadIdx.x;
+  if (mode == 2 && t == 0) { return; }
+  buf[t] = (float)(t + 1);
+  if (mode != 1) { __syncthreads(); }
+  out[((int)blockIdx.x) * 64 + t] = buf[(t + 1) % 64];
+}"""
+
+
+def _run_probe(mode: int) -> tuple[int, torch.Tensor]:
+    """The hand-written kernel above on the emulator's launcher: 2 CTAs of 64 threads, 256 B of shared memory."""
+    import ctypes
+
+    from mhc_kernels.tilelang_src import emulate
+
+    src, name, params = emulate._host_source(PROBE)
+    assert name == "probe_kernel" and [p for _, p in params] == ["out", "mode"]
+    lib = emulate._build_library(src)
+    out = torch.zeros(2 * 64)
+    box = ctypes.c_int(mode)
+    args = (ctypes.c_void_p * 2)(out.data_ptr(), ctypes.addressof(box))
+    return lib.emu_entry(args, 2, 1, 1, 64, 1, 1, 64 * 4), out
+
+
+def test_emulator_orders_threads_so_a_missing_barrier_shows():
+    """Fibers run in ascending thread order in even CTAs and descending in odd ones, on shared memory that
+    starts poisoned: a neighbour's value read without the barrier is the poison in one CTA or the other."""
+    want = (torch.arange(64) + 1).roll(-1).float().repeat(2)
+    status, out = _run_probe(0)
+    assert status == 0 and torch.equal(out, want)
+    status, out = _run_probe(1)  # the same kernel without its barrier
+    assert status == 0 and not torch.equal(out, want)
+    assert out[:64].isnan().any(), "ascending order: thread t reads t+1's slot before t+1 wrote it"
+
+
+def test_emulator_refuses_threads_that_skip_a_barrier():
+    """Thread 0 returns before the barrier the others wait at (a hang or a race on a GPU): status 1, which
+    EmulatedKernel turns into an EmulationError."""
+    status, _ = _run_probe(2)
+    assert status == 1

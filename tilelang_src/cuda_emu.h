@@ -1,19 +1,26 @@
 // CPU stand-ins for the CUDA constructs TileLang's generated kernels use, so that the generated
-// source itself can be compiled with a host C++ compiler and run on CPU threads (emulate.py).
+// source itself can be compiled with a host C++ compiler and run on the CPU (emulate.py).
 //
-// Execution model: one OS thread per CUDA thread of a CTA; CTAs of the grid run one after another;
-// __syncthreads() is a barrier over the CTA's threads; shared memory is one buffer per launch,
-// reused by each CTA. Half-precision types keep their bit layout (so torch's CPU tensors can be
-// passed by pointer) and convert with round-to-nearest-even, as the CUDA intrinsics do.
+// Execution model: each CUDA thread of a CTA is a user-space fiber on one OS thread; CTAs
+// of the grid run one after another. A fiber runs until it reaches __syncthreads() or returns; once
+// every thread of the CTA has arrived the next phase starts. Threads run in ascending order in even
+// CTAs and descending order in odd CTAs, so a shared-memory read that lacks its barrier sees the
+// writer's value in one order and a stale one in the other. Each CTA starts with its shared memory
+// filled with 0xff bytes (a NaN in every float type), so a read of shared memory nobody wrote shows.
+// A CTA whose threads disagree on the number of barriers they reach (some return while others wait)
+// is an error, reported to the caller. Fibers make a barrier a context switch instead of a futex
+// wake-up of every OS thread, and the run deterministic.
+// Half-precision types keep their bit layout (so torch's CPU tensors can be passed by pointer) and
+// convert with round-to-nearest-even, as the CUDA intrinsics do.
 // Only what the mHC kernels need is here; an unknown construct fails to compile, loudly.
 #pragma once
 
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
+#include <sys/mman.h>
+#include <ucontext.h>
 #include <vector>
 
 #define __global__
@@ -27,8 +34,8 @@ typedef unsigned char uchar;
 
 struct emu_dim3 { int x = 0, y = 0, z = 0; };
 namespace emu {
-extern thread_local emu_dim3 thread_idx, block_idx;
-extern thread_local unsigned char *smem;
+extern emu_dim3 thread_idx, block_idx;
+extern unsigned char *smem;
 void sync_cta();
 void exchange(const void *value, void *partner_value, int bytes, int partner);
 }  // namespace emu
@@ -108,42 +115,152 @@ struct AllReduce {
 // -- the launcher (defined once, in the translation unit that includes this with EMU_IMPLEMENTATION)
 #ifdef EMU_IMPLEMENTATION
 namespace emu {
-thread_local emu_dim3 thread_idx, block_idx;
-thread_local unsigned char *smem;
-static std::barrier<> *cta_barrier;
+emu_dim3 thread_idx, block_idx;
+unsigned char *smem;
+
+enum FiberState { RUNNING, AT_BARRIER, RETURNED };
+
+// The context switch. On x86-64 a few instructions that save the callee-saved registers and swap
+// stack pointers (swapcontext would also make a sigprocmask system call per switch, and a kernel
+// with a reduction tree switches about a million times per launch); elsewhere ucontext.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+extern "C" __attribute__((visibility("hidden"))) void emu_switch(void **save_sp, void *load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .hidden emu_switch
+  .type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch, .-emu_switch
+)");
+struct Context {
+  void *sp = nullptr;
+};
+static void switch_to(Context &save, Context &load) { emu_switch(&save.sp, load.sp); }
+static void start_context(Context &c, unsigned char *stack, size_t bytes, void (*entry)()) {
+  // the new stack as emu_switch leaves a suspended one: six saved registers, then the address `ret`
+  // jumps to, then a slot standing for entry's own return address (rsp = 8 mod 16 on entry, as after
+  // a call)
+  void **top = reinterpret_cast<void **>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15));
+  top -= 2;
+  top[0] = reinterpret_cast<void *>(entry);
+  top[1] = nullptr;
+  top -= 6;
+  for (int i = 0; i < 6; ++i) top[i] = nullptr;
+  c.sp = top;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+static void switch_to(Context &save, Context &load) { swapcontext(&save.uc, &load.uc); }
+static void start_context(Context &c, unsigned char *stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;  // fiber_entry never returns
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+  Context ctx;
+  emu_dim3 tid;
+  FiberState state;
+};
+static Context scheduler;
+static std::vector<Fiber> fibers;
+static int current;
+static const std::function<void()> *kernel_body;
 static std::vector<unsigned char> xbuf;
 static int xbytes = 16;
 
-void sync_cta() { cta_barrier->arrive_and_wait(); }
+void sync_cta() {
+  Fiber &f = fibers[current];
+  f.state = AT_BARRIER;
+  switch_to(f.ctx, scheduler);
+}
 
 void exchange(const void *value, void *partner_value, int bytes, int partner) {
-  cta_barrier->arrive_and_wait();
+  sync_cta();
   std::memcpy(&xbuf[size_t(threadIdx.x) * xbytes], value, bytes);
-  cta_barrier->arrive_and_wait();
+  sync_cta();
   std::memcpy(partner_value, &xbuf[size_t(partner) * xbytes], bytes);
 }
 
-void launch(int gx, int gy, int gz, int bx, int by, int bz, long smem_bytes, const std::function<void()> &body) {
-  int nthreads = bx * by * bz;
-  std::barrier<> bar(nthreads);
-  cta_barrier = &bar;
+[[noreturn]] static void fiber_entry() {
+  (*kernel_body)();
+  Fiber &f = fibers[current];
+  f.state = RETURNED;
+  switch_to(f.ctx, scheduler);  // never resumed
+  __builtin_unreachable();
+}
+
+// 0 when every CTA ran to the end; 1 when a CTA's threads reached different numbers of barriers;
+// 2 when the fiber stacks could not be mapped.
+int launch(int gx, int gy, int gz, int bx, int by, int bz, long smem_bytes, const std::function<void()> &body) {
+  const int nthreads = bx * by * bz;
+  const size_t stack_bytes = size_t(256) << 10, page = 4096;
+  // one mapping: per fiber a PROT_NONE guard page below its stack, so an overflow faults instead of
+  // writing into the next fiber's stack; pages are committed only when touched
+  const size_t slot = stack_bytes + page;
+  unsigned char *stacks = static_cast<unsigned char *>(
+      mmap(nullptr, slot * nthreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+  if (stacks == MAP_FAILED) return 2;
+  for (int t = 0; t < nthreads; ++t) mprotect(stacks + slot * t, page, PROT_NONE);
   std::vector<unsigned char> shared(size_t(smem_bytes) + 16);
+  smem = shared.data();
   xbuf.assign(size_t(nthreads) * xbytes, 0);
-  std::vector<std::thread> pool;
-  for (int t = 0; t < nthreads; ++t) {
-    pool.emplace_back([&, t] {
-      thread_idx = {t % bx, (t / bx) % by, t / (bx * by)};
-      smem = shared.data();
-      for (int z = 0; z < gz; ++z)
-        for (int y = 0; y < gy; ++y)
-          for (int x = 0; x < gx; ++x) {
-            block_idx = {x, y, z};
-            body();
-            bar.arrive_and_wait();  // the next CTA reuses the shared buffer
+  fibers.assign(nthreads, Fiber{});
+  kernel_body = &body;
+  int status = 0;
+  long cta = 0;
+  for (int z = 0; z < gz && status == 0; ++z)
+    for (int y = 0; y < gy && status == 0; ++y)
+      for (int x = 0; x < gx && status == 0; ++x, ++cta) {
+        block_idx = {x, y, z};
+        std::memset(shared.data(), 0xff, shared.size());
+        for (int t = 0; t < nthreads; ++t) {
+          Fiber &f = fibers[t];
+          f.tid = {t % bx, (t / bx) % by, t / (bx * by)};
+          f.state = RUNNING;
+          start_context(f.ctx, stacks + slot * t + page, stack_bytes, fiber_entry);
+        }
+        const bool descending = cta % 2 == 1;
+        for (;;) {  // one barrier phase per pass
+          int waiting = 0, returned = 0;
+          for (int i = 0; i < nthreads; ++i) {
+            current = descending ? nthreads - 1 - i : i;
+            Fiber &f = fibers[current];
+            thread_idx = f.tid;
+            f.state = RUNNING;
+            switch_to(scheduler, f.ctx);
+            (f.state == AT_BARRIER ? waiting : returned) += 1;
           }
-    });
-  }
-  for (auto &th : pool) th.join();
+          if (returned == nthreads) break;
+          if (returned != 0) {  // some threads returned while others wait at a barrier
+            status = 1;
+            break;
+          }
+        }
+      }
+  munmap(stacks, slot * nthreads);
+  return status;
 }
 }  // namespace emu
 #endif

@@ -10,9 +10,11 @@ generated ``kernel_source``); preprocessor lines are dropped, ``extern __shared_
 arrays become views of a per-launch buffer, and the source is compiled with ``g++``
 against ``cuda_emu.h`` (threadIdx/blockIdx, ``__syncthreads``, bf16/fp16 storage types
 with round-to-nearest-even conversions, the vector types, ``tl::AllReduce``). Each CUDA
-thread is an OS thread, CTAs run one after another. Grid, block and dynamic shared
-memory sizes are read from the host module's launch call and evaluated at the actual
-token count.
+thread is a user-space fiber, CTAs run one after another, each with its shared memory poisoned
+(0xff bytes) at its start and its threads in ascending order in even CTAs and descending in odd
+ones (so a missing barrier shows); threads that reach different numbers of barriers raise.
+Grid, block and dynamic shared memory sizes are read from the host module's launch call and
+evaluated at the actual token count.
 
 What it proves and what it does not: the index arithmetic, masking, loop bounds,
 shared-memory staging, barriers and the float32 math of the generated code (rsqrtf is
@@ -77,8 +79,8 @@ def _host_source(kernel_source: str):
     call = ", ".join(f"({t})args[{i}]" if t.endswith("*") else f"*({t}*)args[{i}]"
                      for i, (t, _) in enumerate(params))
     src = (f'#define EMU_IMPLEMENTATION\n#include "{HEADER}"\n{body}\n'
-           f'extern "C" void emu_entry(void** args, int gx, int gy, int gz, int bx, int by, int bz, long smem) {{\n'
-           f'  emu::launch(gx, gy, gz, bx, by, bz, smem, [&] {{ {name}({call}); }});\n}}\n')
+           f'extern "C" int emu_entry(void** args, int gx, int gy, int gz, int bx, int by, int bz, long smem) {{\n'
+           f'  return emu::launch(gx, gy, gz, bx, by, bz, smem, [&] {{ {name}({call}); }});\n}}\n')
     return src, name, params
 
 
@@ -99,7 +101,7 @@ def _build_library(src: str) -> ctypes.CDLL:
             raise EmulationError(f"g++ could not build the emulated kernel ({cpp}):\n{res.stderr[-3000:]}")
         os.replace(tmp, lib)
     dll = ctypes.CDLL(lib)
-    dll.emu_entry.restype = None
+    dll.emu_entry.restype = ctypes.c_int
     dll.emu_entry.argtypes = [ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_int] * 6 + [ctypes.c_long]
     return dll
 
@@ -262,7 +264,12 @@ class EmulatedKernel:
         if gx * gy * gz == 0:
             return
         arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
-        self.lib.emu_entry(arr, gx, gy, gz, bx, by, bz, smem)
+        status = self.lib.emu_entry(arr, gx, gy, gz, bx, by, bz, smem)
+        if status == 1:
+            raise EmulationError(f"{self.name}: the threads of a CTA reached different numbers of __syncthreads() "
+                                 f"(some returned while others waited at a barrier): a deadlock or a race on the GPU")
+        if status != 0:
+            raise EmulationError(f"{self.name}: the emulator could not map the fiber stacks for {bx * by * bz} threads")
         for name, a, buf in guarded:
             if not _guard_intact(buf):
                 raise EmulationError(f"{self.name}: out-of-bounds write around argument {name!r} "
