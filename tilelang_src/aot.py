@@ -11,6 +11,7 @@ memory (:mod:`mhc_kernels.ptxas`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -66,20 +67,127 @@ def dynamic_smem_bytes(kernel) -> int:
     return best
 
 
-def _lower_to_ptx(prim, arch: str):
-    """The cheap path: tilelang's lowering and CUDA codegen, then ``nvcc -ptx`` (no cubin, no host
-    wrapper). Same generated source as ``tilelang.compile``; used by the CPU test sweep."""
+def _lower(prim, arch: str):
+    """tilelang's lowering and CUDA codegen for ``arch``: (generated source, dynamic shared memory bytes)."""
     import tilelang
-    import tilelang.contrib.nvcc as tl_nvcc
     from tilelang import tvm
 
     target = {"kind": "cuda", "arch": arch}
     with tvm.transform.PassContext(opt_level=3, config=dict(common.PASS_CONFIGS)), tvm.target.Target(target):
         art = tilelang.lower(prim, target=target)
-        ptx = tl_nvcc.get_ptx_from_source(art.kernel_source, compile_flags=None, verbose=False)
     sizes = [int(f.attrs["dyn_shared_memory_buf"]) for f in art.device_mod.functions.values()
              if f.attrs is not None and "dyn_shared_memory_buf" in f.attrs]
-    return art.kernel_source, ptx, max(sizes, default=0)
+    return art.kernel_source, max(sizes, default=0)
+
+
+def _nvcc_ptx(source: str, arch: str) -> str:
+    """``nvcc -ptx`` of a generated source, with tilelang's flags and include paths (as tilelang.compile)."""
+    import tilelang.contrib.nvcc as tl_nvcc
+    from tilelang import tvm
+
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        return tl_nvcc.get_ptx_from_source(source, compile_flags=None, verbose=False)
+
+
+def _lower_to_ptx(prim, arch: str):
+    """The cheap path: tilelang's lowering and CUDA codegen, then ``nvcc -ptx`` (no cubin, no host
+    wrapper). Same generated source as ``tilelang.compile``; used by the CPU test sweep."""
+    src, dyn = _lower(prim, arch)
+    return src, _nvcc_ptx(src, arch), dyn
+
+
+_GLOBAL_NAME = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(')
+_PTX_ENTRY = re.compile(r"^(?:\.visible |\.weak )?\.entry (\w+)\(.*?^\}$", re.M | re.S)
+
+
+def _split_preamble(source: str) -> tuple[str, str]:
+    """(the leading preprocessor block, the rest) of a generated source."""
+    lines = source.splitlines()
+    i = 0
+    while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
+        i += 1
+    return "\n".join(lines[:i]), "\n".join(lines[i:])
+
+
+def _ptx_batch(sources: list[str], arch: str) -> list[tuple[str, list]]:
+    """PTX entries and ``ptxas`` resources of several generated sources, from one ``nvcc -ptx`` and one ``ptxas``
+    per distinct preamble (the include block, which differs by dtype and by tensor-core use).
+
+    nvcc spends about 1.5 s parsing tilelang's headers and a few milliseconds per kernel, so a sweep of ~200
+    kernels is many times cheaper in batches. Each source's kernels are renamed apart (``<name>__b<i>``) and its
+    body appended after the preamble; ptxas reports per function, so registers, spills and shared memory are
+    each kernel's own. Returns, per source, (its ``.entry`` functions' PTX, its resources under the original
+    names). A batch that nvcc or ptxas refuses raises: the caller then builds its kernels one by one, so an
+    error is attributed to its kernel.
+    """
+    groups: dict[str, list] = {}
+    for i, src in enumerate(sources):
+        pre, body = _split_preamble(src)
+        names = sorted(set(_GLOBAL_NAME.findall(body)))
+        if not names:
+            raise ValueError("no kernel definition found in a generated source")
+        mapping = {f"{nm}__b{i}": nm for nm in names}
+        for new, nm in mapping.items():
+            body = re.sub(rf"\b{nm}\b", new, body)
+        groups.setdefault(pre, []).append((i, body, mapping))
+    out: list = [None] * len(sources)
+    for pre, members in groups.items():
+        ptx = _nvcc_ptx("\n".join([pre, *(body for _, body, _ in members)]), arch)
+        entries = {m.group(1): m.group(0) for m in _PTX_ENTRY.finditer(ptx)}
+        res = {r.name: r for r in ptxas.resources(ptx, arch)}
+        for i, _, mapping in members:
+            missing = [new for new in mapping if new not in entries or new not in res]
+            if missing:
+                raise ValueError(f"kernels {missing} are missing from the batch's PTX or ptxas report")
+            out[i] = ("\n".join(entries[new] for new in mapping),
+                      [dataclasses.replace(res[new], name=nm) for new, nm in mapping.items()])
+    return out
+
+
+def _record(name: str, arch: str) -> dict:
+    return {"backend": "tilelang", "kernel": name, "arch": arch, "config": "", "registers": None, "spills": None,
+            "smem_bytes": None, "seconds": 0.0, "ok": False, "error": None, "source": None, "ptx": None}
+
+
+def _prepare(name: str, arch: str, n: int, C: int, dtype: torch.dtype, config, consts, T):
+    """(an empty record of the kernel's build, its prim_func) at the given or the AOT config and constants."""
+    _load_all()
+    kdef = common.KERNELS[name]
+    rec = _record(name, arch)
+    cfg = kdef.cfg_of(config) if config is not None else _config_for(kdef, n, C, dtype, T)
+    if consts is None:
+        consts = kdef.consts(common.Shape(T or AOT_T, n, C, dtype))
+    rec["config"] = ", ".join(f"{k}={v}" for k, v in cfg.items()) + "".join(f", {k}={v}" for k, v in consts.items())
+    return rec, kdef.build(n, C, dtype, cfg, **consts)
+
+
+def _finish(rec: dict, src: str, ptx: str, res: list, dyn: int, n: int, C: int, dtype: torch.dtype,
+            emit_dir: Optional[str]) -> None:
+    """Fill ``rec`` from the build's source, PTX and ptxas resources; ``ok`` unless it spills or overflows smem."""
+    rec.update(source=src, ptx=ptx,
+               registers=max((r.registers for r in res), default=0),
+               spills=sum(r.spills for r in res),
+               smem_bytes=max((r.smem_bytes for r in res), default=0) + dyn)
+    limit = ptxas.SMEM_LIMIT_BYTES.get(rec["arch"])
+    problems = []
+    if rec["spills"]:
+        problems.append(f"{rec['spills']} bytes of register spills")
+    if limit is not None and rec["smem_bytes"] > limit:
+        problems.append(f"{rec['smem_bytes']} bytes of shared memory > {limit}")
+    rec["ok"] = not problems
+    rec["error"] = "; ".join(problems) or None
+    if emit_dir:
+        os.makedirs(emit_dir, exist_ok=True)
+        tag = hashlib.sha1(rec["config"].encode()).hexdigest()[:8]  # one kernel name, several keys
+        stem = os.path.join(emit_dir, f"{rec['kernel']}.n{n}.C{C}.{common.dtype_name(dtype)}.{tag}.{rec['arch']}")
+        with open(stem + ".cu", "w") as f:
+            f.write(src)
+        with open(stem + ".ptx", "w") as f:
+            f.write(ptx)
+
+
+def _failed(rec: dict, e: Exception) -> None:
+    rec["error"] = f"{type(e).__name__}: {str(e).strip()[-1500:]}"
 
 
 def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, config: Optional[dict] = None,
@@ -92,20 +200,12 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
     launcher, as at run time); ``full=False`` stops at the PTX (lowering, codegen, ``nvcc -ptx``) -- the same source,
     about half the time. The record also carries ``source`` (the CUDA) and ``ptx``.
     """
-    _load_all()
-    kdef = common.KERNELS[name]
-    rec = {"backend": "tilelang", "kernel": name, "arch": arch, "config": "", "registers": None, "spills": None,
-           "smem_bytes": None, "seconds": 0.0, "ok": False, "error": None, "source": None, "ptx": None}
     t0 = time.perf_counter()
+    rec = None
     try:
         import tilelang
 
-        cfg = kdef.cfg_of(config) if config is not None else _config_for(kdef, n, C, dtype, T)
-        if consts is None:
-            consts = kdef.consts(common.Shape(T or AOT_T, n, C, dtype))
-        rec["config"] = ", ".join(f"{k}={v}" for k, v in cfg.items()) + \
-            "".join(f", {k}={v}" for k, v in consts.items())
-        prim = kdef.build(n, C, dtype, cfg, **consts)
+        rec, prim = _prepare(name, arch, n, C, dtype, config, consts, T)
         if full:
             kernel = tilelang.compile(prim, target={"kind": "cuda", "arch": arch},
                                       pass_configs=dict(common.PASS_CONFIGS))
@@ -114,31 +214,48 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
             dyn = dynamic_smem_bytes(kernel)
         else:
             src, ptx, dyn = _lower_to_ptx(prim, arch)
-        res = ptxas.resources(ptx, arch)
-        rec.update(source=src, ptx=ptx,
-                   registers=max((r.registers for r in res), default=0),
-                   spills=sum(r.spills for r in res),
-                   smem_bytes=max((r.smem_bytes for r in res), default=0) + dyn)
-        limit = ptxas.SMEM_LIMIT_BYTES.get(arch)
-        problems = []
-        if rec["spills"]:
-            problems.append(f"{rec['spills']} bytes of register spills")
-        if limit is not None and rec["smem_bytes"] > limit:
-            problems.append(f"{rec['smem_bytes']} bytes of shared memory > {limit}")
-        rec["ok"] = not problems
-        rec["error"] = "; ".join(problems) or None
-        if emit_dir:
-            os.makedirs(emit_dir, exist_ok=True)
-            tag = hashlib.sha1(rec["config"].encode()).hexdigest()[:8]  # one kernel name, several keys
-            stem = os.path.join(emit_dir, f"{name}.n{n}.C{C}.{common.dtype_name(dtype)}.{tag}.{arch}")
-            with open(stem + ".cu", "w") as f:
-                f.write(src)
-            with open(stem + ".ptx", "w") as f:
-                f.write(ptx)
+        _finish(rec, src, ptx, ptxas.resources(ptx, arch), dyn, n, C, dtype, emit_dir)
     except Exception as e:  # a failed kernel is a record, not an abort
-        rec["error"] = f"{type(e).__name__}: {str(e).strip()[-1500:]}"
+        rec = rec or _record(name, arch)
+        _failed(rec, e)
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def compile_many(requests: list[dict], arch: str, emit_dir: Optional[str] = None) -> list[dict]:
+    """:func:`compile_one` with ``full=False`` for each request (``name``, ``n``, ``C``, ``dtype`` and optionally
+    ``config``, ``consts``, ``T``), with one ``nvcc -ptx`` and one ``ptxas`` for the whole list
+    (:func:`_ptx_batch`); each record's ``ptx`` is its own ``.entry`` functions and ``seconds`` its share of the
+    batch. Kernels that fail to lower, or a batch nvcc refuses, are built one by one, so every error is its own."""
+    t0 = time.perf_counter()
+    recs, lowered = [], []
+    for q in requests:
+        args = (q["name"], arch, q["n"], q["C"], q["dtype"], q.get("config"), q.get("consts"), q.get("T"))
+        try:
+            rec, prim = _prepare(*args)
+            src, dyn = _lower(prim, arch)
+            lowered.append((len(recs), q, src, dyn))
+        except Exception:  # its own error, from the one-by-one path
+            rec = compile_one(*args[:5], config=args[5], consts=args[6], T=args[7], emit_dir=emit_dir, full=False)
+        recs.append(rec)
+    try:
+        built = _ptx_batch([src for _, _, src, _ in lowered], arch) if lowered else []
+    except Exception:
+        built = None
+    for j, (i, q, src, dyn) in enumerate(lowered):
+        if built is None:
+            recs[i] = compile_one(q["name"], arch, q["n"], q["C"], q["dtype"], config=q.get("config"),
+                                  consts=q.get("consts"), T=q.get("T"), emit_dir=emit_dir, full=False)
+            continue
+        ptx, res = built[j]
+        try:
+            _finish(recs[i], src, ptx, res, dyn, q["n"], q["C"], q["dtype"], emit_dir)
+        except Exception as e:
+            _failed(recs[i], e)
+    share = round((time.perf_counter() - t0) / max(1, len(requests)), 3)
+    for r in recs:
+        r["seconds"] = r["seconds"] or share
+    return recs
 
 
 def compile_all(arch: str, n: int, C: int, dtype: torch.dtype, emit_dir: str | None = None,
