@@ -25,7 +25,17 @@ def _seed(request):
     yield
 
 
+# The longest modules on CI's 2 cores (cold caches), run first: under ``-n 2 --dist loadfile`` (the README's
+# command) a long module collected last would leave one worker idle at the end (longest-first scheduling).
+LONGEST_FIRST = ("test_tilelang_emulated.py", "test_tilelang_compile.py", "test_compile_cli.py", "test_chains.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none present)")
