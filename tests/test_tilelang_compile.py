@@ -215,6 +215,29 @@ def records():
     return recs
 
 
+def _comparable(ptx):
+    """PTX without what depends on a function's place in its module: .loc source lines, block label numbers."""
+    ptx = re.sub(r"\$L__BB\d+_", "$L__BB_", ptx)
+    return "\n".join(line for line in ptx.splitlines() if not line.lstrip().startswith(".loc"))
+
+
+def test_batched_builds_report_each_kernels_own_resources(records):
+    """aot.compile_many (one nvcc and ptxas per batch) gives the record compile_one gives alone: the same source,
+    registers, spills and shared memory, for kernels of one batch that differ in registers (n=8 vs n=1) and for
+    one with dynamic shared memory; its PTX is the kernel's own entry."""
+    for case in [("post_fwd", "sm_90a", 8, 4096, "bf16", False), ("post_fwd", "sm_90a", 1, 4096, "bf16", False),
+                 ("mhc_pre_tail", "sm_90a", 8, 4096, "bf16", False)]:
+        alone = aot.compile_one(*case[:4], DTYPES[case[4]], full=False)
+        batched = records[case]
+        for key in ("source", "registers", "spills", "smem_bytes", "ok", "config"):
+            assert batched[key] == alone[key], (case, key)
+        # the same instructions, up to the renamed kernel and its place in the batch
+        (entry,) = [m.group(0) for m in aot._PTX_ENTRY.finditer(alone["ptx"])]
+        assert _comparable(re.sub(r"__b\d+", "", batched["ptx"])) == _comparable(entry), case
+    assert records[("post_fwd", "sm_90a", 8, 4096, "bf16", False)]["registers"] != \
+        records[("post_fwd", "sm_90a", 1, 4096, "bf16", False)]["registers"], "n=8 and n=1 must not share a report"
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_compiles_without_spills(records, case):
     rec = records[case]

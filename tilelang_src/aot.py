@@ -224,19 +224,24 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
 
 def compile_many(requests: list[dict], arch: str, emit_dir: Optional[str] = None) -> list[dict]:
     """:func:`compile_one` with ``full=False`` for each request (``name``, ``n``, ``C``, ``dtype`` and optionally
-    ``config``, ``consts``, ``T``), with one ``nvcc -ptx`` and one ``ptxas`` for the whole list
-    (:func:`_ptx_batch`); each record's ``ptx`` is its own ``.entry`` functions and ``seconds`` its share of the
-    batch. Kernels that fail to lower, or a batch nvcc refuses, are built one by one, so every error is its own."""
+    ``config``, ``consts``, ``T``): each kernel lowered on its own, then one ``nvcc -ptx`` and one ``ptxas`` per
+    distinct include preamble (:func:`_ptx_batch`). Each record's ``ptx`` is its own ``.entry`` functions and
+    ``seconds`` its share of the batch. A kernel that fails to lower, or a batch nvcc refuses, is built one by
+    one, so every error is its own."""
+    def one_by_one(q):
+        return compile_one(q["name"], arch, q["n"], q["C"], q["dtype"], config=q.get("config"),
+                           consts=q.get("consts"), T=q.get("T"), emit_dir=emit_dir, full=False)
+
     t0 = time.perf_counter()
     recs, lowered = [], []
     for q in requests:
-        args = (q["name"], arch, q["n"], q["C"], q["dtype"], q.get("config"), q.get("consts"), q.get("T"))
         try:
-            rec, prim = _prepare(*args)
+            rec, prim = _prepare(q["name"], arch, q["n"], q["C"], q["dtype"], q.get("config"), q.get("consts"),
+                                 q.get("T"))
             src, dyn = _lower(prim, arch)
             lowered.append((len(recs), q, src, dyn))
-        except Exception:  # its own error, from the one-by-one path
-            rec = compile_one(*args[:5], config=args[5], consts=args[6], T=args[7], emit_dir=emit_dir, full=False)
+        except Exception:
+            rec = one_by_one(q)
         recs.append(rec)
     try:
         built = _ptx_batch([src for _, _, src, _ in lowered], arch) if lowered else []
@@ -244,8 +249,7 @@ def compile_many(requests: list[dict], arch: str, emit_dir: Optional[str] = None
         built = None
     for j, (i, q, src, dyn) in enumerate(lowered):
         if built is None:
-            recs[i] = compile_one(q["name"], arch, q["n"], q["C"], q["dtype"], config=q.get("config"),
-                                  consts=q.get("consts"), T=q.get("T"), emit_dir=emit_dir, full=False)
+            recs[i] = one_by_one(q)
             continue
         ptx, res = built[j]
         try:

@@ -243,14 +243,14 @@ int launch(int gx, int gy, int gz, int bx, int by, int bz, long smem_bytes, cons
         }
         const bool descending = cta % 2 == 1;
         for (;;) {  // one barrier phase per pass
-          int waiting = 0, returned = 0;
+          int returned = 0;  // the others wait at the barrier
           for (int i = 0; i < nthreads; ++i) {
             current = descending ? nthreads - 1 - i : i;
             Fiber &f = fibers[current];
             thread_idx = f.tid;
             f.state = RUNNING;
             switch_to(scheduler, f.ctx);
-            (f.state == AT_BARRIER ? waiting : returned) += 1;
+            returned += f.state == RETURNED;
           }
           if (returned == nthreads) break;
           if (returned != 0) {  // some threads returned while others wait at a barrier
