@@ -9,6 +9,8 @@ Every backend computes the composites with the same sequence of primitives:
   float32 before the single rounding (one full-size write);
 * ``mhc_head`` / ``mhc_head_bwd`` = the same with ``n`` projection rows and sigmoid weights;
 * ``post_pre`` = post -> mhc_pre on the stored new residual;
+* with ``fp8_group`` the forward boundaries end with ``quantize_fp8`` of the layer input (the FP8 copy; a
+  backend that fuses it into the kernel writing the layer input overrides the composite);
 * ``multilayer_recompute`` = per layer pre_apply_mix and post writing into the output slices.
 
 A backend registers its primitives, then calls :func:`register_composites`, which registers
@@ -85,11 +87,24 @@ def _sub(config, part):
     return None if config is None else config.get(part)
 
 
+def fp8_copy(p, layer_input: Tensor, fp8_group: int, mix_dtype: torch.dtype, config=None) -> tuple[Tensor, Tensor]:
+    """-> (fp8_codes (T, C) uint8: the float8_e4m3fn bytes, fp8_scales) of a boundary: ``quantize_fp8`` of the
+    stored layer input with ``fp8_group`` (the backend's kernel: one more launch), or ``(T, 0)`` placeholders
+    without a group (``fp8_group == 0``)."""
+    if not fp8_group:
+        T = layer_input.shape[0]
+        return (torch.empty((T, 0), dtype=torch.uint8, device=layer_input.device),
+                torch.empty((T, 0), dtype=mix_dtype, device=layer_input.device))
+    codes, scales = p.quantize_fp8(layer_input, fp8_group, config=_sub(config, "quantize_fp8"))
+    return codes.view(torch.uint8), scales
+
+
 def mhc_pre_fwd(p, residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
-                sinkhorn_eps, out_norm_eps, *, config=None):
-    """-> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd): norm_fn -> split_mixes -> pre_apply_mix, or,
-    with ``out_norm_weight``, the collapse and the sublayer's RMSNorm in one kernel (``mhc_head_sp``'s: the
-    statistic of the rounded collapse; ``out_rstd`` its rho, ones without a weight)."""
+                sinkhorn_eps, out_norm_eps, fp8_group, *, config=None):
+    """-> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales): norm_fn ->
+    split_mixes -> pre_apply_mix, or, with ``out_norm_weight``, the collapse and the sublayer's RMSNorm in one
+    kernel (``mhc_head_sp``'s: the statistic of the rounded collapse; ``out_rstd`` its rho, ones without a
+    weight); with ``fp8_group`` then ``quantize_fp8`` of the layer input (:func:`fp8_copy`)."""
     mixes, rstd = p.norm_fn(residual, fn, norm_weight, norm_eps, config=_sub(config, "norm_fn"))
     pre, post, comb = p.split_mixes(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
                                     config=_sub(config, "split_mixes"))
@@ -99,7 +114,7 @@ def mhc_pre_fwd(p, residual, fn, scale, base, norm_weight, out_norm_weight, norm
     else:
         v, out_rstd = p.collapse_norm(residual, pre, out_norm_weight, out_norm_eps,
                                       config=_sub(config, "collapse_norm"))
-    return v, post, comb, mixes, rstd, out_rstd
+    return (v, post, comb, mixes, rstd, out_rstd) + fp8_copy(p, v, fp8_group, fn.dtype, config)
 
 
 def mhc_pre_bwd(p, grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, out_norm_weight,
@@ -141,12 +156,12 @@ def mhc_head_bwd(p, grad, residual, fn, scale, base, norm_weight, mixes, rstd, p
 
 
 def post_pre_fwd(p, layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight,
-                 norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config=None):
-    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd) of the next sublayer: post, then
-    mhc_pre on the stored new residual."""
+                 norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, *, config=None):
+    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales) of the next
+    sublayer: post, then mhc_pre on the stored new residual."""
     new_residual = p.post(layer_output, residual, post_mix, comb_mix, config=_sub(config, "post"))
     return (new_residual,) + p.mhc_pre(new_residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
-                                       pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
+                                       pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group,
                                        config=_sub(config, "mhc_pre"))
 
 
@@ -217,15 +232,16 @@ def _collapse(p, residual, prev_pre, config):
 
 
 def mhc_pre_sp_fwd(p, residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult,
-                   iters, sinkhorn_eps, out_norm_eps, *, config=None):
-    """-> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd): this site's coefficients from the
-    residual (norm_fn -> split_mixes) and the layer input collapsed with ``prev_pre`` (stream 0 when None),
-    then RMS-normalised when ``out_norm_weight`` is given."""
+                   iters, sinkhorn_eps, out_norm_eps, fp8_group, *, config=None):
+    """-> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales): this site's
+    coefficients from the residual (norm_fn -> split_mixes) and the layer input collapsed with ``prev_pre``
+    (stream 0 when None), then RMS-normalised when ``out_norm_weight`` is given, then its FP8 copy with
+    ``fp8_group`` (:func:`fp8_copy`)."""
     mixes, rstd = p.norm_fn(residual, fn, norm_weight, norm_eps, config=_sub(config, "norm_fn"))
     pre, post, comb = p.split_mixes(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
                                     config=_sub(config, "split_mixes"))
     v, out_rstd = out_norm(_collapse(p, residual, prev_pre, config), out_norm_weight, out_norm_eps, fn.dtype)
-    return v, pre, post, comb, mixes, rstd, out_rstd
+    return (v, pre, post, comb, mixes, rstd, out_rstd) + fp8_copy(p, v, fp8_group, fn.dtype, config)
 
 
 def mhc_pre_sp_bwd(p, grad_layer_input, grad_pre, grad_post, grad_comb, residual, prev_pre, fn, scale, base,
@@ -255,12 +271,13 @@ def mhc_pre_sp_bwd(p, grad_layer_input, grad_pre, grad_post, grad_comb, residual
 
 
 def post_pre_sp_fwd(p, layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
-                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config=None):
-    """-> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd): post of site s-1, then
-    mhc_pre_sp of site s on the stored new residual."""
+                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, *,
+                    config=None):
+    """-> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales): post
+    of site s-1, then mhc_pre_sp of site s on the stored new residual."""
     new_residual = p.post(layer_output, residual, post_mix, comb_mix, config=_sub(config, "post"))
     return (new_residual,) + p.mhc_pre_sp(new_residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight,
-                                          norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
+                                          norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group,
                                           config=_sub(config, "mhc_pre_sp"))
 
 
@@ -313,7 +330,8 @@ STREAM_WEIGHT_GRAD = "stream_weight_grad"
 COMPOSITES: dict[str, tuple[Callable, tuple[Part, ...]]] = {
     "mhc_head_sp": (mhc_head_sp_fwd, (Part("pre_apply_mix", "pre_apply_mix"),)),
     "mhc_pre": (mhc_pre_fwd, (Part("norm_fn", "norm_fn", _rows_m), Part("split_mixes", "split_mixes"),
-                              Part("pre_apply_mix", "pre_apply_mix"), Part("collapse_norm", "mhc_head_sp"))),
+                              Part("pre_apply_mix", "pre_apply_mix"), Part("collapse_norm", "mhc_head_sp"),
+                              Part("quantize_fp8", "quantize_fp8"))),
     "mhc_pre_bwd": (mhc_pre_bwd, (Part("pre_apply_mix", "pre_apply_mix"),
                                   Part(STREAM_WEIGHT_GRAD, "pre_apply_mix_bwd"),
                                   Part("split_mixes_bwd", "split_mixes_bwd"),
@@ -324,7 +342,7 @@ COMPOSITES: dict[str, tuple[Callable, tuple[Part, ...]]] = {
     "post_pre": (post_pre_fwd, (Part("post", "post"), Part("mhc_pre", "mhc_pre"))),
     "multilayer_recompute": (multilayer_recompute_fwd, (Part("post", "post"), Part("pre_apply_mix", "pre_apply_mix"))),
     "mhc_pre_sp": (mhc_pre_sp_fwd, (Part("norm_fn", "norm_fn", _rows_m), Part("split_mixes", "split_mixes"),
-                                    Part("pre_apply_mix", "pre_apply_mix"))),
+                                    Part("pre_apply_mix", "pre_apply_mix"), Part("quantize_fp8", "quantize_fp8"))),
     "mhc_pre_sp_bwd": (mhc_pre_sp_bwd, (Part("pre_apply_mix", "pre_apply_mix"),
                                         Part(STREAM_WEIGHT_GRAD, "pre_apply_mix_bwd"),
                                         Part("split_mixes_bwd", "split_mixes_bwd"),

@@ -54,7 +54,8 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
             pre-mix without touching the residual; activation recompute keeps them).
         out_fp8: ``None``, ``"e4m3_g128"`` or ``"e4m3_g32"``: also return an FP8 copy of the layer input for
             the next FP8 GEMM, ``(codes, scales)`` as :func:`quantize_fp8` computes them from the stored
-            (rounded) layer input, appended last.
+            (rounded) layer input, appended last. The Triton and TileLang kernels write it in the kernel that
+            writes the layer input (no extra launch).
 
     Returns:
         ``(layer_input (..., C), post_mix (..., n), comb_mix (..., n, n))``: the sublayer
@@ -72,12 +73,10 @@ def mhc_pre(residual: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, norm_w
         >>> layer_input.shape, post_mix.shape, comb_mix.shape
         (torch.Size([8, 64]), torch.Size([8, 4]), torch.Size([8, 4, 4]))
     """
-    li, post_mix, comb_mix, mixes, _, _ = call("mhc_pre", residual, fn, scale, base, norm_weight,
-                                               _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps),
-                                               _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps),
-                                               _float(out_norm_eps))
-    return ((li, post_mix, comb_mix, mixes) if return_mixes else (li, post_mix, comb_mix)) + _fp8_copy(
-        "mhc_pre", li, out_fp8)
+    out = call("mhc_pre", residual, fn, scale, base, norm_weight, _weight(out_norm_weight, fn), _float(norm_eps),
+               _float(pre_eps), _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps), _float(out_norm_eps),
+               _boundary_fp8_group("mhc_pre", out_fp8, residual))
+    return out[:4 if return_mixes else 3] + _fp8_outputs(out, out_fp8)
 
 
 def _full_layer_output(name: str, layer_output: Tensor, partial: bool, group) -> Tensor:
@@ -223,17 +222,31 @@ def quantize_fp8(x: Tensor, fmt: str = "e4m3_g128") -> tuple[Tensor, Tensor]:
     """
     group = _fp8_group("mhc.quantize_fp8", fmt, x.shape[-1] if isinstance(x, Tensor) and x.dim() else None)
     codes, scales = call("quantize_fp8", x.detach() if isinstance(x, Tensor) else x, group)
+    return codes, _fp8_scales(scales, group)
+
+
+def _fp8_scales(scales: Tensor, group: int) -> Tensor:
+    """The public form of FP8 scales: float8_e8m0fnu for groups of 32 (powers of two: exact), else as computed."""
     if group == 32 and hasattr(torch, "float8_e8m0fnu"):
-        scales = scales.to(torch.float8_e8m0fnu)   # powers of two: exact
-    return codes, scales
+        return scales.to(torch.float8_e8m0fnu)
+    return scales
 
 
-def _fp8_copy(name: str, layer_input: Tensor, out_fp8) -> tuple:
-    """``()`` without ``out_fp8``, else :func:`quantize_fp8` of the layer input (checked under ``name``)."""
+def _boundary_fp8_group(name: str, out_fp8, residual) -> int:
+    """The ``fp8_group`` argument of a boundary op for ``out_fp8`` (0 without it), checked under ``name``
+    against the residual's width."""
+    if out_fp8 is None:
+        return 0
+    C = residual.shape[-1] if isinstance(residual, Tensor) and residual.dim() else None
+    return _fp8_group(f"mhc.{name}", out_fp8, C)
+
+
+def _fp8_outputs(out: tuple, out_fp8) -> tuple:
+    """``()`` without ``out_fp8``, else the boundary's ``(fp8_codes, fp8_scales)`` (its last two outputs: written
+    by the kernel that writes the layer input, or by ``quantize_fp8`` right after it)."""
     if out_fp8 is None:
         return ()
-    _fp8_group(f"mhc.{name}", out_fp8, layer_input.shape[-1])
-    return quantize_fp8(layer_input, out_fp8)
+    return out[-2].view(torch.float8_e4m3fn), _fp8_scales(out[-1], FP8_FORMATS[out_fp8])
 
 
 def expand(hidden: Tensor, n: int) -> Tensor:
@@ -292,8 +305,8 @@ def post_pre(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix:
     layer_output = _full_layer_output("post_pre", layer_output, layer_output_partial, group)
     out = call("post_pre", layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
                _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
-               _float(sinkhorn_eps), _float(out_norm_eps))
-    return out[:4] + _fp8_copy("post_pre", out[1], out_fp8)
+               _float(sinkhorn_eps), _float(out_norm_eps), _boundary_fp8_group("post_pre", out_fp8, residual))
+    return out[:4] + _fp8_outputs(out, out_fp8)
 
 
 def multilayer_recompute(residual: Tensor, layer_outputs: Tensor, pre_mix: Tensor, post_mix: Tensor,
@@ -373,8 +386,8 @@ def mhc_pre_sp(residual: Tensor, prev_pre: Optional[Tensor], fn: Tensor, scale: 
     """
     out = call("mhc_pre_sp", residual, prev_pre, fn, scale, base, norm_weight, _weight(out_norm_weight, fn),
                _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters, _float(sinkhorn_eps),
-               _float(out_norm_eps))
-    return out[:4] + _fp8_copy("mhc_pre_sp", out[0], out_fp8)
+               _float(out_norm_eps), _boundary_fp8_group("mhc_pre_sp", out_fp8, residual))
+    return out[:4] + _fp8_outputs(out, out_fp8)
 
 
 def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_mix: Tensor,
@@ -405,8 +418,8 @@ def post_pre_sp(layer_output: Tensor, residual: Tensor, post_mix: Tensor, comb_m
     layer_output = _full_layer_output("post_pre_sp", layer_output, layer_output_partial, group)
     out = call("post_pre_sp", layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
                _weight(out_norm_weight, fn), _float(norm_eps), _float(pre_eps), _float(post_mult), sinkhorn_iters,
-               _float(sinkhorn_eps), _float(out_norm_eps))
-    return out[:5] + _fp8_copy("post_pre_sp", out[1], out_fp8)
+               _float(sinkhorn_eps), _float(out_norm_eps), _boundary_fp8_group("post_pre_sp", out_fp8, residual))
+    return out[:5] + _fp8_outputs(out, out_fp8)
 
 
 def mhc_head_sp(residual: Tensor, pre: Optional[Tensor] = None, *, out_norm_weight: Optional[Tensor] = None,

@@ -205,9 +205,9 @@ def _backward_post(ops, ctx, grad):
 
 def _setup_mhc_pre(ctx, inputs, output):
     (residual, fn, scale, base, norm_weight, out_norm_weight, _norm_eps, pre_eps, post_mult, iters, eps,
-     _out_eps) = inputs
-    _li, _post, _comb, mixes, rstd, out_rstd = output
-    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
+     _out_eps, _fp8_group) = inputs
+    _li, _post, _comb, mixes, rstd, out_rstd, fp8_codes, fp8_scales = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd, fp8_codes, fp8_scales)
     ctx.consts = (pre_eps, post_mult, iters, eps)
     # Only the caller's residual (by reference) and O(n^2) floats per token (out_rstd only with the norm).
     ctx.save_for_backward(residual, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd,
@@ -215,14 +215,14 @@ def _setup_mhc_pre(ctx, inputs, output):
 
 
 @_formula("mhc_pre")(_setup_mhc_pre)
-def _backward_mhc_pre(ops, ctx, g_li, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+def _backward_mhc_pre(ops, ctx, g_li, g_post, g_comb, *_g_aux):
     residual, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd, out_rstd = ctx.saved_tensors
     d_res, d_fn, d_scale, d_base, d_onw = ops.mhc_pre_bwd(g_li, g_post, g_comb, residual, fn, scale, base,
                                                           norm_weight, out_norm_weight, mixes, rstd, out_rstd, None,
                                                           *ctx.consts)
     d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
     return ((d_res, d_fn, d_scale, d_base, d_nw, _grad_or_none(out_norm_weight is not None, d_onw))
-            + (None,) * 6)
+            + (None,) * 7)
 
 
 def _setup_expand(ctx, inputs, output):
@@ -253,16 +253,16 @@ def _backward_mhc_head(ops, ctx, grad, _g_mixes, _g_rstd):
 
 def _setup_post_pre(ctx, inputs, output):
     (layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight,
-     _norm_eps, pre_eps, post_mult, iters, eps, _out_eps) = inputs
-    new_residual, _li, _post, _comb, mixes, rstd, out_rstd = output
-    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
+     _norm_eps, pre_eps, post_mult, iters, eps, _out_eps, _fp8_group) = inputs
+    new_residual, _li, _post, _comb, mixes, rstd, out_rstd, fp8_codes, fp8_scales = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd, fp8_codes, fp8_scales)
     ctx.consts = (pre_eps, post_mult, iters, eps)
     ctx.save_for_backward(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight,
                           out_norm_weight, new_residual, mixes, rstd, None if out_norm_weight is None else out_rstd)
 
 
 @_formula("post_pre")(_setup_post_pre)
-def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, *_g_aux):
     (layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight,
      new_residual, mixes, rstd, out_rstd) = ctx.saved_tensors
     # The new residual's gradient flows in directly and through the next pre;
@@ -273,43 +273,43 @@ def _backward_post_pre(ops, ctx, g_new_res, g_li, g_post, g_comb, _g_mixes, _g_r
     d_y, d_res, d_post_mix, d_comb_mix = ops.post_bwd(d_new, layer_output, residual, post_mix, comb_mix)
     d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
     return ((d_y, d_res, d_post_mix, d_comb_mix, d_fn, d_scale, d_base, d_nw,
-             _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 6)
+             _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 7)
 
 
 # -- single-pass mHC (contract §14) ----------------------------------------------------------------
 def _setup_mhc_pre_sp(ctx, inputs, output):
     (residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, _norm_eps, pre_eps, post_mult, iters, eps,
-     _out_eps) = inputs
-    _li, _pre, _post, _comb, mixes, rstd, out_rstd = output
-    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
+     _out_eps, _fp8_group) = inputs
+    _li, _pre, _post, _comb, mixes, rstd, out_rstd, fp8_codes, fp8_scales = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd, fp8_codes, fp8_scales)
     ctx.consts = (pre_eps, post_mult, iters, eps)
     # Only the caller's residual (by reference) and O(n^2) floats per token, as mhc_pre.
     ctx.save_for_backward(residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd, out_rstd)
 
 
 @_formula("mhc_pre_sp")(_setup_mhc_pre_sp)
-def _backward_mhc_pre_sp(ops, ctx, g_li, g_pre, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+def _backward_mhc_pre_sp(ops, ctx, g_li, g_pre, g_post, g_comb, *_g_aux):
     residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd, out_rstd = ctx.saved_tensors
     d_res, d_prev, d_fn, d_scale, d_base, d_onw = ops.mhc_pre_sp_bwd(
         g_li, g_pre, g_post, g_comb, residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, mixes, rstd,
         out_rstd, None, *ctx.consts)
     d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
     return ((d_res, _grad_or_none(prev_pre is not None, d_prev), d_fn, d_scale, d_base, d_nw,
-             _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 6)
+             _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 7)
 
 
 def _setup_post_pre_sp(ctx, inputs, output):
     (layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight, out_norm_weight,
-     _norm_eps, pre_eps, post_mult, iters, eps, _out_eps) = inputs
-    new_residual, _li, _pre, _post, _comb, mixes, rstd, out_rstd = output
-    ctx.mark_non_differentiable(mixes, rstd, out_rstd)
+     _norm_eps, pre_eps, post_mult, iters, eps, _out_eps, _fp8_group) = inputs
+    new_residual, _li, _pre, _post, _comb, mixes, rstd, out_rstd, fp8_codes, fp8_scales = output
+    ctx.mark_non_differentiable(mixes, rstd, out_rstd, fp8_codes, fp8_scales)
     ctx.consts = (pre_eps, post_mult, iters, eps)
     ctx.save_for_backward(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
                           out_norm_weight, new_residual, mixes, rstd, out_rstd)
 
 
 @_formula("post_pre_sp")(_setup_post_pre_sp)
-def _backward_post_pre_sp(ops, ctx, g_new_res, g_li, g_pre, g_post, g_comb, _g_mixes, _g_rstd, _g_out_rstd):
+def _backward_post_pre_sp(ops, ctx, g_new_res, g_li, g_pre, g_post, g_comb, *_g_aux):
     (layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight, out_norm_weight,
      new_residual, mixes, rstd, out_rstd) = ctx.saved_tensors
     # as post_pre: the new residual's two gradients (direct, through the next pre) are summed by the pre backward
@@ -319,7 +319,7 @@ def _backward_post_pre_sp(ops, ctx, g_new_res, g_li, g_pre, g_post, g_comb, _g_m
     d_y, d_res, d_post_mix, d_comb_mix = ops.post_bwd(d_new, layer_output, residual, post_mix, comb_mix)
     d_fn, d_nw = _unfold_fn_grad(d_fn, fn, norm_weight)
     return ((d_y, d_res, d_post_mix, d_comb_mix, _grad_or_none(prev_pre is not None, d_prev), d_fn, d_scale, d_base,
-             d_nw, _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 6)
+             d_nw, _grad_or_none(out_norm_weight is not None, d_onw)) + (None,) * 7)
 
 
 def _setup_mhc_head_sp(ctx, inputs, output):

@@ -43,6 +43,7 @@ Sym = Union[str, int]
 ACT = "act"
 MIX = "mix"
 FP8 = "fp8"        # float8_e4m3fn codes (outputs only)
+FP8_BITS = "fp8_bits"  # the same codes as their uint8 bytes (outputs of differentiable ops; see _FP8_OUTPUTS)
 
 # Scalar value classes.
 EPS = "eps"        # finite float >= 0 (an offset that may be zero: pre_eps)
@@ -50,6 +51,7 @@ POS = "pos"        # finite float > 0 (a guard against 0/0 or rsqrt(0): norm_eps
 ITERS = "iters"    # int in [1, MAX_SINKHORN_ITERS]
 COUNT = "count"    # int >= 1 that binds the stream count n (expand)
 GROUP = "group"    # int in FP8_GROUPS: the FP8 quantisation group along C (binds G = C / group)
+FP8_OPT = "fp8_opt"  # 0 (no FP8 copy) or an int in FP8_GROUPS: a boundary's FP8 layer input (binds Q, G)
 
 # Sinkhorn rounds are unrolled into the GPU kernels (each count compiles its own TileLang kernel) and
 # replayed in reverse by the backward; far past convergence (a few dozen rounds for the logits the
@@ -57,7 +59,7 @@ GROUP = "group"    # int in FP8_GROUPS: the FP8 quantisation group along C (bind
 MAX_SINKHORN_ITERS = 1000
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FREE_SYMBOLS = ("r", "L", "G")
+FREE_SYMBOLS = ("r", "L", "G", "Q")
 
 # FP8 layer-input formats (contract §15): the public name -> the group along C. A group of 128 has a float32
 # scale (amax / 448, the Hopper FP8 GEMM convention), a group of 32 a power-of-two scale (E8M0, Blackwell MX).
@@ -149,16 +151,27 @@ def token_axis(shape) -> Optional[int]:
 
 def default_sizes(n, C=None) -> dict:
     """Free symbols' values where a cost model is asked without them: a site's ``m`` rows, one layer, FP8
-    groups of 128 (of 32 when C is not a multiple of 128)."""
+    groups of 128 (of 32 when C is not a multiple of 128) and a full row of FP8 codes (``Q = C``; the boundary
+    ops' FP8 outputs are optional, so they count only when named in ``present``)."""
     out = {"r": mix_count(n), "L": 1}
     if C is not None:
         out["G"] = max(1, C // 128 if C % 128 == 0 else C // 32)
+        out["Q"] = C
     return out
+
+
+def fp8_sizes(C, group: int) -> dict:
+    """The FP8 symbols a boundary call binds: ``Q`` code columns and ``G`` scales per token -- ``C`` and
+    ``C / group`` with an FP8 copy, both 0 without one (``group == 0``)."""
+    if not group:
+        return {"Q": 0, "G": 0}
+    return {"Q": C, "G": C // group}
 
 
 def format_template(shape: tuple[Sym, ...]) -> str:
     """``("*", "n", "C")`` -> ``(..., n, C)``; ``("m",)`` -> ``(m,)``; ``("r", "K")`` -> ``(rows, K)``."""
-    parts = ["..." if s == "*" else "rows" if s == "r" else "C/group" if s == "G" else str(s) for s in shape]
+    names = {"*": "...", "r": "rows", "G": "C/group", "Q": "C"}
+    parts = [names.get(s, str(s)) if isinstance(s, str) else str(s) for s in shape]
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
@@ -222,7 +235,7 @@ class OpSpec:
         for a in self.args:
             if isinstance(a, TensorArg):
                 p = f"Tensor{'?' if a.optional else ''} {a.name}"
-            elif a.kind in (ITERS, COUNT, GROUP):
+            elif a.kind in (ITERS, COUNT, GROUP, FP8_OPT):
                 p = f"int {a.name}"
             else:
                 p = f"float {a.name}"
@@ -259,7 +272,7 @@ class OpSpec:
         for t in self.tensor_args + self.outputs:
             if t.optional and t.name not in present:
                 continue
-            width = act if t.kind == ACT else 1 if t.kind == FP8 else mix
+            width = act if t.kind == ACT else 1 if t.kind in (FP8, FP8_BITS) else mix
             total += self.tensor_numel(t, T, n, C, sizes) * width
         return total
 
@@ -424,12 +437,21 @@ _register(OpSpec(
 # bytes leave out absent optional tensors.
 _OUT_NORM_WEIGHT = _t("out_norm_weight", ("C",), optional=True)
 _OUT_NORM_EPS = ScalarArg("out_norm_eps", POS, 1e-6)
+# The FP8 copy of the layer input (contract §15), written by the kernel that writes the layer input: 0 (none),
+# 128 (e4m3_g128) or 32 (e4m3_g32). Its outputs are (..., C) codes and (..., C/group) scales with a group, and
+# (..., 0) of each without one; they are auxiliary (not differentiable) and optional in the cost model. The codes
+# are the float8_e4m3fn bytes as uint8 (the public functions return the float8 view of them: free): PyTorch's
+# custom-op tooling (opcheck's AOT-autograd check, aot_autograd's tangents) reduces every output of a
+# differentiable op, which float8 tensors do not support.
+_FP8_GROUP = ScalarArg("fp8_group", FP8_OPT, 0)
+_FP8_OUTPUTS = (_t("fp8_codes", ("*", "Q"), FP8_BITS, optional=True, aux=True),
+                _t("fp8_scales", ("*", "G"), optional=True, aux=True))
 _MHC_PRE_OUTPUTS = (_hidden("layer_input"), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")),
                     _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True),
-                    _t("out_rstd", ("*",), aux=True))
+                    _t("out_rstd", ("*",), aux=True)) + _FP8_OUTPUTS
 _PRE_PARAMS = (_t("fn", ("m", "K")), _t("scale", (3,)), _t("base", ("m",)), _t("norm_weight", ("K",), optional=True),
                _OUT_NORM_WEIGHT)
-_PRE_CONSTS = (_NORM_EPS,) + _SPLIT_CONSTS + (_OUT_NORM_EPS,)
+_PRE_CONSTS = (_NORM_EPS,) + _SPLIT_CONSTS + (_OUT_NORM_EPS, _FP8_GROUP)
 _register(OpSpec(
     "mhc_pre",
     (_residual(),) + _PRE_PARAMS + _PRE_CONSTS,
@@ -513,7 +535,7 @@ _SP_PRE_ARGS = (_residual(), _t("prev_pre", ("*", "n"), optional=True)) + _PRE_P
 _SP_CONSTS = _PRE_CONSTS
 _SP_PRE_OUTPUTS = (_hidden("layer_input"), _t("pre", ("*", "n")), _t("post_mix", ("*", "n")),
                    _t("comb_mix", ("*", "n", "n")), _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True),
-                   _t("out_rstd", ("*",), aux=True))
+                   _t("out_rstd", ("*",), aux=True)) + _FP8_OUTPUTS
 
 
 def _f_pre_sp(T, n, C, I):

@@ -26,9 +26,11 @@ from .specs import (
     COUNT,
     EPS,
     FP8,
+    FP8_BITS,
     FP8_DTYPE,
     FP8_FORMATS,
     FP8_GROUPS,
+    FP8_OPT,
     FREE_SYMBOLS,
     GROUP,
     ITERS,
@@ -40,6 +42,7 @@ from .specs import (
     TensorArg,
     dim_value,
     format_template,
+    fp8_sizes,
     token_axis,
 )
 
@@ -99,8 +102,8 @@ class Call:
         """Shapes (with the original leading dims) and dtypes of the spec's outputs."""
         out = []
         for t in self.spec.outputs:
-            out.append((_full_shape(t.shape, self.lead, self.n, self.C, self.sizes),
-                        self.act_dtype if t.kind == ACT else FP8_DTYPE if t.kind == FP8 else self.mix_dtype))
+            dtype = {ACT: self.act_dtype, FP8: FP8_DTYPE, FP8_BITS: torch.uint8}.get(t.kind, self.mix_dtype)
+            out.append((_full_shape(t.shape, self.lead, self.n, self.C, self.sizes), dtype))
         return out
 
     def unflatten(self, outputs):
@@ -140,6 +143,13 @@ def _check_scalar(where: str, arg, value):
         if isinstance(value, bool) or not isinstance(value, int) or value not in FP8_GROUPS:
             names = ", ".join(f"{g} ({f!r})" for f, g in FP8_FORMATS.items())
             _raise(where, f"argument '{arg.name}' (the FP8 group along C) must be one of {names}; got {value!r}",
+                   MHCDtypeError if isinstance(value, bool) or not isinstance(value, int) else MHCInputError)
+        return
+    if arg.kind == FP8_OPT:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in (0,) + FP8_GROUPS:
+            names = ", ".join(f"{g} ({f!r})" for f, g in FP8_FORMATS.items())
+            _raise(where, f"argument '{arg.name}' (the FP8 layer input's group along C) must be 0 (no FP8 copy), "
+                          f"{names}; got {value!r}",
                    MHCDtypeError if isinstance(value, bool) or not isinstance(value, int) else MHCInputError)
         return
     if arg.kind in (ITERS, COUNT):
@@ -270,7 +280,7 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
         elif sym == "m":
             n = _solve_n_from_m(spec, p_arg.name, size)
     # scalars (expand's stream count binds n)
-    iters = group = None
+    iters = group = fp8_group = None
     for a, v in zip(spec.args, args):
         if not isinstance(a, TensorArg):
             _check_scalar(f"mhc.{spec.name}", a, v)
@@ -280,6 +290,8 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
                 iters = v
             elif a.kind == GROUP:
                 group = v
+            elif a.kind == FP8_OPT:
+                fp8_group = v
     if n is not None and n < 1:
         _fail(spec, f"argument '{p_arg.name}' has n = {n} streams (shape {tuple(prim.shape)}); n must be >= 1")
     if C is not None and C < 1:
@@ -293,13 +305,16 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
 
     # -- every other tensor argument
     sizes: dict = {}
-    if group is not None:   # FP8 groups along C
-        if C is not None and C % group:
-            fmt = next(f for f, g in FP8_FORMATS.items() if g == group)
+    for g in (group, fp8_group):   # FP8 groups along C
+        if g and C is not None and C % g:
+            fmt = next(f for f, v in FP8_FORMATS.items() if v == g)
             _fail(spec, f"argument '{p_arg.name}' has C = {C} columns (shape {tuple(prim.shape)}), not a multiple of "
-                        f"the FP8 group {group} ({fmt!r}): every group must be whole (pad C, or take "
+                        f"the FP8 group {g} ({fmt!r}): every group must be whole (pad C, or take "
                         f"{'e4m3_g32' if C % 32 == 0 else 'a C that is a multiple of 32'})")
+    if group is not None:
         sizes["G"] = (C or 1) // group
+    if fp8_group is not None:
+        sizes.update(fp8_sizes(C or 1, fp8_group))
     out_args = list(args)
     for i, (a, v) in enumerate(zip(spec.args, args)):
         if not isinstance(a, TensorArg):

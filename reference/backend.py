@@ -7,8 +7,9 @@ primitives. What it fuses: the composites that read the residual twice (``mhc_pr
 ``mhc_head`` and their backward) run on the residual widened to the mix dtype once, so their
 primitives skip their own widening (on CPU each is a full-size allocation and pass, ~40% of
 ``mhc_pre``); the full-size outputs are rounded back once -- the same bits as the plain
-composite (``tests/test_reference_numerics.py``). With the sublayer's norm (``out_norm_weight``) they
-run the plain composite: the norm's statistic is that of the collapse rounded to the residual dtype.
+composite (``tests/test_reference_numerics.py``). With the sublayer's norm (``out_norm_weight``) or an FP8
+copy (``fp8_group``) they run the plain composite: the norm's statistic is that of the collapse rounded to
+the residual dtype, and the FP8 codes are those of the rounded layer input.
 """
 
 import functools
@@ -50,13 +51,15 @@ def _widen_once(op: str, shared):
     spec = SPECS[op]
     at = spec.arg_names.index("residual")
     norm_at = spec.arg_names.index("out_norm_weight") if "out_norm_weight" in spec.arg_names else None
+    fp8_at = spec.arg_names.index("fp8_group") if "fp8_group" in spec.arg_names else None
     act_outputs = {i for i, o in enumerate(spec.outputs) if o.kind == ACT}
 
     def fn(*args, config=None):
         residual = args[at]
-        if norm_at is not None and args[norm_at] is not None:
+        if (norm_at is not None and args[norm_at] is not None) or (fp8_at is not None and args[fp8_at]):
             # the sublayer's norm takes its statistic from the collapse rounded to the residual dtype (and its
-            # backward rounds g_u so): the plain composite, whose primitives round where the contract does
+            # backward rounds g_u so), and the FP8 copy quantises the rounded layer input: the plain composite,
+            # whose primitives round where the contract does
             return shared(*args, config=config)
         mix_dtype = torch.float64 if residual.dtype == torch.float64 else torch.float32
         outs = shared(*args[:at], residual.to(mix_dtype), *args[at + 1:], config=config)

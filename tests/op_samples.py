@@ -33,7 +33,7 @@ SP_FUSED_CASES = [
     (4, 64, 37, 2, torch.bfloat16, True, False, True), (2, 200, 3, 3, torch.bfloat16, True, True, False),
     (8, 16, 9, 1, torch.float32, True, False, False), (4, 33, 5, 2, torch.float16, True, True, True)]
 
-SP_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps", "out_norm_eps")
+SP_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps", "out_norm_eps", "fp8_group")
 
 
 def run_kernel(backend, op, *args, config=None):

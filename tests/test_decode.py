@@ -144,12 +144,14 @@ def counted(monkeypatch):
     return new
 
 
-def _boundary(op, T, weighted):
+def _boundary(op, T, weighted, fp8=None):
     from mhc_kernels.reference import cases
 
-    d = cases.make_inputs(op, (T,), 4, 64, torch.bfloat16, "cpu", norm_weight=True, seed=T)
+    d = cases.make_inputs(op, (T,), 4, 128 if fp8 else 64, torch.bfloat16, "cpu", norm_weight=True, seed=T)
     site = dict(fn=d["fn"], scale=d["scale"], base=d["base"], norm_weight=d["norm_weight"],
                 out_norm_weight=d["out_norm_weight"] if weighted else None)
+    if fp8:
+        site["out_fp8"] = fp8
     x = d["residual"]
     if op == "mhc_pre":
         return lambda: mk.mhc_pre(x, **site)
@@ -162,19 +164,21 @@ def _boundary(op, T, weighted):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
-@pytest.mark.parametrize("weighted", [False, True], ids=["no_out_norm", "out_norm"])
+@pytest.mark.parametrize("weighted,fp8", [(False, None), (True, None), (False, "e4m3_g128"), (True, "e4m3_g128")],
+                         ids=["no_out_norm", "out_norm", "fp8", "out_norm_fp8"])
 @pytest.mark.parametrize("op", BOUNDARY_OPS)
-def test_a_decode_boundary_is_at_most_two_launches(backend, op, weighted, counted):
+def test_a_decode_boundary_is_at_most_two_launches(backend, op, weighted, fp8, counted):
+    """With the FP8 copy too: the tail kernel writes it beside the layer input."""
     for T in (1, 16, 64):
         with torch.no_grad(), mk.use_backend(backend):
-            fn = _boundary(op, T, weighted)
+            fn = _boundary(op, T, weighted, fp8)
             if backend == "tilelang":             # the warm-up: builds the kernels (Triton's JIT builds inside the
                 fn()                              # launch it counts; the interpreter builds nothing)
             with counted() as c:
                 fn()
         assert c.launches, f"{backend} {op}: no launch counted (the counter's hook is broken)"
-        assert c.total <= 2, (f"{backend} {op} T={T} {'with' if weighted else 'without'} the out-norm: {c.total} "
-                              f"device launches: {c.launches + c.ops}")
+        assert c.total <= 2, (f"{backend} {op} T={T} {'with' if weighted else 'without'} the out-norm, FP8 {fp8}: "
+                              f"{c.total} device launches: {c.launches + c.ops}")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)

@@ -116,6 +116,72 @@ def test_out_fp8_is_the_copy_of_the_returned_layer_input(op, backend):
             _assert_exact(codes, scales, out[li_at], group)
 
 
+def _boundary_call(op, d, **kw):
+    """``op`` on the inputs ``d`` (``cases.make_inputs``) through the public function."""
+    site = dict(norm_weight=d.get("norm_weight"), out_norm_weight=d.get("out_norm_weight"), **kw)
+    x, fn, scale, base = d["residual"], d["fn"], d["scale"], d["base"]
+    if op == "mhc_pre":
+        return mk.mhc_pre(x, fn, scale, base, **site)
+    if op == "mhc_pre_sp":
+        return mk.mhc_pre_sp(x, d.get("prev_pre"), fn, scale, base, **site)
+    y, post, comb = d["layer_output"], d["post_mix"], d["comb_mix"]
+    if op == "post_pre":
+        return mk.post_pre(y, x, post, comb, fn, scale, base, **site)
+    return mk.post_pre_sp(y, x, post, comb, d.get("prev_pre"), fn, scale, base, **site)
+
+
+@pytest.mark.parametrize("site", ["plain", "out_norm", "first_site"])
+@pytest.mark.parametrize("op", ["mhc_pre", "post_pre", "mhc_pre_sp", "post_pre_sp"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_the_fused_fp8_copy_in_every_boundary_mode(op, backend, site):
+    """The FP8 copy written beside the layer input (Triton, TileLang: by the kernel that writes it) equals the
+    oracle's quantisation of the layer input the call returns, in every mode of the boundary: with and without
+    the sublayer's norm, a first single-pass site (the layer input is stream 0, bit for bit), C = 96 (groups of
+    32 only) and 256; token 0 has an all-zero group, token 1 an inf (NaN or inf layer input: NaN groups), T = 7
+    is no multiple of any block. The other outputs are the call's without ``out_fp8``, bit for bit."""
+    if site == "first_site" and not op.endswith("_sp"):
+        pytest.skip("only single-pass sites have a first site (prev_pre None)")
+    for C, fmts in ((96, ("e4m3_g32",)), (256, ("e4m3_g128", "e4m3_g32"))):
+        d = cases.make_inputs(op, (7,), 4, C, torch.bfloat16, norm_weight=True, seed=C)
+        d["residual"][0, :, 32:64] = 0.0
+        d["residual"][1, 0, 40] = float("inf")
+        if op.startswith("post"):
+            d["layer_output"][0, 32:64] = 0.0
+        if site != "out_norm":
+            d["out_norm_weight"] = None
+        if site == "first_site":
+            d["prev_pre"] = None
+        li_at = 1 if op.startswith("post") else 0
+        with torch.no_grad(), mk.use_backend(backend):
+            plain = _boundary_call(op, d)
+            for fmt in fmts:
+                out = _boundary_call(op, d, out_fp8=fmt)
+                assert len(out) == len(plain) + 2
+                for a, b in zip(out[:len(plain)], plain):
+                    assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
+                        a.nan_to_num(), b.nan_to_num())
+                codes, scales = out[-2:]
+                assert codes.shape == (7, C) and scales.shape == (7, C // FORMATS[fmt])
+                _assert_exact(codes, scales, out[li_at], FORMATS[fmt])
+                assert not torch.isnan(scales[0].float()).any() and (codes[0, 32:64].float() == 0).all()
+                assert torch.isnan(scales[1].float()).any()
+
+
+def test_the_boundary_ops_without_fp8_return_empty_copies():
+    """The op level: ``fp8_group=0`` (the default) gives ``(T, 0)`` codes and scales, no kernel work."""
+    d = cases.make_inputs("mhc_pre_sp", (3,), 2, 64, torch.bfloat16, norm_weight=True)
+    out = torch.ops.mhc.mhc_pre_sp(d["residual"], d["prev_pre"], d["fn"], d["scale"], d["base"])
+    # the op returns the codes as their uint8 bytes (custom-op tooling reduces every output; float8 cannot be)
+    assert out[-2].shape == (3, 0) and out[-2].dtype == torch.uint8 and out[-1].shape == (3, 0)
+    out = torch.ops.mhc.mhc_pre_sp(d["residual"], d["prev_pre"], d["fn"], d["scale"], d["base"], fp8_group=32)
+    assert out[-2].shape == (3, 64) and out[-1].shape == (3, 2)
+    with pytest.raises(mk.MHCInputError, match=r"argument 'fp8_group'.*must be 0 \(no FP8 copy\), 128 "
+                                               r"\('e4m3_g128'\), 32 \('e4m3_g32'\); got 64"):
+        torch.ops.mhc.mhc_pre_sp(d["residual"], d["prev_pre"], d["fn"], d["scale"], d["base"], fp8_group=64)
+    with pytest.raises(mk.MHCInputError, match=r"C = 64 columns.*not a multiple of the FP8 group 128"):
+        torch.ops.mhc.mhc_pre_sp(d["residual"], d["prev_pre"], d["fn"], d["scale"], d["base"], fp8_group=128)
+
+
 def test_bad_formats_and_widths_are_refused_with_the_argument():
     x = torch.randn(2, 200, dtype=torch.bfloat16)
     with pytest.raises(mk.MHCInputError, match=r"needs C a multiple of 128.*got C=200"):
@@ -138,6 +204,11 @@ def test_spec_bytes_count_one_byte_per_code():
     for group in (128, 32):
         want = T * C * 2 + T * C * 1 + T * (C // group) * 4
         assert SPECS["quantize_fp8"].bytes(T, 1, C, torch.bfloat16, G=C // group) == want
+    # a boundary's FP8 copy counts only when present: C code bytes and the scales per token
+    spec, n = SPECS["post_pre_sp"], 4
+    plain = spec.bytes(T, n, C, torch.bfloat16)
+    with_fp8 = spec.bytes(T, n, C, torch.bfloat16, present=("fp8_codes", "fp8_scales"), G=C // 128)
+    assert with_fp8 - plain == T * C + T * (C // 128) * 4
 
 
 def test_codes_times_scales_reconstruct_the_input():
@@ -164,3 +235,21 @@ def test_codes_and_scales_equal_the_oracle_on_the_gpu(backend_name, fmt):
     with mk.use_backend(backend_name):
         codes, scales = mk.quantize_fp8(x.cuda(), fmt)
     _assert_exact(codes.cpu(), scales.cpu(), x, group)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_smoke
+@pytest.mark.parametrize("backend_name", ["triton", "tilelang"])
+@pytest.mark.parametrize("op", ["post_pre", "post_pre_sp"])
+def test_the_fused_fp8_copy_equals_the_oracle_on_the_gpu(backend_name, op):
+    """The copy written by the boundary's tail kernel at a production shape (n=4, C=7168, T=257 -- no multiple of
+    a block, and a gpu_smoke shape, so ``compile --fill-cache`` builds its kernels; the V4.1 boundary with the
+    sublayer's norm), both formats: exact against the oracle's quantisation of the layer input the same call
+    returns."""
+    if not mk.available_backends("cuda")[backend_name].available:
+        pytest.skip(mk.available_backends("cuda")[backend_name].reason)
+    d = cases.make_inputs(op, (257,), 4, 7168, torch.bfloat16, "cuda", norm_weight=True, seed=3)
+    with torch.no_grad(), mk.use_backend(backend_name):
+        for fmt, group in FORMATS.items():
+            out = _boundary_call(op, d, out_fp8=fmt)
+            _assert_exact(out[-2].cpu(), out[-1].cpu(), out[1].cpu(), group)

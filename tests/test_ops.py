@@ -189,7 +189,8 @@ def test_each_op_runs_with_only_its_required_arguments(name):
 def test_mhc_pre_schema_defaults_match_the_public_function():
     x = torch.randn(3, 4, 8, dtype=torch.bfloat16)
     fn, scale, base = torch.randn(24, 32) / 6, torch.full((3,), 0.3), torch.randn(24) / 4
-    li, post, comb, mixes, rstd, out_rstd = torch.ops.mhc.mhc_pre(x, fn, scale, base)
+    li, post, comb, mixes, rstd, out_rstd, fp8_codes, fp8_scales = torch.ops.mhc.mhc_pre(x, fn, scale, base)
+    assert fp8_codes.shape == fp8_scales.shape == (3, 0)    # no FP8 copy by default
     for a, b in zip((li, post, comb, mixes), mk.mhc_pre(x, fn, scale, base, return_mixes=True)):
         assert torch.equal(a, b)
     assert rstd.shape == (3,) and rstd.dtype == torch.float32

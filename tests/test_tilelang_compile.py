@@ -126,6 +126,14 @@ FOLDED = [("variant", k, 8, tuple(c.items())) for k, c in (
     ("post_pre_sp_project", {"collapse": "mix", "fold": True}))]
 VARIANTS += FOLDED
 
+# The boundary tails with the FP8 copy of the layer input fused in (fused.py, fp8_group > 0; the default builds
+# are the plain tails): each tail once at n=4, C=4096, both groups between them -- the norm tail at 32, where its
+# threads take several (token, group) items each.
+FP8_TAILS = [("fp8", k, 4, tuple(c.items())) for k, c in (
+    ("mhc_pre_tail", {"iters": 20, "fp8_group": 128}), ("mhc_pre_norm_tail", {"iters": 20, "fp8_group": 32}),
+    ("mhc_pre_sp_tail", {"iters": 20, "normalize": True, "fp8_group": 128}),
+    ("mhc_pre_sp_tail", {"iters": 20, "normalize": False, "fp8_group": 32}))]
+
 
 # The tensor-core norm_fn projection (config key mma; the default stays "fma"), built at explicit configs:
 # ("mma", kernel, arch, n, C, dtype key, mode, block_T, block_K, splits)
@@ -167,11 +175,11 @@ def _build_segmented(case):
 
 
 def _request(case) -> tuple[str, dict]:
-    """(arch, aot.compile_many request) of a PTX-only case of CASES, MMA_CASES or VARIANTS."""
+    """(arch, aot.compile_many request) of a PTX-only case of CASES, MMA_CASES, VARIANTS or FP8_TAILS."""
     if case[0] == "mma":
         _, k, arch, n, C, dt, *_ = case
         return arch, dict(name=k, n=n, C=C, dtype=DTYPES[dt], config=_mma_config(case))
-    if case[0] == "variant":
+    if case[0] in ("variant", "fp8"):
         _, k, n, consts = case
         kdef = common.KERNELS[k]
         return "sm_90a", dict(name=k, n=n, C=4096, dtype=torch.bfloat16, consts=dict(consts),
@@ -202,7 +210,7 @@ def records():
     workers = int(os.environ.get("MHC_TL_COMPILE_WORKERS", "2"))
     ctx = __import__("multiprocessing").get_context("spawn")
     aot.kernel_names()
-    ptx_only = [c for c in CASES if not c[5]] + MMA_CASES + VARIANTS
+    ptx_only = [c for c in CASES if not c[5]] + MMA_CASES + VARIANTS + FP8_TAILS
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         full = [c for c in CASES if c[5]]
         recs = dict(zip(full, pool.map(_build, full)))
@@ -667,3 +675,30 @@ def test_streaming_configs_valid():
                 for cfg in streaming.config_space(op, s):
                     assert streaming._valid(cfg), (op, C, cfg)
                     assert C % cfg["vec"] == 0 and cfg["vec"] * common.elem_bytes(dt) <= 16
+
+
+def test_fp8_tails_quantise_the_stored_layer_input_after_a_barrier(records):
+    """The tails with the FP8 copy (fused.py): spill-free at their register budgets (the norm tail asks for 6 CTAs
+    per SM, the others keep 8), the codes stored 8 bytes at a time at one site and the scales at one; where the
+    tail writes the layer input, the copy follows the CTA's last barrier and re-reads what it stored (the amax
+    pass and the codes pass); the non-normalising single-pass tail reads the projection's layer input beside
+    its Sinkhorn warp, with no barrier."""
+    bounds = {"mhc_pre_tail": 8, "mhc_pre_norm_tail": 6, "mhc_pre_sp_tail": 8}
+    syncs = {"mhc_pre_tail": 2, "mhc_pre_norm_tail": 3, ("mhc_pre_sp_tail", True): 2, ("mhc_pre_sp_tail", False): 0}
+    for case in FP8_TAILS:
+        rec, (_, k, _, consts) = records[case], case
+        consts = dict(consts)
+        where = f"{k} {consts}"
+        assert rec["ok"] and rec["spills"] == 0 and 0 < rec["registers"] <= 255, (where, rec["error"])
+        src = rec["source"]
+        assert f"__launch_bounds__(160, {bounds[k]})" in src, where
+        nsync = syncs.get((k, consts.get("normalize")), syncs.get(k))
+        assert src.count("__syncthreads()") == nsync, where
+        assert len(re.findall(r"\*\(uint2\*\)\(fp8_codes \+[^;]*\) =", src)) == 1, where
+        assert len(re.findall(r"fp8_scales\[[^;]*\] =", src)) == 1, where
+        assert _global_load_sites(src, "fp8_codes") == 0 and _global_load_sites(src, "fp8_scales") == 0, where
+        if nsync:
+            assert src.rindex("__syncthreads()") < src.index("fp8_codes +"), where
+            assert _global_load_sites(src[src.rindex("__syncthreads()"):], "layer_input") == 2, where
+        else:
+            assert _stores(src, "layer_input") == 0 and _global_load_sites(src, "layer_input") == 2, where

@@ -30,7 +30,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPLIT_CONSTS = ("pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
 PRE_ARGS = ("residual", "fn", "scale", "base", "norm_weight", "out_norm_weight", "norm_eps", *SPLIT_CONSTS,
-            "out_norm_eps")
+            "out_norm_eps", "fp8_group")
 
 # (n, C, T, dtype, norm_weight, out_norm_weight, projection split): every n, awkward C and T, both dtypes, each
 # optional weight, one split and several (mhc_pre's tail then also does the split reduction)

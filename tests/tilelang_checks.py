@@ -12,7 +12,7 @@ from mhc_kernels.reference import cases, torch_ref
 
 PRE_CONSTS = ("norm_eps", "pre_eps", "post_mult", "sinkhorn_iters", "sinkhorn_eps")
 PRE_PARAMS = ("fn", "scale", "base", "norm_weight", "out_norm_weight")
-PRE_ARGS = ("residual",) + PRE_PARAMS + PRE_CONSTS + ("out_norm_eps",)
+PRE_ARGS = ("residual",) + PRE_PARAMS + PRE_CONSTS + ("out_norm_eps", "fp8_group")
 POST_PRE_ARGS = ("layer_output", "residual", "post_mix", "comb_mix") + PRE_ARGS[1:]
 
 
@@ -126,5 +126,7 @@ def configs_in_the_space_are_correct(device, T, C, take):
         with mk.use_backend("reference"):
             ref = torch.ops.mhc.mhc_pre(*args)
         for cfg in take(backend.OPS["mhc_pre"].space(common.Shape(T, 4, C, torch.float32))):
-            for a, b in zip(backend.OPS["mhc_pre"].fn(*args, config=cfg), ref):
+            got = backend.OPS["mhc_pre"].fn(*args, config=cfg)
+            assert [t.shape for t in got[-2:]] == [t.shape for t in ref[-2:]] == [(T, 0), (T, 0)]  # no FP8 copy
+            for a, b in zip(got[:-2], ref[:-2]):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(cfg))

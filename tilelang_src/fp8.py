@@ -12,6 +12,10 @@ rounding (nearest, ties to even, saturated to 448) in integer arithmetic on the 
 conversion instruction, so the CPU emulator runs exactly what the GPU runs. The finite test is on the
 exponent bits too: TVM's simplifier folds ``f - f == 0`` and ``f != f`` as if floats had no inf or NaN.
 
+The per-(token, group) body is :func:`quantize_group_macro`, written once: this kernel runs it for every group,
+and the boundary tails of ``fused.py`` run it on the layer input they have just stored (the FP8 copy fused into
+the kernel that writes the layer input), so both produce the same bits.
+
 Config keys: ``threads``, ``vec`` (a power of two dividing the group, <= 16 bytes).
 """
 
@@ -32,6 +36,105 @@ def config_space(op: str, s: Shape) -> list[dict]:
     return [{"threads": th, "vec": vv} for th in (128, 64, 256) for vv in sorted({v, max(1, v // 2)}, reverse=True)]
 
 
+def quantize_group_macro(group: int, V: int, dt: str):
+    """``quantize_group(x, codes, scales, row, g)``: the FP8 copy of group ``g`` of row ``row`` of ``x (., C)``
+    (dtype ``dt``), read in ``V``-element vectors (``V`` divides ``group``): ``scales[row, g]`` and the ``group``
+    codes ``codes[row, g * group:(g + 1) * group]`` (uint8), exactly as the module docstring says.
+
+    Two passes over the group (the second hits L1): the amax of its finite values and whether it holds an inf or
+    NaN, then the codes. Shared by ``quantize_fp8`` and the boundary tails (``fused.py``); the caller masks
+    ``row`` and ``g`` to the tensor.
+    """
+    import tilelang.language as T
+
+    if group % V:
+        raise ValueError(f"quantize_fp8: vec={V} must divide group={group}")
+    NV = group // V
+    u32 = T.uint32
+
+    @T.macro
+    def quantize_group(x, codes, scales, row, g):
+        xv = T.alloc_local((V,), dt)
+        cv = T.alloc_local((V,), "uint8")
+        amax = T.alloc_var("float32")
+        f = T.alloc_var("float32")
+        bad = T.alloc_var("int32")
+        r = T.alloc_var("float32")
+        inv = T.alloc_var("float32")
+        e2 = T.alloc_var("uint32")
+        code = T.alloc_var("uint32")
+        bits = T.alloc_var("uint32")
+        M = T.alloc_var("uint32")
+        keep = T.alloc_var("uint32")
+        rem = T.alloc_var("uint32")
+        mant = T.alloc_var("uint32")
+        sh = T.alloc_var("uint32")
+        qi = T.alloc_var("uint32")
+        r2 = T.alloc_var("uint32")
+        half = T.alloc_var("uint32")
+        E = T.alloc_var("int32")
+        # -- a = max(amax |x|, 1e-4) over the group's finite values; bad: an inf or NaN in it ----------
+        amax = 0.0
+        bad = 0
+        for j in T.serial(NV):
+            for v in T.vectorized(V):
+                xv[v] = x[row, g * group + j * V + v]
+            for v in T.serial(V):
+                f = T.cast(xv[v], "float32")
+                if (T.reinterpret(f, "uint32") & u32(0x7F800000)) != u32(0x7F800000):   # finite
+                    amax = T.max(amax, T.abs(f))
+                else:
+                    bad = 1
+        # -- r = a / 448; scale = r (group 128) or 2^ceil(log2 r) (group 32), inv = 1 / scale exactly -----
+        r = T.max(amax, T.float32(1e-4)) / T.float32(448.0)
+        if group == 32:
+            e2 = (T.reinterpret(r, "uint32") >> u32(23)) + T.if_then_else(
+                (T.reinterpret(r, "uint32") & u32(0x7FFFFF)) != u32(0), u32(1), u32(0))
+            r = T.reinterpret(e2 << u32(23), "float32")
+            inv = T.reinterpret((u32(254) - e2) << u32(23), "float32")
+        if bad != 0:
+            r = T.reinterpret(u32(0x7FC00000), "float32")
+        scales[row, g] = r
+        # -- codes = e4m3(x / scale), NaN for a bad group ------------------------------------------------
+        for j in T.serial(NV):
+            for v in T.vectorized(V):
+                xv[v] = x[row, g * group + j * V + v]
+            for v in T.serial(V):
+                if group == 32:
+                    f = T.cast(xv[v], "float32") * inv
+                else:
+                    f = T.cast(xv[v], "float32") / r
+                # code = the e4m3fn byte nearest to f (ties to even, |f| saturated to 448); NaN -> 0x7F
+                bits = T.reinterpret(T.min(T.abs(f), T.float32(448.0)), "uint32")
+                E = T.cast((bits >> u32(23)) & u32(0xFF), "int32")
+                M = bits & u32(0x7FFFFF)
+                if E >= 121:      # normal: the top 3 mantissa bits, rounded on the 20 dropped
+                    keep = M >> u32(20)
+                    rem = M & u32(0xFFFFF)
+                    code = (T.cast(E - 120, "uint32") << u32(3)) | keep
+                    if rem > u32(0x80000) or (rem == u32(0x80000) and (keep & u32(1)) == u32(1)):
+                        code = code + u32(1)   # a carry moves into the exponent
+                elif E >= 117:    # subnormal: units of 2^-9 from the 24-bit significand
+                    mant = M | u32(0x800000)
+                    sh = T.cast(141 - E, "uint32")
+                    qi = mant >> sh
+                    r2 = mant & ((u32(1) << sh) - u32(1))
+                    half = u32(1) << (sh - u32(1))
+                    code = qi
+                    if r2 > half or (r2 == half and (qi & u32(1)) == u32(1)):
+                        code = code + u32(1)
+                else:
+                    code = u32(0)
+                code = code | ((T.reinterpret(f, "uint32") >> u32(31)) << u32(7))
+                if bad != 0:      # a group with an inf or NaN: NaN codes
+                    code = u32(0x7F)
+                cv[v] = T.cast(code, "uint8")
+            for v in T.vectorized(V):
+                codes[row, g * group + j * V + v] = cv[v]
+
+    return quantize_group
+
+
 def _build_quantize_fp8(n, C, dtype, cfg, group=128):
     import tilelang.language as T
 
@@ -40,94 +143,18 @@ def _build_quantize_fp8(n, C, dtype, cfg, group=128):
     if group % V or C % group:
         raise ValueError(f"quantize_fp8: vec={V} must divide group={group}, and group must divide C={C}")
     G = C // group
-    NV = group // V
     Tn = T.dynamic("T")
-    u32 = T.uint32
+    quantize_group = quantize_group_macro(group, V, dt)
 
     @T.prim_func
     def quantize_fp8(x: T.Tensor((Tn, C), dt),                                            # input
                      codes: T.Tensor((Tn, C), "uint8"), scales: T.Tensor((Tn, G), "float32")):  # outputs
         with T.Kernel(T.ceildiv(G, th), Tn, threads=th) as (bx, by):
             tx = T.get_thread_binding(0)
-            xv = T.alloc_local((V,), dt)
-            cv = T.alloc_local((V,), "uint8")
-            amax = T.alloc_var("float32")
-            f = T.alloc_var("float32")
-            bad = T.alloc_var("int32")
-            r = T.alloc_var("float32")
-            inv = T.alloc_var("float32")
-            e2 = T.alloc_var("uint32")
-            code = T.alloc_var("uint32")
-            bits = T.alloc_var("uint32")
-            M = T.alloc_var("uint32")
-            keep = T.alloc_var("uint32")
-            rem = T.alloc_var("uint32")
-            mant = T.alloc_var("uint32")
-            sh = T.alloc_var("uint32")
-            qi = T.alloc_var("uint32")
-            r2 = T.alloc_var("uint32")
-            half = T.alloc_var("uint32")
-            E = T.alloc_var("int32")
             g = bx * th + tx
             if g < G:
-                # -- a = max(amax |x|, 1e-4) over the group's finite values; bad: an inf or NaN in it ----------
-                amax = 0.0
-                bad = 0
-                for j in T.serial(NV):
-                    for v in T.vectorized(V):
-                        xv[v] = x[by, g * group + j * V + v]
-                    for v in T.serial(V):
-                        f = T.cast(xv[v], "float32")
-                        if (T.reinterpret(f, "uint32") & u32(0x7F800000)) != u32(0x7F800000):   # finite
-                            amax = T.max(amax, T.abs(f))
-                        else:
-                            bad = 1
-                # -- r = a / 448; scale = r (group 128) or 2^ceil(log2 r) (group 32), inv = 1 / scale exactly -----
-                r = T.max(amax, T.float32(1e-4)) / T.float32(448.0)
-                if group == 32:
-                    e2 = (T.reinterpret(r, "uint32") >> u32(23)) + T.if_then_else(
-                        (T.reinterpret(r, "uint32") & u32(0x7FFFFF)) != u32(0), u32(1), u32(0))
-                    r = T.reinterpret(e2 << u32(23), "float32")
-                    inv = T.reinterpret((u32(254) - e2) << u32(23), "float32")
-                if bad != 0:
-                    r = T.reinterpret(u32(0x7FC00000), "float32")
-                scales[by, g] = r
-                # -- codes = e4m3(x / scale), NaN for a bad group ------------------------------------------------
-                for j in T.serial(NV):
-                    for v in T.vectorized(V):
-                        xv[v] = x[by, g * group + j * V + v]
-                    for v in T.serial(V):
-                        if group == 32:
-                            f = T.cast(xv[v], "float32") * inv
-                        else:
-                            f = T.cast(xv[v], "float32") / r
-                        # code = the e4m3fn byte nearest to f (ties to even, |f| saturated to 448); NaN -> 0x7F
-                        bits = T.reinterpret(T.min(T.abs(f), T.float32(448.0)), "uint32")
-                        E = T.cast((bits >> u32(23)) & u32(0xFF), "int32")
-                        M = bits & u32(0x7FFFFF)
-                        if E >= 121:      # normal: the top 3 mantissa bits, rounded on the 20 dropped
-                            keep = M >> u32(20)
-                            rem = M & u32(0xFFFFF)
-                            code = (T.cast(E - 120, "uint32") << u32(3)) | keep
-                            if rem > u32(0x80000) or (rem == u32(0x80000) and (keep & u32(1)) == u32(1)):
-                                code = code + u32(1)   # a carry moves into the exponent
-                        elif E >= 117:    # subnormal: units of 2^-9 from the 24-bit significand
-                            mant = M | u32(0x800000)
-                            sh = T.cast(141 - E, "uint32")
-                            qi = mant >> sh
-                            r2 = mant & ((u32(1) << sh) - u32(1))
-                            half = u32(1) << (sh - u32(1))
-                            code = qi
-                            if r2 > half or (r2 == half and (qi & u32(1)) == u32(1)):
-                                code = code + u32(1)
-                        else:
-                            code = u32(0)
-                        code = code | ((T.reinterpret(f, "uint32") >> u32(31)) << u32(7))
-                        if bad != 0:      # a group with an inf or NaN: NaN codes
-                            code = u32(0x7F)
-                        cv[v] = T.cast(code, "uint8")
-                    for v in T.vectorized(V):
-                        codes[by, g * group + j * V + v] = cv[v]
+                # scales[by, g] and the group's codes
+                quantize_group(x, codes, scales, by, g)
 
     return quantize_fp8
 

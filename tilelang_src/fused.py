@@ -3,7 +3,9 @@
 Every forward boundary on the TileLang backend (``mhc_pre``, ``post_pre``, ``mhc_pre_sp``, ``post_pre_sp``,
 with or without the sublayer's norm) is two device launches and no torch-side ones (no fold, cast, fill
 or copy: ``norm_weight`` is folded into ``fn`` by the projection as it stages it, ``out_rstd`` is written
-by the tail, placeholders are ``torch.empty``; tests/test_decode.py counts them). ``mhc_pre``:
+by the tail, placeholders are ``torch.empty``; tests/test_decode.py counts them) -- also with the FP8 copy
+of the layer input (``fp8_group`` 128 or 32, contract §15), which the tail writes (see *FP8 copy* below) instead
+of a third launch (``quantize_fp8``). ``mhc_pre``:
 
 1. the projection main loop (``norm.py``) writes per-split partial dot products
    ``part_mix (S, T, m)`` and sums of squares ``part_sq (S, T)`` -- the residual's first pass;
@@ -45,6 +47,20 @@ The unfused chain (projection -> finalize -> split_mixes -> pre_apply_mix [-> th
 residual bytes in four (five) launches, with the Sinkhorn kernel serialised between the residual's two
 passes.
 
+FP8 copy (``fp8_group`` > 0, a build-time constant of the tails -- 0, the default, builds the plain kernels
+with their plain cache keys). Once the CTA has stored the final values of its part of the layer input (the
+collapse in :func:`_build_pre_tail`, the rewrite in :func:`_build_pre_norm_tail` and the normalising
+:func:`_build_pre_sp_tail`), a barrier of the whole CTA (the Sinkhorn warp included; it makes the CTA's global
+stores visible to all its threads), then its threads quantise the groups of the tokens and columns it owns,
+one (token, group) per thread and step, re-reading the layer input from L1/L2: ``fp8.quantize_group_macro``,
+the ``quantize_fp8`` kernel's own body, so codes and scales are its bits. A CTA that owns a column tile needs
+whole groups in it (``block_C`` a multiple of the group: true of every default and space config, whose
+``block_C`` is a power of two >= min(next_pow2(C), 256); another config raises ValueError). The
+non-normalising single-pass tail, whose layer input the projection wrote, gets ``threads`` quantising threads
+beside its Sinkhorn warp (column blocks as the normalising one; no barrier). Extra traffic per token: ``C``
+code bytes and ``4 * C / group`` scale bytes written, and the layer input re-read (from cache, or L2/DRAM in
+the non-normalising single-pass tail) -- against ``quantize_fp8``'s launch reading it from DRAM.
+
 The arithmetic is the unfused chain's, written once: the split reduction (``norm.split_reduce_macros``,
 as the finalize kernel), post and the Sinkhorn (``mixes.split_post_comb_macro``, as split_mixes_fwd), the
 collapse (``streaming.collapse_macro``, as pre_apply_mix_fwd) and the norm's statistic and rewrite
@@ -67,7 +83,7 @@ keys (``block_T``, ``block_K``, ``thread_T``, ``thread_M``, ``split_K``; ``mma``
 
 import torch
 
-from mhc_kernels.specs import stream_count
+from mhc_kernels.specs import FP8_GROUPS, stream_count
 
 from . import norm, streaming
 from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec
@@ -140,15 +156,71 @@ def tail_min_blocks(n: int, threads: int) -> int:
     return max(1, min(65536 // (budget * threads), 2048 // threads))
 
 
-def norm_tail_min_blocks(n: int, threads: int) -> int:
+def norm_tail_min_blocks(n: int, threads: int, fp8: bool = False) -> int:
     """The same for the tail with the sublayer's norm (:func:`_build_pre_norm_tail`), whose collapse threads keep
     ``collapse_norm``'s layout: its rewrite loop wants ~56 registers (48 spills a word), so 7 CTAs of 160
-    threads per SM at n <= 4 (28 collapse warps, plenty of 16-byte loads in flight); n = 8 as the tail."""
-    budget = 56 if n <= 4 else 144
+    threads per SM at n <= 4 (28 collapse warps, plenty of 16-byte loads in flight); n = 8 as the tail. With the
+    FP8 copy (``fp8``) 56 spills two words (C = 7168, or several quantising passes per thread), so 64: 6 CTAs
+    (24 collapse warps)."""
+    budget = (64 if fp8 else 56) if n <= 4 else 144
     return max(1, min(65536 // (budget * threads), 2048 // threads))
 
 
-def _build_pre_tail(n, C, dtype, cfg, iters=20):
+def _check_fp8(kernel: str, C: int, fp8_group: int, tile_C: int = 0, tile_key: str = ""):
+    """The FP8 copy's build-time constraints: ``fp8_group`` 0, 32 or 128 dividing ``C`` and, where a CTA owns a
+    column tile of ``tile_C`` columns (config key ``tile_key``), whole groups per tile."""
+    if fp8_group not in (0,) + FP8_GROUPS:
+        raise ValueError(f"{kernel}: fp8_group must be 0 (no FP8 copy) or one of {FP8_GROUPS}; got {fp8_group}")
+    if fp8_group and C % fp8_group:
+        raise ValueError(f"{kernel}: fp8_group={fp8_group} must divide C={C}")
+    if fp8_group and tile_C and tile_C % fp8_group:
+        raise ValueError(f"{kernel}: with an FP8 copy a CTA quantises the groups of its column tile, so the "
+                         f"config's {tile_key}={tile_C} must be a multiple of fp8_group={fp8_group}")
+
+
+def fp8_tile_macro(group: int, V: int, dt: str, rows: int, cols: int, nthreads: int, C: int, Tn):
+    """``fp8_tile(x, codes, scales, tok0, g0, tid)``: the FP8 copy (``fp8.quantize_group_macro``, the
+    ``quantize_fp8`` kernel's body) of the groups of a ``rows`` x ``cols`` tile of ``x (T, C)`` -- tokens from
+    ``tok0``, groups from ``g0`` (``cols`` a multiple of ``group``) -- by ``nthreads`` threads (``tid``), one
+    (token, group) per thread and step, as ``quantize_fp8`` lays them out; rows past ``T`` and groups past ``C``
+    are masked. ``Tn`` (the kernel's symbolic token count) is closed over."""
+    import tilelang.language as T
+
+    from .fp8 import quantize_group_macro
+
+    GPR = cols // group             # groups per tile row
+    NG = C // group                 # groups per token
+    NQ = cdiv(rows * GPR, nthreads)
+    quantize_group = quantize_group_macro(group, V, dt)
+
+    @T.macro
+    def fp8_tile(x, codes, scales, tok0, g0, tid):
+        for q in T.serial(NQ):
+            idx = q * nthreads + tid
+            if idx < rows * GPR and tok0 + idx // GPR < Tn and g0 + idx % GPR < NG:
+                quantize_group(x, codes, scales, tok0 + idx // GPR, g0 + idx % GPR)
+
+    return fp8_tile
+
+
+def _build_pre_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
+    """``mhc_pre``'s tail without the sublayer's norm, from the projection's split partials (module docstring).
+
+    Shapes: ``part_mix (S, T, m)``, ``part_sq (S, T)``, ``scale (3,)``, ``base (m,)`` float32, ``x (T, n, C)``
+    -> ``layer_input (T, C)`` (residual dtype), ``post (T, n)``, ``comb (T, n, n)``, ``mixes (T, m)``, ``rstd``,
+    ``out_rstd (T,)`` float32; with ``fp8_group`` (32 or 128, a build-time constant; 0: none) also
+    ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)`` float32.
+
+    A CTA owns ``block_T`` tokens x ``block_C`` columns: ``pre`` into shared memory (all threads), a barrier, then
+    the collapse warps stream the tile while the Sinkhorn warp finalises the coefficients. With an FP8 copy a
+    second barrier (every thread, the Sinkhorn warp's included: the CTA's stores of the tile are then visible to
+    all its threads) and the CTA's threads quantise the tile's groups (``block_C`` a multiple of the group), one
+    (token, group) per thread, re-reading the layer input they just stored (L1/L2 hits) -- the ``quantize_fp8``
+    kernel's arithmetic (``fp8.quantize_group_macro``), so the same bits.
+
+    Traffic per token: the partials, ``x`` once (``n * C``), ``layer_input`` written (``C``); with FP8 also
+    ``C`` code bytes and ``4 * C / group`` scale bytes written and the layer input re-read from cache.
+    """
     import tilelang.language as T
 
     dt = dtype_name(dtype)
@@ -156,6 +228,7 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
     S = cfg["split_K"]
     if bc % V or (bt * (bc // V)) % th:
         raise ValueError(f"mhc_pre tail: block_T={bt}, block_C={bc}, vec={V} must tile threads={th} exactly")
+    _check_fp8("mhc_pre tail", C, fp8_group, bc, "block_C (config['tail']['block_C'])")
     m = n * (n + 2)
     nn = n * n
     K = n * C
@@ -168,17 +241,13 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
     split_sum, split_rstd = split_reduce_macros(S, K)        # as norm_fn's finalize kernel
     split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
     collapse = streaming.collapse_macro(n, V, dt)            # as pre_apply_mix_fwd
+    G8 = C // fp8_group if fp8_group else 1
+    if fp8_group:
+        fp8_tile = fp8_tile_macro(fp8_group, V, dt, bt, bc, th + SINKHORN_WARP, C, Tn)   # as quantize_fp8
 
-    @T.prim_func
-    def mhc_pre_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # inputs
-                     scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
-                     x: T.Tensor((Tn, n, C), dt),
-                     layer_input: T.Tensor((Tn, C), dt),                                           # outputs
-                     post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                     mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),    # saved for bwd
-                     out_rstd: T.Tensor((Tn,), "float32"),
-                     norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,             # constants
-                     sinkhorn_eps: T.float32):
+    @T.macro
+    def tail(part_mix, part_sq, scale, base, x, layer_input, post, comb, mixes, rstd, out_rstd, fp8_codes,
+             fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps):
         with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=th + SINKHORN_WARP) as (bx, by):
             T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))
             tx = T.get_thread_binding(0)
@@ -221,19 +290,54 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20):
                             mixes[tok, j] = split_sum(part_mix, tok, j) * r
                         # post = sigmoid(.) * post_mult;  comb = sinkhorn(mixes[2n:] * scale2 + base[2n:])
                         split_post_comb(mixes, scale, base, tok, post, comb, P, den, post_mult, sinkhorn_eps, iters)
+            if fp8_group:
+                # -- every thread, once the tile is stored: the FP8 copy of its groups, one per thread ----------
+                T.sync_threads()
+                fp8_tile(layer_input, fp8_codes, fp8_scales, by * bt, bx * (bc // fp8_group), tx)
 
-    return mhc_pre_tail
+    if not fp8_group:
+        @T.prim_func
+        def mhc_pre_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                         scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                         x: T.Tensor((Tn, n, C), dt),
+                         layer_input: T.Tensor((Tn, C), dt),                                           # outputs
+                         post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                         mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),    # saved for bwd
+                         out_rstd: T.Tensor((Tn,), "float32"),
+                         norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,             # constants
+                         sinkhorn_eps: T.float32):
+            tail(part_mix, part_sq, scale, base, x, layer_input, post, comb, mixes, rstd, out_rstd, None, None,
+                 norm_eps, pre_eps, post_mult, sinkhorn_eps)
+
+        return mhc_pre_tail
+
+    @T.prim_func
+    def mhc_pre_tail_fp8(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                         scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                         x: T.Tensor((Tn, n, C), dt),
+                         layer_input: T.Tensor((Tn, C), dt),                                           # outputs
+                         post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                         mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),    # saved for bwd
+                         out_rstd: T.Tensor((Tn,), "float32"),
+                         fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), "float32"),  # FP8
+                         norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,             # constants
+                         sinkhorn_eps: T.float32):
+        tail(part_mix, part_sq, scale, base, x, layer_input, post, comb, mixes, rstd, out_rstd, fp8_codes,
+             fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps)
+
+    return mhc_pre_tail_fp8
 
 
 NORM_TAIL_KEYS = ("block_T", "threads", "vec", "split_K")
 
 
-def _build_pre_norm_tail(n, C, dtype, cfg, iters=20):
+def _build_pre_norm_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
     """``mhc_pre``'s tail with the sublayer's RMSNorm (``out_norm_weight``), from the projection's split partials.
 
     Shapes: ``part_mix (S, T, m)``, ``part_sq (S, T)``, ``scale (3,)``, ``base (m,)`` float32, ``x (T, n, C)``,
     ``out_norm_weight (C,)`` float32 -> ``layer_input (T, C)`` (residual dtype), ``post``, ``comb``, ``mixes``,
-    ``rstd``, ``out_rstd`` float32.
+    ``rstd``, ``out_rstd`` float32; with ``fp8_group`` (32 or 128, a build-time constant; 0: none) also
+    ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)`` float32.
 
     A CTA owns ``block_T`` tokens and their whole rows (the norm's statistic needs every column of a token before
     its first normalised value); the layout of its collapse threads is ``collapse_norm``'s (``threads / block_T``
@@ -247,16 +351,23 @@ def _build_pre_norm_tail(n, C, dtype, cfg, iters=20):
       per token (the tail's Sinkhorn role), while the collapse threads wait on HBM;
     * a second barrier (the token statistics; it also waits for the Sinkhorn warp, which overlaps the collapse,
       the larger phase), then the collapse threads: ``rho = rsqrt(sum u^2 / C + out_norm_eps)`` (partials in
-      lane order), ``out_rstd``, and their own vectors rewritten as ``round(u * rho * w)`` (re-read from cache).
+      lane order), ``out_rstd``, and their own vectors rewritten as ``round(u * rho * w)`` (re-read from cache);
+    * with an FP8 copy, a third barrier (the rewritten rows visible to every thread of the CTA) and then every
+      thread, the Sinkhorn warp's included: the FP8 copy of the block's groups (``block_T * C / fp8_group``), one
+      (token, group) per thread and step, re-reading the final layer input from cache -- the ``quantize_fp8``
+      kernel's arithmetic (``fp8.quantize_group_macro``), so the same bits. That variant asks for 6 CTAs per SM
+      instead of 7 (:func:`norm_tail_min_blocks`: its register budget is 64, not 56).
 
     The arithmetic is the three-launch chain's (the tail's split reduction and Sinkhorn, ``collapse_norm``'s
     collapse, statistic and rewrite, the same macros), so it equals the chain bit for bit. Traffic per token: the
-    partials, ``x`` once (``n * C``), ``layer_input`` written, re-read from cache and written (``3 * C``).
+    partials, ``x`` once (``n * C``), ``layer_input`` written, re-read from cache and written (``3 * C``); with FP8
+    also ``C`` code bytes and ``4 * C / group`` scale bytes written and the layer input re-read from cache.
     """
     import tilelang.language as T
 
     dt = dtype_name(dtype)
     streaming.check_collapse_norm_config(C, cfg)
+    _check_fp8("mhc_pre norm tail", C, fp8_group)
     bt, th, V, S = cfg["block_T"], cfg["threads"], cfg["vec"], cfg["split_K"]
     m = n * (n + 2)
     nn = n * n
@@ -268,19 +379,15 @@ def _build_pre_norm_tail(n, C, dtype, cfg, iters=20):
     split_sum, split_rstd = split_reduce_macros(S, K)        # as norm_fn's finalize kernel
     split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
     collapse_sq, token_rho, normalize = streaming.collapse_norm_macros(n, C, V, TPT, dt, Tn)  # as collapse_norm
+    G8 = C // fp8_group if fp8_group else 1
+    if fp8_group:
+        fp8_tile = fp8_tile_macro(fp8_group, V, dt, bt, C, th + SINKHORN_WARP, C, Tn)   # as quantize_fp8
 
-    @T.prim_func
-    def mhc_pre_norm_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
-                          scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
-                          x: T.Tensor((Tn, n, C), dt), out_norm_weight: T.Tensor((C,), "float32"),
-                          layer_input: T.Tensor((Tn, C), dt),                                         # outputs
-                          post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
-                          mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),  # saved for bwd
-                          out_rstd: T.Tensor((Tn,), "float32"),
-                          norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,          # constants
-                          sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+    @T.macro
+    def tail(part_mix, part_sq, scale, base, x, out_norm_weight, layer_input, post, comb, mixes, rstd, out_rstd,
+             fp8_codes, fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps, out_norm_eps):
         with T.Kernel(T.ceildiv(Tn, bt), threads=th + SINKHORN_WARP) as by:
-            T.annotate_min_blocks_per_sm(norm_tail_min_blocks(n, th + SINKHORN_WARP))
+            T.annotate_min_blocks_per_sm(norm_tail_min_blocks(n, th + SINKHORN_WARP, fp8=bool(fp8_group)))
             tx = T.get_thread_binding(0)
             pre_s = T.alloc_shared((bt, n), "float32")
             part_s = T.alloc_shared((bt, TPT), "float32")
@@ -327,31 +434,74 @@ def _build_pre_norm_tail(n, C, dtype, cfg, iters=20):
                 if tok < Tn and lane == 0:
                     out_rstd[tok] = rho
                 normalize(layer_input, out_norm_weight, tok, lane, rho, ov)
+            if fp8_group:
+                # -- every thread, once the rows are rewritten: the FP8 copy of the block's groups ---------------
+                T.sync_threads()
+                fp8_tile(layer_input, fp8_codes, fp8_scales, by * bt, 0, tx)
 
-    return mhc_pre_norm_tail
+    if not fp8_group:
+        @T.prim_func
+        def mhc_pre_norm_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                              scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                              x: T.Tensor((Tn, n, C), dt), out_norm_weight: T.Tensor((C,), "float32"),
+                              layer_input: T.Tensor((Tn, C), dt),                                         # outputs
+                              post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                              mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),  # saved for bwd
+                              out_rstd: T.Tensor((Tn,), "float32"),
+                              norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,          # constants
+                              sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+            tail(part_mix, part_sq, scale, base, x, out_norm_weight, layer_input, post, comb, mixes, rstd, out_rstd,
+                 None, None, norm_eps, pre_eps, post_mult, sinkhorn_eps, out_norm_eps)
+
+        return mhc_pre_norm_tail
+
+    @T.prim_func
+    def mhc_pre_norm_tail_fp8(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                              scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                              x: T.Tensor((Tn, n, C), dt), out_norm_weight: T.Tensor((C,), "float32"),
+                              layer_input: T.Tensor((Tn, C), dt),                                         # outputs
+                              post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
+                              mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),  # saved for bwd
+                              out_rstd: T.Tensor((Tn,), "float32"),
+                              fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), "float32"),  # FP8
+                              norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,          # constants
+                              sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+        tail(part_mix, part_sq, scale, base, x, out_norm_weight, layer_input, post, comb, mixes, rstd, out_rstd,
+             fp8_codes, fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps, out_norm_eps)
+
+    return mhc_pre_norm_tail_fp8
 
 
-def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True):
+def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True, fp8_group=0):
     """``mhc_pre_sp``'s second kernel, from the split partials of :func:`_build_project` (collapse mode).
 
     Shapes: ``part_mix (S, T, m)``, ``part_sq``, ``part_usq (S, T)`` float32, ``scale (3,)``, ``base (m,)``,
     ``out_norm_weight (C,)`` float32 (not read without ``normalize``), ``layer_input (T, C)`` (residual dtype: the
-    rounded collapse ``u``,
-    rewritten in place when normalising) -> ``pre``, ``post (T, n)``, ``comb (T, n, n)``, ``mixes (T, m)``,
-    ``rstd``, ``out_rstd (T,)`` float32.
+    rounded collapse ``u``, rewritten in place when normalising) -> ``pre``, ``post (T, n)``, ``comb (T, n, n)``,
+    ``mixes (T, m)``, ``rstd``, ``out_rstd (T,)`` float32; with ``fp8_group`` (32 or 128, a build-time constant;
+    0: none) also ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)``
+    float32 of the final layer input.
 
-    * The *Sinkhorn warp* (one lane per token; with ``normalize`` a token block's tokens are dealt over the
-      ``n_cblocks`` CTAs that share it, as in :func:`_build_pre_tail`): ``rstd`` and ``mixes`` from the
+    * The *Sinkhorn warp* (one lane per token; with ``normalize`` or an FP8 copy a token block's tokens are dealt
+      over the ``n_cblocks`` CTAs that share it, as in :func:`_build_pre_tail`): ``rstd`` and ``mixes`` from the
       partials (splits in order), ``pre = sigmoid(mixes[:n] * scale0 + base[:n]) + pre_eps``, ``post`` and the
       Sinkhorn ``comb`` -- the arithmetic of the finalize and split_mixes kernels, so this site's coefficients
       are mhc_pre's for the same partials.
     * With ``normalize`` (an ``out_norm_weight``), first every thread: ``rho = rsqrt(sum_s part_usq[s] / C +
       out_norm_eps)`` per token of the block into shared memory (``out_rstd``); then the *collapse warps*
-      (``threads``) rewrite their tile of ``layer_input`` as ``round(u * rho * w)``. Without a weight the
-      kernel is the Sinkhorn warp alone and ``out_rstd`` is 1.
+      (``threads``) rewrite their tile of ``layer_input`` as ``round(u * rho * w)``. With an FP8 copy too, a
+      second barrier (the rewritten tile visible to every thread of the CTA, the Sinkhorn warp's included), then
+      every thread quantises the tile's groups (``block_C`` a multiple of the group), one (token, group) per
+      thread and step, re-reading the layer input from cache.
+    * Without a weight the kernel is the Sinkhorn warp alone and ``out_rstd`` is 1; with an FP8 copy the CTA
+      also has the ``threads`` quantising threads, which take the tile's groups of the layer input the projection
+      wrote (no barrier: nothing in this kernel writes it) while the Sinkhorn warp runs. Either way the FP8 copy
+      is the ``quantize_fp8`` kernel's arithmetic (``fp8.quantize_group_macro``), so the same bits.
 
     Traffic per token: the partials (``S * (m + 2)`` floats) and, when normalising, ``u`` read and the
-    normalised layer input written (``2 * C`` elements; the statistic needs every column of the token first).
+    normalised layer input written (``2 * C`` elements; the statistic needs every column of the token first);
+    with FP8 also ``C`` code bytes and ``4 * C / group`` scale bytes written and the layer input read (from
+    cache after the rewrite; from L2 or DRAM without the norm).
     """
     import tilelang.language as T
 
@@ -360,18 +510,22 @@ def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True):
     S = cfg["split_K"]
     if normalize and (bc % V or (bt * (bc // V)) % th):
         raise ValueError(f"mhc_pre_sp tail: block_T={bt}, block_C={bc}, vec={V} must tile threads={th} exactly")
+    _check_fp8("mhc_pre_sp tail", C, fp8_group, bc, "block_C (config['tail']['block_C'])")
     m = n * (n + 2)
     nn = n * n
     K = n * C
     NV = bc // V
     NIT = (bt * NV) // th
-    TH = th if normalize else 0      # collapse threads (none without the out-norm)
-    NCB = cdiv(C, bc) if normalize else 1
+    TH = th if normalize or fp8_group else 0      # collapse / quantising threads (none: the Sinkhorn warp alone)
+    NCB = cdiv(C, bc) if normalize or fp8_group else 1
     NSK = sinkhorn_passes(bt, NCB)
     NRHO = cdiv(bt, TH + SINKHORN_WARP)
     Tn = T.dynamic("T")
     split_sum, split_rstd = split_reduce_macros(S, K)        # as norm_fn's finalize kernel
     split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
+    G8 = C // fp8_group if fp8_group else 1
+    if fp8_group:  # after the rewrite every thread quantises; without it the TH threads, beside the Sinkhorn warp
+        fp8_tile = fp8_tile_macro(fp8_group, V, dt, bt, bc, TH + SINKHORN_WARP if normalize else TH, C, Tn)
 
     @T.macro
     def sinkhorn_role(part_mix, part_sq, scale, base, pre, post, comb, mixes, rstd, out_rstd, lane, bx, by,
@@ -396,18 +550,9 @@ def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True):
                 if not normalize:
                     out_rstd[tok] = 1.0
 
-    @T.prim_func
-    def mhc_pre_sp_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
-                        part_usq: T.Tensor((S, Tn), "float32"),
-                        scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
-                        out_norm_weight: T.Tensor((C,), "float32"),
-                        layer_input: T.Tensor((Tn, C), dt),                                     # in / out (normalised)
-                        pre: T.Tensor((Tn, n), "float32"), post: T.Tensor((Tn, n), "float32"),       # outputs
-                        comb: T.Tensor((Tn, n, n), "float32"),
-                        mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),   # saved for bwd
-                        out_rstd: T.Tensor((Tn,), "float32"),
-                        norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,           # constants
-                        sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+    @T.macro
+    def tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, layer_input, pre, post, comb, mixes, rstd,
+             out_rstd, fp8_codes, fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps, out_norm_eps):
         with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=TH + SINKHORN_WARP) as (bx, by):
             tx = T.get_thread_binding(0)
             if normalize:
@@ -444,11 +589,57 @@ def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True):
                 else:
                     sinkhorn_role(part_mix, part_sq, scale, base, pre, post, comb, mixes, rstd, out_rstd, tx - TH,
                                   bx, by, norm_eps, pre_eps, post_mult, sinkhorn_eps)
+                if fp8_group:
+                    # -- every thread, once the tile is rewritten: the FP8 copy of its groups, one per thread -------
+                    T.sync_threads()
+                    fp8_tile(layer_input, fp8_codes, fp8_scales, by * bt, bx * (bc // fp8_group), tx)
+            elif fp8_group:
+                T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))
+                if tx < TH:
+                    # -- quantising threads: the FP8 copy of the tile's groups (the layer input the projection wrote)
+                    fp8_tile(layer_input, fp8_codes, fp8_scales, by * bt, bx * (bc // fp8_group), tx)
+                else:
+                    sinkhorn_role(part_mix, part_sq, scale, base, pre, post, comb, mixes, rstd, out_rstd, tx - TH,
+                                  bx, by, norm_eps, pre_eps, post_mult, sinkhorn_eps)
             else:
                 sinkhorn_role(part_mix, part_sq, scale, base, pre, post, comb, mixes, rstd, out_rstd, tx, bx, by,
                               norm_eps, pre_eps, post_mult, sinkhorn_eps)
 
-    return mhc_pre_sp_tail
+    if not fp8_group:
+        @T.prim_func
+        def mhc_pre_sp_tail(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                            part_usq: T.Tensor((S, Tn), "float32"),
+                            scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                            out_norm_weight: T.Tensor((C,), "float32"),
+                            layer_input: T.Tensor((Tn, C), dt),                                 # in / out (normalised)
+                            pre: T.Tensor((Tn, n), "float32"), post: T.Tensor((Tn, n), "float32"),   # outputs
+                            comb: T.Tensor((Tn, n, n), "float32"),
+                            mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),   # saved for bwd
+                            out_rstd: T.Tensor((Tn,), "float32"),
+                            norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,           # constants
+                            sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+            tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, layer_input, pre, post, comb, mixes, rstd,
+                 out_rstd, None, None, norm_eps, pre_eps, post_mult, sinkhorn_eps, out_norm_eps)
+
+        return mhc_pre_sp_tail
+
+    @T.prim_func
+    def mhc_pre_sp_tail_fp8(part_mix: T.Tensor((S, Tn, m), "float32"), part_sq: T.Tensor((S, Tn), "float32"),  # in
+                            part_usq: T.Tensor((S, Tn), "float32"),
+                            scale: T.Tensor((3,), "float32"), base: T.Tensor((m,), "float32"),
+                            out_norm_weight: T.Tensor((C,), "float32"),
+                            layer_input: T.Tensor((Tn, C), dt),                                 # in / out (normalised)
+                            pre: T.Tensor((Tn, n), "float32"), post: T.Tensor((Tn, n), "float32"),   # outputs
+                            comb: T.Tensor((Tn, n, n), "float32"),
+                            mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),   # saved for bwd
+                            out_rstd: T.Tensor((Tn,), "float32"),
+                            fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), "float32"),  # FP8
+                            norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,           # constants
+                            sinkhorn_eps: T.float32, out_norm_eps: T.float32):
+        tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, layer_input, pre, post, comb, mixes, rstd,
+             out_rstd, fp8_codes, fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps, out_norm_eps)
+
+    return mhc_pre_sp_tail_fp8
 
 
 def post_cols(n: int, C: int, dtype, block_K: int) -> int:
@@ -758,21 +949,46 @@ kernel_def(KernelDef("mhc_pre_sp_tail", "mhc_pre_sp", _build_pre_sp_tail, TAIL_K
 
 
 # -- launch wrappers: the backend's overrides of the mhc_pre and post_pre composites ----------------------
+def fp8_outputs(Tt: int, C: int, fp8_group: int, device) -> tuple:
+    """-> (fp8_codes (T, C) uint8 (the float8_e4m3fn bytes), fp8_scales (T, C / fp8_group) float32): the FP8 copy's
+    buffers, which
+    the tail writes (``torch.empty``: no launch), or the ``(T, 0)`` placeholders without a group
+    (``fp8_group == 0``). Raises ValueError for a group other than 0, 32, 128 or one not dividing ``C``."""
+    fp8_group = int(fp8_group)
+    _check_fp8("FP8 copy of the layer input", C, fp8_group)
+    Q, G = (C, C // fp8_group) if fp8_group else (0, 0)
+    return (torch.empty((Tt, Q), dtype=torch.uint8, device=device),
+            torch.empty((Tt, G), dtype=torch.float32, device=device))
+
+
+def _fp8_args(fp8_group, fp8_out) -> tuple[dict, tuple]:
+    """(the tail's extra build-time constants, its extra kernel arguments) for the FP8 copy: none without a group
+    (the kernel and its cache key are the plain tail's), else ``fp8_group`` and (codes as uint8, scales)."""
+    if not fp8_group:
+        return {}, ()
+    codes, scales = fp8_out
+    return {"fp8_group": int(fp8_group)}, (codes, scales)
+
+
 def mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, *,
-                 config):
+                 config, fp8_group=0, fp8_out=None):
     """-> (layer_input, post, comb, mixes, rstd, out_rstd) from the projection's split partials, without the
-    sublayer's norm (``out_rstd`` is 1, written by the kernel).
+    sublayer's norm (``out_rstd`` is 1, written by the kernel). With ``fp8_group`` the kernel also writes the FP8
+    copy of the layer input into ``fp8_out`` (:func:`fp8_outputs`).
 
     ``config``: the tail kernel's flat config (:func:`tail_kernel_config`); its split count must be the
     partials' own.
     """
     return _launch_tail("mhc_pre_tail", part_mix, part_sq, scale, base, residual, (), config, float(norm_eps),
-                        float(pre_eps), float(post_mult), float(sinkhorn_eps), iters=iters)
+                        float(pre_eps), float(post_mult), float(sinkhorn_eps), iters=iters, fp8_group=fp8_group,
+                        fp8_out=fp8_out)
 
 
-def _launch_tail(kernel, part_mix, part_sq, scale, base, residual, weight, config, *consts, iters):
+def _launch_tail(kernel, part_mix, part_sq, scale, base, residual, weight, config, *consts, iters, fp8_group=0,
+                 fp8_out=None):
     """Allocate the tail's outputs and launch ``kernel`` (``mhc_pre_tail`` / ``mhc_pre_norm_tail``; ``weight``: the
-    inputs it takes after the residual) -> (layer_input, post, comb, mixes, rstd, out_rstd)."""
+    inputs it takes after the residual; with ``fp8_group`` its FP8 variant, writing ``fp8_out`` too) ->
+    (layer_input, post, comb, mixes, rstd, out_rstd)."""
     from .common import get_kernel
 
     Tt, n, C = residual.shape
@@ -781,42 +997,52 @@ def _launch_tail(kernel, part_mix, part_sq, scale, base, residual, weight, confi
         raise ValueError(f"{kernel}: config split_K={config['split_K']} but the partials have {S} splits")
     outs = (residual.new_empty((Tt, C)), part_mix.new_empty((Tt, n)), part_mix.new_empty((Tt, n, n)),
             part_mix.new_empty((Tt, m)), part_mix.new_empty((Tt,)), part_mix.new_empty((Tt,)))
+    fc, fp8 = _fp8_args(fp8_group, fp8_out)
     if Tt:
-        get_kernel(kernel, n, C, residual.dtype, config, residual.device, iters=int(iters))(
-            part_mix, part_sq, scale, base, residual, *weight, *outs, *consts)
+        get_kernel(kernel, n, C, residual.dtype, config, residual.device, iters=int(iters), **fc)(
+            part_mix, part_sq, scale, base, residual, *weight, *outs, *fp8, *consts)
     return outs
 
 
 def mhc_pre_norm_tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
-                      sinkhorn_eps, out_norm_eps, *, config):
+                      sinkhorn_eps, out_norm_eps, *, config, fp8_group=0, fp8_out=None):
     """-> (layer_input, post, comb, mixes, rstd, out_rstd) from the projection's split partials, the layer input
     normalised with the sublayer's RMSNorm (``out_norm_weight``, float32), in one kernel
-    (:func:`_build_pre_norm_tail`). ``config``: its flat config (:func:`norm_tail_kernel_config`)."""
+    (:func:`_build_pre_norm_tail`; with ``fp8_group`` also the FP8 copy into ``fp8_out``). ``config``: its flat
+    config (:func:`norm_tail_kernel_config`)."""
     return _launch_tail("mhc_pre_norm_tail", part_mix, part_sq, scale, base, residual,
                         (out_norm_weight.contiguous(),), config, float(norm_eps), float(pre_eps), float(post_mult),
-                        float(sinkhorn_eps), float(out_norm_eps), iters=iters)
+                        float(sinkhorn_eps), float(out_norm_eps), iters=iters, fp8_group=fp8_group, fp8_out=fp8_out)
 
 
 def _tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps,
-          out_norm_eps, config):
+          out_norm_eps, fp8_group, config):
     """mhc_pre's second (last) launch for the op config ``config``: the tail, or with the sublayer's norm the tail
-    that also normalises."""
+    that also normalises; either writes the FP8 copy with ``fp8_group``. -> (layer_input, post, comb, mixes, rstd,
+    out_rstd, fp8_codes, fp8_scales)."""
+    fp8_out = fp8_outputs(residual.shape[0], residual.shape[-1], fp8_group, residual.device)
     if out_norm_weight is None:
-        return mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters,
-                            sinkhorn_eps, config=tail_kernel_config(config))
-    return mhc_pre_norm_tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult,
-                             iters, sinkhorn_eps, out_norm_eps, config=norm_tail_kernel_config(config))
+        outs = mhc_pre_tail(part_mix, part_sq, scale, base, residual, norm_eps, pre_eps, post_mult, iters,
+                            sinkhorn_eps, config=tail_kernel_config(config), fp8_group=fp8_group, fp8_out=fp8_out)
+    else:
+        outs = mhc_pre_norm_tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps,
+                                 post_mult, iters, sinkhorn_eps, out_norm_eps, config=norm_tail_kernel_config(config),
+                                 fp8_group=fp8_group, fp8_out=fp8_out)
+    return outs + fp8_out
 
 
 def mhc_pre_fwd(residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
-                sinkhorn_eps, out_norm_eps, *, config):
-    """mhc_pre in two launches -> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd): the projection's split
-    partials (``norm_weight`` folded into ``fn`` as it is staged), then the fused tail (reduce, split, Sinkhorn
-    beside the collapse; ``out_rstd`` 1) or, with the sublayer's norm (``out_norm_weight``), the tail whose CTAs own
-    whole rows and normalise the collapse too (:func:`_build_pre_norm_tail`)."""
+                sinkhorn_eps, out_norm_eps, fp8_group=0, *, config):
+    """mhc_pre in two launches -> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales):
+    the projection's split partials (``norm_weight`` folded into ``fn`` as it is staged), then the fused tail
+    (reduce, split, Sinkhorn beside the collapse; ``out_rstd`` 1) or, with the sublayer's norm
+    (``out_norm_weight``), the tail whose CTAs own whole rows and normalise the collapse too
+    (:func:`_build_pre_norm_tail`). With ``fp8_group`` (128 or 32, dividing C) the tail also writes the FP8 copy of
+    the layer input (``quantize_fp8``'s codes (T, C), as uint8 bytes, and scales (T, C / fp8_group) float32, bit for
+    bit); with 0 those are ``(T, 0)`` placeholders and the kernels are the plain ones."""
     part_mix, part_sq = norm.norm_fn_partials(residual, fn, norm_weight, config=config["projection"])
     return _tail(part_mix, part_sq, scale, base, residual, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
-                 sinkhorn_eps, out_norm_eps, config)
+                 sinkhorn_eps, out_norm_eps, fp8_group, config)
 
 
 def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *, config):
@@ -839,21 +1065,24 @@ def post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight, *,
 
 
 def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
-                 pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config):
-    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd) of the next sublayer.
+                 pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group=0, *, config):
+    """-> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales) of the next
+    sublayer.
 
     Two launches with the default ("fma") projection, with or without the sublayer's norm: post fused into the
     projection's main loop (the new residual written once and projected from registers), then mhc_pre's tail
-    (the collapse reads the new residual back once; with ``out_norm_weight`` the normalising tail). A
-    tensor-core projection runs post (``config["post"]``), then mhc_pre."""
+    (the collapse reads the new residual back once; with ``out_norm_weight`` the normalising tail), which also
+    writes the FP8 copy of the layer input with ``fp8_group`` (as :func:`mhc_pre_fwd`). A tensor-core projection
+    runs post (``config["post"]``), then mhc_pre."""
     if config["projection"]["mma"] != "fma":
         new_residual = streaming.post_fwd(layer_output, residual, post_mix, comb_mix, config=config["post"])
         return (new_residual,) + mhc_pre_fwd(new_residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
-                                             pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, config=config)
+                                             pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group,
+                                             config=config)
     new_residual, part_mix, part_sq = post_project(layer_output, residual, post_mix, comb_mix, fn, norm_weight,
                                                    config=config["projection"])
     return (new_residual,) + _tail(part_mix, part_sq, scale, base, new_residual, out_norm_weight, norm_eps, pre_eps,
-                                   post_mult, iters, sinkhorn_eps, out_norm_eps, config)
+                                   post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, config)
 
 
 # -- single-pass (contract §14): mhc_pre_sp and post_pre_sp, the residual read once ------------------------
@@ -887,9 +1116,11 @@ def sp_project(residual, prev_pre, fn, norm_weight, *, config, post=None):
 
 
 def mhc_pre_sp_tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, layer_input, norm_eps, pre_eps,
-                    post_mult, iters, sinkhorn_eps, out_norm_eps, *, config):
+                    post_mult, iters, sinkhorn_eps, out_norm_eps, *, config, fp8_group=0, fp8_out=None):
     """-> (layer_input, pre, post, comb, mixes, rstd, out_rstd) from the partials of :func:`sp_project`;
-    ``layer_input`` (the rounded collapse) is normalised in place when ``out_norm_weight`` is given."""
+    ``layer_input`` (the rounded collapse) is normalised in place when ``out_norm_weight`` is given. With
+    ``fp8_group`` the kernel also writes the FP8 copy of the final layer input into ``fp8_out``
+    (:func:`fp8_outputs`)."""
     from .common import get_kernel
 
     S, Tt, m = part_mix.shape
@@ -906,30 +1137,38 @@ def mhc_pre_sp_tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, l
     # float32 (the op's rule: no cast); without one a placeholder the kernel never reads (torch.empty launches
     # nothing, ones would be a fill)
     w = out_norm_weight.contiguous() if normalize else part_mix.new_empty((C,))
+    fc, fp8 = _fp8_args(fp8_group, fp8_out)
     get_kernel("mhc_pre_sp_tail", n, C, layer_input.dtype, config, layer_input.device, iters=int(iters),
-               normalize=normalize)(
-        part_mix, part_sq, part_usq, scale, base, w, layer_input, pre, post, comb, mixes, rstd, out_rstd,
+               normalize=normalize, **fc)(
+        part_mix, part_sq, part_usq, scale, base, w, layer_input, pre, post, comb, mixes, rstd, out_rstd, *fp8,
         float(norm_eps), float(pre_eps), float(post_mult), float(sinkhorn_eps), float(out_norm_eps))
     return layer_input, pre, post, comb, mixes, rstd, out_rstd
 
 
 def mhc_pre_sp_fwd(residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult,
-                   iters, sinkhorn_eps, out_norm_eps, *, config):
-    """mhc_pre_sp in two launches -> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd): the
-    projection with the collapse in its main loop (the residual's only read), then the tail (reduce, split,
-    Sinkhorn; the out-norm beside it)."""
+                   iters, sinkhorn_eps, out_norm_eps, fp8_group=0, *, config):
+    """mhc_pre_sp in two launches -> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes,
+    fp8_scales): the projection with the collapse in its main loop (the residual's only read), then the tail
+    (reduce, split, Sinkhorn; the out-norm beside it; with ``fp8_group`` the FP8 copy of the layer input, as
+    :func:`mhc_pre_fwd`)."""
+    fp8_out = fp8_outputs(residual.shape[0], residual.shape[-1], fp8_group, residual.device)
     _, u, pm, ps, pu = sp_project(residual, prev_pre, fn, norm_weight, config=config["projection"])
     return mhc_pre_sp_tail(pm, ps, pu, scale, base, out_norm_weight, u, norm_eps, pre_eps, post_mult, iters,
-                           sinkhorn_eps, out_norm_eps, config=tail_kernel_config(config))
+                           sinkhorn_eps, out_norm_eps, config=tail_kernel_config(config), fp8_group=fp8_group,
+                           fp8_out=fp8_out) + fp8_out
 
 
 def post_pre_sp_fwd(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
-                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config):
-    """post_pre_sp in two launches -> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd,
-    out_rstd): post, the collapse and the projection in one main loop (residual and layer output read once,
-    new residual and layer input written once), then the tail."""
+                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group=0, *,
+                    config):
+    """post_pre_sp in two launches -> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd,
+    fp8_codes, fp8_scales): post, the collapse and the projection in one main loop (residual and layer output read
+    once, new residual and layer input written once), then the tail (with ``fp8_group`` also the FP8 copy of the
+    layer input)."""
+    fp8_out = fp8_outputs(residual.shape[0], residual.shape[-1], fp8_group, residual.device)
     new_residual, u, pm, ps, pu = sp_project(residual, prev_pre, fn, norm_weight, config=config["projection"],
                                              post=(layer_output, post_mix, comb_mix))
     return (new_residual,) + mhc_pre_sp_tail(pm, ps, pu, scale, base, out_norm_weight, u, norm_eps, pre_eps,
                                              post_mult, iters, sinkhorn_eps, out_norm_eps,
-                                             config=tail_kernel_config(config))
+                                             config=tail_kernel_config(config), fp8_group=fp8_group,
+                                             fp8_out=fp8_out) + fp8_out

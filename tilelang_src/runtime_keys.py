@@ -156,7 +156,34 @@ def replay_shapes(shapes: Iterable[tuple], ops: Optional[Iterable[str]] = None) 
                 why = _run_forward_backward(op, inputs)
                 if why is not None:
                     notes.append(f"T={T} n={n} C={C}: {why}")
+            for why in _run_fp8_copies(op, base):
+                notes.append(f"T={T} n={n} C={C}: {why}")
     return list(dict.fromkeys(notes))
+
+
+def _run_fp8_copies(op: str, inputs: dict) -> list[str]:
+    """A boundary op (``cases.FP8_BOUNDARY_OPS``) with all its weights, forward, writing the FP8 copy in each
+    group that divides C: its tail is a kernel of its own (the ``fp8_group`` constant). -> why not served."""
+    from mhc_kernels import ops
+    from mhc_kernels.errors import BackendError, MHCError
+    from mhc_kernels.reference import cases
+    from mhc_kernels.registry import use_backend
+    from mhc_kernels.specs import FP8_GROUPS, SPECS
+
+    if op not in cases.FP8_BOUNDARY_OPS:
+        return []
+    C = inputs["residual"].shape[-1]
+    notes = []
+    for group in FP8_GROUPS:
+        if C % group:
+            continue
+        args = [group if a == "fp8_group" else inputs[a] for a in SPECS[op].arg_names]
+        try:
+            with torch.no_grad(), use_backend("tilelang"):
+                ops.BODIES[op](*args)
+        except (BackendError, MHCError) as e:
+            notes.append(f"{op} fp8_group={group}: {str(e).splitlines()[0]}")
+    return notes
 
 
 def replay_check(device_cases: str = "cuda", ops: Optional[list] = None) -> None:

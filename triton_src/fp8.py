@@ -50,18 +50,12 @@ def e4m3_bits(q):
 
 
 @triton.jit
-def quantize_fp8_kernel(x_ptr, codes_ptr, scales_ptr, T, C, G,
-                        GROUP: tl.constexpr, POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_T), cdiv(G, BLOCK_G)). Per group: a = max(amax |x|, 1e-4) over its finite values,
-    r = a / 448 (div_rn); scale = r (GROUP 128) or 2^ceil(log2 r) (POW2); codes = e4m3(x / scale); a group with
-    an inf or NaN gets scale NaN and codes NaN."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    e = tl.arange(0, GROUP)
-    t64 = t.to(tl.int64)
-    ok = (t < T)[:, None] & (g < G)[None, :]
-    offs = t64[:, None, None] * C + (g[None, :, None] * GROUP + e[None, None, :])
-    v = tl.load(x_ptr + offs, mask=ok[:, :, None], other=0.0).to(tl.float32)
+def quantize_groups(v, POW2: tl.constexpr):
+    """``v (rows, G_blocks, GROUP)`` float32 (the stored values, widened) -> (codes uint32 bytes like ``v``,
+    scales ``(rows, G_blocks)`` float32), per group: a = max(amax |x|, 1e-4) over its finite values, r = a / 448
+    (div_rn); scale = r (group 128) or 2^ceil(log2 r) (``POW2``, group 32); codes = e4m3(x / scale); a group with
+    an inf or NaN gets scale NaN and codes NaN. The quantisation of this kernel and of the boundary tails that
+    write the FP8 copy beside the layer input (``single_pass``), written once."""
     finite = tl.abs(v) < float("inf")                      # False for inf and NaN
     bad = tl.max(tl.where(finite, 0, 1), axis=2) > 0
     a = tl.maximum(tl.max(tl.where(finite, tl.abs(v), 0.0), axis=2), 1e-4)
@@ -76,8 +70,24 @@ def quantize_fp8_kernel(x_ptr, codes_ptr, scales_ptr, T, C, G,
         scale = r
         q = tl.math.div_rn(v, tl.broadcast_to(scale[:, :, None], v.shape))
     q = tl.where(bad[:, :, None], float("nan"), q)
-    tl.store(codes_ptr + offs, e4m3_bits(q).to(tl.uint8), mask=ok[:, :, None])
-    tl.store(scales_ptr + t64[:, None] * G + g[None, :], tl.where(bad, float("nan"), scale), mask=ok)
+    return e4m3_bits(q), tl.where(bad, float("nan"), scale)
+
+
+@triton.jit
+def quantize_fp8_kernel(x_ptr, codes_ptr, scales_ptr, T, C, G,
+                        GROUP: tl.constexpr, POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_T), cdiv(G, BLOCK_G)): the ``(BLOCK_T, BLOCK_G, GROUP)`` tile loaded once and
+    quantised by :func:`quantize_groups`."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    e = tl.arange(0, GROUP)
+    t64 = t.to(tl.int64)
+    ok = (t < T)[:, None] & (g < G)[None, :]
+    offs = t64[:, None, None] * C + (g[None, :, None] * GROUP + e[None, None, :])
+    v = tl.load(x_ptr + offs, mask=ok[:, :, None], other=0.0).to(tl.float32)
+    codes, scale = quantize_groups(v, POW2)
+    tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=ok[:, :, None])
+    tl.store(scales_ptr + t64[:, None] * G + g[None, :], scale, mask=ok)
 
 
 def _defaults(group: int) -> dict:

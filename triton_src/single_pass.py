@@ -44,7 +44,10 @@ and writes the layer input, ``(2n + 1) * C``; ``post_pre`` reads ``y`` and the r
 residual, reads it back and writes the layer input, ``(3n + 2) * C``. The out-norm adds ``2 * C`` (its
 statistic needs every column of a token before the first normalised value: the layer input is re-read, from
 cache in normal mode, and rewritten). Partials: ``split_K * (m + 2)`` floats per token (``m + 1`` without the
-collapse). The fused main loop's summation order differs from norm_fn's (the dot runs over column blocks of
+collapse). The FP8 copy (``fp8_group``) adds ``C`` code bytes and ``4 * C / group`` scale bytes written per
+token, quantised from the registers of the tail's last loop over the layer input; single-pass without the
+out-norm has no such loop, so its tail reads the layer input back (``C`` elements). The fused main loop's
+summation order differs from norm_fn's (the dot runs over column blocks of
 all streams; ``tl.sum`` over the streams), so single-pass and ``post_pre`` results agree with the two-pass
 chain's projection to float32 accumulation error, not bit for bit; ``post_pre``'s new residual is ``post``'s
 bit for bit.
@@ -61,6 +64,7 @@ import triton.language as tl
 from mhc_kernels.specs import mix_count
 
 from . import common, norm_fn
+from .fp8 import quantize_groups
 from .norm_fn import _finalize_tile
 from .sinkhorn import _split_mixes_tile
 
@@ -169,9 +173,11 @@ def _boundary_tail_kernel(
     comb_ptr,       # (T, n, n) fp32, written
     u_ptr,          # layer input (T, C) act: written (COLLAPSE), normalised in place (HAS_ONW)
     out_rstd_ptr,   # (T,) fp32, written
+    codes_ptr,      # (T, C) u8: the FP8 codes of the layer input (FP8_GROUP > 0), written
+    fp8_scales_ptr,  # (T, C / FP8_GROUP) fp32 (FP8_GROUP > 0), written
     T, C, rows, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
     N: tl.constexpr, ROWS_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
-    COLLAPSE: tl.constexpr, HAS_ONW: tl.constexpr,
+    COLLAPSE: tl.constexpr, HAS_ONW: tl.constexpr, FP8_GROUP: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_T),): everything after the projection's main loop for BLOCK_T tokens.
 
@@ -184,6 +190,10 @@ def _boundary_tail_kernel(
        partials', added in split order.
     4. ``HAS_ONW``: rho = rsqrt(sum / C + out_norm_eps); u <- round(u * rho * w) in place (after a barrier
        when this program wrote u); out_rstd = rho, else 1.
+    5. ``FP8_GROUP > 0`` (``BLOCK_C`` a multiple of it): the FP8 copy of the layer input's final values
+       (:func:`~.fp8.quantize_groups`, the ``quantize_fp8`` kernel's arithmetic) from the registers of the loop
+       that stores them (step 4, or step 3 without the norm); single-pass without the norm stores no layer
+       input here, so it is read back (``2 * C`` bytes per token) and quantised in a loop of its own.
     """
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
@@ -212,6 +222,9 @@ def _boundary_tail_kernel(
             if HAS_ONW:
                 uf = u.to(tl.float32)
                 ss += tl.sum(uf * uf, axis=1)
+            elif FP8_GROUP > 0:
+                _store_fp8(u, codes_ptr, fp8_scales_ptr, t64, t_ok, c0, C, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+                           GROUP=FP8_GROUP)
         if HAS_ONW:
             rho = tl.math.rsqrt(ss / C + out_norm_eps)
             tl.debug_barrier()
@@ -227,8 +240,38 @@ def _boundary_tail_kernel(
             offs = t64[:, None] * C + c[None, :]
             u = tl.load(u_ptr + offs, mask=tc_ok, other=0.0).to(tl.float32)
             g = tl.load(onw_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-            tl.store(u_ptr + offs, (u * rho[:, None] * g[None, :]).to(u_ptr.dtype.element_ty), mask=tc_ok)
+            v = (u * rho[:, None] * g[None, :]).to(u_ptr.dtype.element_ty)
+            tl.store(u_ptr + offs, v, mask=tc_ok)
+            if FP8_GROUP > 0:
+                _store_fp8(v, codes_ptr, fp8_scales_ptr, t64, t_ok, c0, C, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+                           GROUP=FP8_GROUP)
+    elif FP8_GROUP > 0:
+        if not COLLAPSE:
+            # single-pass without the norm: the main loop stored the layer input; read it back for the copy
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                tc_ok = t_ok[:, None] & (c < C)[None, :]
+                u = tl.load(u_ptr + t64[:, None] * C + c[None, :], mask=tc_ok, other=0.0)
+                _store_fp8(u, codes_ptr, fp8_scales_ptr, t64, t_ok, c0, C, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+                           GROUP=FP8_GROUP)
     tl.store(out_rstd_ptr + t, rho, mask=t_ok)
+
+
+@triton.jit
+def _store_fp8(v, codes_ptr, scales_ptr, t64, t_ok, c0, C,
+               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """The FP8 copy of one ``(BLOCK_T, BLOCK_C)`` tile of stored layer-input values ``v`` (columns ``c0 ..``;
+    ``GROUP`` divides ``BLOCK_C`` and ``C``, so a group is wholly inside or wholly past ``C``): codes and one
+    scale per group, as :func:`~.fp8.quantize_fp8_kernel` writes them."""
+    NG: tl.constexpr = BLOCK_C // GROUP
+    G = C // GROUP
+    g = c0 // GROUP + tl.arange(0, NG)
+    e = tl.arange(0, GROUP)
+    ok = t_ok[:, None] & (g < G)[None, :]
+    codes, scale = quantize_groups(tl.reshape(v.to(tl.float32), (BLOCK_T, NG, GROUP)), GROUP == 32)
+    offs = t64[:, None, None] * C + (g[:, None] * GROUP + e[None, :])[None, :, :]
+    tl.store(codes_ptr + offs, codes.to(tl.uint8), mask=ok[:, :, None])
+    tl.store(scales_ptr + t64[:, None] * G + g[None, :], scale, mask=ok)
 
 
 # -- configs ----------------------------------------------------------------------------------------
@@ -397,30 +440,37 @@ def _sp_project(residual, prev_pre, fn, norm_weight, p: dict, post=None, collaps
 
 
 def _tail(x, u, scale, base, out_norm_weight, mixes, rstd, split, part_dot, part_sq, part_usq, rows_p, norm_eps,
-          pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, cfg: dict, collapse: bool):
-    """Launch 2 (:func:`_boundary_tail_kernel`; none at T = 0) -> (pre, post_mix, comb_mix, out_rstd);
-    ``mixes``, ``rstd`` (from the partials when ``split > 0``) and ``u`` are written in place."""
+          pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, cfg: dict, collapse: bool):
+    """Launch 2 (:func:`_boundary_tail_kernel`; none at T = 0) -> (pre, post_mix, comb_mix, out_rstd, fp8_codes,
+    fp8_scales); ``mixes``, ``rstd`` (from the partials when ``split > 0``) and ``u`` are written in place. The
+    FP8 copy is ``(T, C)`` codes (uint8: the float8_e4m3fn bytes) and ``(T, C / fp8_group)`` scales, ``(T, 0)``
+    each without a group; with one the
+    tail's column step is at least the group (whole groups per step)."""
     T, n, C = x.shape
     dev = x.device
     alloc = norm_fn._alloc
     pre, post, comb = (alloc(sh, torch.float32, dev) for sh in ((T, n), (T, n), (T, n, n)))
     out_rstd = alloc((T,), torch.float32, dev)
+    codes = alloc((T, C if fp8_group else 0), torch.uint8, dev)
+    fp8_scales = alloc((T, C // fp8_group if fp8_group else 0), torch.float32, dev)
+    out = pre, post, comb, out_rstd, codes, fp8_scales
     if T == 0:
-        return pre, post, comb, out_rstd
+        return out
     w = out_norm_weight
     if w is not None and not w.is_contiguous():
         w = w.contiguous()
     _boundary_tail_kernel[(triton.cdiv(T, cfg["block_T"]),)](
         part_dot, part_sq, part_usq, scale, base, x, w if w is not None else scale, mixes, rstd, pre, post, comb,
-        u, out_rstd, T, C, mixes.shape[1], float(norm_eps), float(pre_eps), float(post_mult), int(iters),
-        float(sinkhorn_eps), float(out_norm_eps),
-        N=n, ROWS_P=rows_p, BLOCK_T=cfg["block_T"], BLOCK_C=cfg["block_C"], SPLIT_K=split, COLLAPSE=collapse,
-        HAS_ONW=w is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return pre, post, comb, out_rstd
+        u, out_rstd, codes, fp8_scales, T, C, mixes.shape[1], float(norm_eps), float(pre_eps), float(post_mult),
+        int(iters), float(sinkhorn_eps), float(out_norm_eps),
+        N=n, ROWS_P=rows_p, BLOCK_T=cfg["block_T"], BLOCK_C=max(cfg["block_C"], fp8_group), SPLIT_K=split,
+        COLLAPSE=collapse, HAS_ONW=w is not None, FP8_GROUP=fp8_group, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
 
 
 def _boundary(op, residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult,
-              iters, sinkhorn_eps, out_norm_eps, config, post=None):
+              iters, sinkhorn_eps, out_norm_eps, fp8_group, config, post=None):
     """Single-pass: the main loop with the collapse, then the tail without it."""
     T = residual.shape[0]
     rows = fn.shape[0]
@@ -428,56 +478,60 @@ def _boundary(op, residual, prev_pre, fn, scale, base, norm_weight, out_norm_wei
     pr = _sp_project(residual, prev_pre, fn, norm_weight, cfg["projection"], post=post)
     mixes = norm_fn._alloc((T, rows), torch.float32, residual.device)
     rstd = norm_fn._alloc((T,), torch.float32, residual.device)
-    pre, post_mix, comb, out_rstd = _tail(
+    pre, post_mix, comb, out_rstd, codes, fp8_scales = _tail(
         residual, pr.u, scale, base, out_norm_weight, mixes, rstd, pr.split, pr.part_dot, pr.part_sq, pr.part_usq,
-        pr.rows_p, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, cfg["tail"], collapse=False)
-    return pr.new_residual, pr.u, pre, post_mix, comb, mixes, rstd, out_rstd
+        pr.rows_p, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, cfg["tail"],
+        collapse=False)
+    return pr.new_residual, pr.u, pre, post_mix, comb, mixes, rstd, out_rstd, codes, fp8_scales
 
 
 def mhc_pre_sp_fwd(residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult,
-                   iters, sinkhorn_eps, out_norm_eps, *, config: dict):
-    """contract §14 -> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd) in two launches: the
-    residual read once (projection, sums of squares and the collapse in one main loop), then the boundary tail
-    (split reduction, split_mixes and, with ``out_norm_weight``, the in-place out-norm). Bytes: the module
-    docstring."""
+                   iters, sinkhorn_eps, out_norm_eps, fp8_group=0, *, config: dict):
+    """contract §14 -> (layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales) in two
+    launches: the residual read once (projection, sums of squares and the collapse in one main loop), then the
+    boundary tail (split reduction, split_mixes and, with ``out_norm_weight``, the in-place out-norm; with
+    ``fp8_group`` the FP8 copy). Bytes: the module docstring."""
     return _boundary("mhc_pre_sp", residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
-                     pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, config)[1:]
+                     pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, config)[1:]
 
 
 def post_pre_sp_fwd(layer_output, residual, post_mix, comb_mix, prev_pre, fn, scale, base, norm_weight,
-                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *,
+                    out_norm_weight, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group=0, *,
                     config: dict):
-    """contract §14 -> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd) in two
-    launches: post, the collapse and the projection in one main loop (``y`` and the residual read once, the new
-    residual and the layer input written once), then the boundary tail as :func:`mhc_pre_sp_fwd`."""
+    """contract §14 -> (new_residual, layer_input, pre, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes,
+    fp8_scales) in two launches: post, the collapse and the projection in one main loop (``y`` and the residual
+    read once, the new residual and the layer input written once), then the boundary tail as
+    :func:`mhc_pre_sp_fwd`."""
     return _boundary("post_pre_sp", residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
-                     pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, config,
+                     pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, config,
                      post=(layer_output, post_mix.contiguous(), comb_mix.contiguous()))
 
 
 def mhc_pre_fwd(residual, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult, iters,
-                sinkhorn_eps, out_norm_eps, *, config: dict):
-    """contract §6 -> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd) in two launches: norm_fn's main
-    loop (``config["projection"]``, norm_fn's keys: the chain's projection, bit for bit), then the boundary tail
-    (its split reduction when split, split_mixes, the collapse with this site's pre and, with
-    ``out_norm_weight``, the sublayer's RMSNorm; ``out_rstd`` ones without). The residual is read twice."""
+                sinkhorn_eps, out_norm_eps, fp8_group=0, *, config: dict):
+    """contract §6 -> (layer_input, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes, fp8_scales) in two
+    launches: norm_fn's main loop (``config["projection"]``, norm_fn's keys: the chain's projection, bit for
+    bit), then the boundary tail (its split reduction when split, split_mixes, the collapse with this site's pre
+    and, with ``out_norm_weight``, the sublayer's RMSNorm, ``out_rstd`` ones without; with ``fp8_group`` the FP8
+    copy of the layer input from the registers that store it). The residual is read twice."""
     T, n, C = residual.shape
     cfg = _check("mhc_pre", config)
     pr = norm_fn.project(residual, fn, norm_weight, norm_eps, config=cfg["projection"])
     u = norm_fn._alloc((T, C), residual.dtype, residual.device)
     split = pr.split_K if pr.split_K > 1 else 0
-    _, post_mix, comb, out_rstd = _tail(
+    _, post_mix, comb, out_rstd, codes, fp8_scales = _tail(
         residual, u, scale, base, out_norm_weight, pr.mixes, pr.rstd, split, pr.part_dot, pr.part_sq, pr.part_sq,
-        pr.rows_p, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, cfg["tail"], collapse=True)
-    return u, post_mix, comb, pr.mixes, pr.rstd, out_rstd
+        pr.rows_p, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, cfg["tail"],
+        collapse=True)
+    return u, post_mix, comb, pr.mixes, pr.rstd, out_rstd, codes, fp8_scales
 
 
 def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, norm_weight, out_norm_weight, norm_eps,
-                 pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, *, config: dict):
-    """contract §8 -> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd) of the next site in
-    two launches: post fused into the projection's main loop (the new residual written once and projected from
-    registers: post's arithmetic, bit for bit), then the boundary tail as :func:`mhc_pre_fwd` on the stored new
-    residual (read back once)."""
+                 pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group=0, *, config: dict):
+    """contract §8 -> (new_residual, layer_input, post_mix, comb_mix, mixes, rstd, out_rstd, fp8_codes,
+    fp8_scales) of the next site in two launches: post fused into the projection's main loop (the new residual
+    written once and projected from registers: post's arithmetic, bit for bit), then the boundary tail as
+    :func:`mhc_pre_fwd` on the stored new residual (read back once)."""
     T = residual.shape[0]
     rows = fn.shape[0]
     cfg = _check("post_pre", config)
@@ -485,11 +539,11 @@ def post_pre_fwd(layer_output, residual, post_mix, comb_mix, fn, scale, base, no
                      post=(layer_output, post_mix.contiguous(), comb_mix.contiguous()), collapse=False)
     mixes = norm_fn._alloc((T, rows), torch.float32, residual.device)
     rstd = norm_fn._alloc((T,), torch.float32, residual.device)
-    _, post_next, comb_next, out_rstd = _tail(
+    _, post_next, comb_next, out_rstd, codes, fp8_scales = _tail(
         pr.new_residual, pr.u, scale, base, out_norm_weight, mixes, rstd, pr.split, pr.part_dot, pr.part_sq,
-        pr.part_usq, pr.rows_p, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, cfg["tail"],
-        collapse=True)
-    return pr.new_residual, pr.u, post_next, comb_next, mixes, rstd, out_rstd
+        pr.part_usq, pr.rows_p, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group,
+        cfg["tail"], collapse=True)
+    return pr.new_residual, pr.u, post_next, comb_next, mixes, rstd, out_rstd, codes, fp8_scales
 
 
 # -- ahead-of-time specs ----------------------------------------------------------------------------
@@ -501,7 +555,8 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
     of mhc_pre_sp (a middle site: carried pre, norm weight), of post_pre_sp (a middle and the first site) and of
     post_pre (post + projection, no collapse); the boundary tail of the single-pass ops (with and without the
     out-norm) and of mhc_pre / post_pre (the collapse, with and without the out-norm; at norm_fn's default
-    split and, the longest split reduction, 16 splits)."""
+    split and, the longest split reduction, 16 splits); and the tail writing the FP8 copy, from the out-norm's
+    loop (single-pass, groups of 128) and from the collapse's (groups of 32), where C has whole groups."""
     act = _TY[dtype]
     rows = mix_count(n)
     rows_p = max(16, common.next_pow2(rows))
@@ -527,19 +582,26 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
     tail_sig = {"part_dot_ptr": "*fp32", "part_sq_ptr": "*fp32", "part_usq_ptr": "*fp32", "scale_ptr": "*fp32",
                 "base_ptr": "*fp32", "x_ptr": act, "onw_ptr": "*fp32", "mixes_ptr": "*fp32", "rstd_ptr": "*fp32",
                 "pre_ptr": "*fp32", "post_ptr": "*fp32", "comb_ptr": "*fp32", "u_ptr": act, "out_rstd_ptr": "*fp32",
-                "T": "i32", "C": "i32", "rows": "i32", "norm_eps": "fp32", "pre_eps": "fp32", "post_mult": "fp32",
+                "codes_ptr": "*u8", "fp8_scales_ptr": "*fp32", "T": "i32", "C": "i32", "rows": "i32",
+                "norm_eps": "fp32", "pre_eps": "fp32", "post_mult": "fp32",
                 "iters": "i32", "sinkhorn_eps": "fp32", "out_norm_eps": "fp32", "N": "constexpr",
                 "ROWS_P": "constexpr", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr", "SPLIT_K": "constexpr",
-                "COLLAPSE": "constexpr", "HAS_ONW": "constexpr"}
+                "COLLAPSE": "constexpr", "HAS_ONW": "constexpr", "FP8_GROUP": "constexpr"}
     t = _tail_default(call)
     sp_split = _projection_default(call)["split_K"]
     nf_split = norm_fn.norm_fn_default_config(SimpleNamespace(T=T, n=n, C=C, rows=rows, device=call.device))["split_K"]
-    for name, split, collapse, onw in (("sp_tail", sp_split, False, False), ("sp_tail_norm", sp_split, False, True),
-                                       ("pre_tail", nf_split if nf_split > 1 else 0, True, False),
-                                       ("pre_tail_norm", 16, True, True)):
+    pre_split = nf_split if nf_split > 1 else 0
+    for name, split, collapse, onw, g in (("sp_tail", sp_split, False, False, 0),
+                                          ("sp_tail_norm", sp_split, False, True, 0),
+                                          ("pre_tail", pre_split, True, False, 0),
+                                          ("pre_tail_norm", 16, True, True, 0),
+                                          ("sp_tail_norm_fp8", sp_split, False, True, 128),
+                                          ("pre_tail_fp8", pre_split, True, False, 32)):
+        if g and C % g:
+            continue
         specs.append(common.AotSpec(
             name, _boundary_tail_kernel, dict(tail_sig),
-            dict(N=n, ROWS_P=rows_p, BLOCK_T=t["block_T"], BLOCK_C=t["block_C"], SPLIT_K=split, COLLAPSE=collapse,
-                 HAS_ONW=onw),
+            dict(N=n, ROWS_P=rows_p, BLOCK_T=t["block_T"], BLOCK_C=max(t["block_C"], g), SPLIT_K=split,
+                 COLLAPSE=collapse, HAS_ONW=onw, FP8_GROUP=g),
             num_warps=t["num_warps"], num_stages=t["num_stages"], config=dict(t, split_K=split)))
     return specs
