@@ -182,13 +182,21 @@ class Prepared:
     present: tuple
     runs: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
+    costs: dict = field(default_factory=dict)   # impl -> (bytes, present) where an impl moves other bytes (+fp8)
 
 
 BATCH_INVARIANT_SUFFIX = "+bi"   # impl "<backend>+bi": the backend in batch-invariant mode (forward ops)
+FP8_SUFFIX = "+fp8"              # impl "<backend>+fp8": a boundary op also writing the FP8 copy of its layer input
+FP8_OUTPUTS = ("fp8_codes", "fp8_scales")
+
+
+def fp8_group_for(C: int) -> int:
+    """The FP8 group a ``+fp8`` run takes: 128 (e4m3_g128) where C allows it, else 32, else none (0)."""
+    return 128 if C % 128 == 0 else 32 if C % 32 == 0 else 0
 
 
 def prepare(target: str, T: int, n: int, C: int, dtype: torch.dtype, device, backends, baselines,
-            batch_invariant: bool = False) -> Prepared:
+            batch_invariant: bool = False, fp8: bool = False) -> Prepared:
     tg = TARGETS[target]
     dev = torch.device(device)
     nograd = torch.no_grad
@@ -205,6 +213,13 @@ def prepare(target: str, T: int, n: int, C: int, dtype: torch.dtype, device, bac
                 p.runs[b + BATCH_INVARIANT_SUFFIX] = (
                     lambda b=b: _ctx(nograd(), registry.use_backend(b), invariance.batch_invariant()),
                     lambda: body(*args))
+            group = fp8_group_for(C)
+            if fp8 and "fp8_group" in spec.arg_names and group:   # the copy's cost: its bytes count too
+                fargs = [group if a == "fp8_group" else d[a] for a in spec.arg_names]
+                present = _present(target, d) + FP8_OUTPUTS
+                p.costs[b + FP8_SUFFIX] = (spec.bytes(T, n, C, dtype, present, G=C // group), present)
+                p.runs[b + FP8_SUFFIX] = (lambda b=b: _ctx(nograd(), registry.use_backend(b)),
+                                          lambda fargs=fargs: body(*fargs))
         tfn = _transcription_fn(target)
         if "eager" in baselines:
             p.runs["eager"] = (nograd, lambda: tfn(d))
@@ -340,10 +355,12 @@ class SweepConfig:
     warmup: int = 2
 
     batch_invariant: bool = False   # also time each backend's forward ops in batch-invariant mode
+    fp8: bool = False               # also time each backend's boundary ops writing the FP8 copy
 
     def impls(self) -> list:
         bi = [b + BATCH_INVARIANT_SUFFIX for b in self.backends] if self.batch_invariant else []
-        return list(self.backends) + bi + list(self.baselines)
+        f8 = [b + FP8_SUFFIX for b in self.backends] if self.fp8 else []
+        return list(self.backends) + bi + f8 + list(self.baselines)
 
     def shapes(self) -> list:
         return [(T, n, C) for n in self.ns for C in self.hiddens for T in self.tokens]
@@ -370,7 +387,7 @@ def run_sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None
             if reason is None:
                 try:
                     prep = prepare(target, T, n, C, cfg.dtype, dev, cfg.backends, cfg.baselines,
-                                   cfg.batch_invariant)
+                                   cfg.batch_invariant, cfg.fp8)
                 except Exception as e:  # noqa: BLE001 -- reported as a record, the sweep goes on
                     reason = f"inputs could not be built: {type(e).__name__}: {e}"
             for impl in cfg.impls():
@@ -380,9 +397,13 @@ def run_sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None
                                            status="skipped", note=reason))
                     tick(desc)
                     continue
-                m = Measurement(**base, impl=impl, bytes=prep.bytes, flops=prep.flops, present=prep.present)
-                if impl not in prep.runs:   # "<backend>+bi" of a backward target: the mode is forward-only
-                    m.status, m.note = "skipped", "batch-invariant mode changes forward ops only"
+                nb, pr = prep.costs.get(impl, (prep.bytes, prep.present))
+                m = Measurement(**base, impl=impl, bytes=nb, flops=prep.flops, present=pr)
+                if impl not in prep.runs:   # "+bi" of a backward target, "+fp8" of an op without the copy
+                    m.status, m.note = "skipped", (
+                        "the FP8 copy is written by the boundary ops only (mhc_pre, post_pre, mhc_pre_sp, "
+                        "post_pre_sp), with C a multiple of 32" if impl.endswith(FP8_SUFFIX) else
+                        "batch-invariant mode changes forward ops only")
                     out.append(m)
                     tick(desc)
                     continue

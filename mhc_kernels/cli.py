@@ -54,6 +54,10 @@ def _add_bench(sub):
     p.add_argument("--batch-invariant", action="store_true",
                    help="also time each backend's forward ops in batch-invariant mode (impl '<backend>+bi'): the "
                         "mode's cost")
+    p.add_argument("--fp8", action="store_true",
+                   help="also time each backend's boundary ops writing the FP8 copy of the layer input (impl "
+                        "'<backend>+fp8', e4m3_g128, or e4m3_g32 where C is no multiple of 128): the copy's cost, "
+                        "its bytes counted")
     p.add_argument("--baselines", nargs="+", default=None,
                    help="eager, compile or none (default: both; --quick: eager)")
     p.add_argument("--tokens", nargs="+", default=None, help="token counts T (default: 1 16 256 ... 65536)")

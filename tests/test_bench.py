@@ -238,6 +238,24 @@ def test_batch_invariant_rows_time_the_forward_ops_in_the_mode(monkeypatch):
     assert True in seen and False in seen      # the +bi row ran in the mode, the plain row did not
 
 
+def test_fp8_rows_time_the_boundary_writing_the_copy_and_count_its_bytes(monkeypatch):
+    """--fp8 adds a '<backend>+fp8' row per boundary op, run with fp8_group (128 where C allows it) and costed with
+    the codes and scales; an op without the copy gets a skipped row that says why."""
+    seen = []
+    real = runner.ops.BODIES["post_pre_sp"]
+    monkeypatch.setitem(runner.ops.BODIES, "post_pre_sp", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    cfg = runner.SweepConfig(targets=["post_pre_sp", "post"], backends=["reference"], baselines=[], tokens=[3],
+                             ns=[2], hiddens=[256], budget_s=0.001, min_repeats=3, max_repeats=3, warmup=1, fp8=True)
+    rows = {(m.target, m.impl): m for m in runner.run_sweep(cfg)}
+    plain, fp8 = rows[("post_pre_sp", "reference")], rows[("post_pre_sp", "reference+fp8")]
+    assert plain.status == fp8.status == "ok"
+    assert fp8.bytes - plain.bytes == 3 * 256 + 3 * 2 * 4          # T*C codes + T*C/128 float32 scales
+    assert set(fp8.present) - set(plain.present) == {"fp8_codes", "fp8_scales"}
+    assert 128 in seen and 0 in seen
+    assert rows[("post", "reference+fp8")].status == "skipped"
+    assert "boundary ops only" in rows[("post", "reference+fp8")].note
+
+
 def test_unservable_backend_is_a_skipped_row():
     cfg = runner.SweepConfig(targets=["post"], backends=["tilelang"], baselines=[], tokens=[2], ns=[2],
                              hiddens=[16], budget_s=0.001, min_repeats=3, max_repeats=3, warmup=1)

@@ -129,7 +129,8 @@ def run(args) -> int:
         dtype=DTYPES_BY_NAME[args.dtype], device=str(dev),
         budget_s=args.budget if args.budget is not None else (QUICK["budget"] if quick else 0.3),
         min_repeats=QUICK["min_repeats"] if quick else 5, max_repeats=QUICK["max_repeats"] if quick else 100,
-        warmup=QUICK["warmup"] if quick else 3, batch_invariant=bool(getattr(args, "batch_invariant", False)))
+        warmup=QUICK["warmup"] if quick else 3, batch_invariant=bool(getattr(args, "batch_invariant", False)),
+        fp8=bool(getattr(args, "fp8", False)))
 
     with con.status(f"measuring the copy bandwidth of {dev} ..."):
         dm = devmod.describe_device(dev, measure=True, copy_bytes=QUICK["copy_bytes"] if quick else None)
