@@ -444,8 +444,7 @@ def _tail(x, u, scale, base, out_norm_weight, mixes, rstd, split, part_dot, part
     """Launch 2 (:func:`_boundary_tail_kernel`; none at T = 0) -> (pre, post_mix, comb_mix, out_rstd, fp8_codes,
     fp8_scales); ``mixes``, ``rstd`` (from the partials when ``split > 0``) and ``u`` are written in place. The
     FP8 copy is ``(T, C)`` codes (uint8: the float8_e4m3fn bytes) and ``(T, C / fp8_group)`` scales, ``(T, 0)``
-    each without a group; with one the
-    tail's column step is at least the group (whole groups per step)."""
+    each without a group; with one the tail's column step is :func:`fp8_block_C`."""
     T, n, C = x.shape
     dev = x.device
     alloc = norm_fn._alloc
@@ -463,10 +462,22 @@ def _tail(x, u, scale, base, out_norm_weight, mixes, rstd, split, part_dot, part
         part_dot, part_sq, part_usq, scale, base, x, w if w is not None else scale, mixes, rstd, pre, post, comb,
         u, out_rstd, codes, fp8_scales, T, C, mixes.shape[1], float(norm_eps), float(pre_eps), float(post_mult),
         int(iters), float(sinkhorn_eps), float(out_norm_eps),
-        N=n, ROWS_P=rows_p, BLOCK_T=cfg["block_T"], BLOCK_C=max(cfg["block_C"], fp8_group), SPLIT_K=split,
+        N=n, ROWS_P=rows_p, BLOCK_T=cfg["block_T"], BLOCK_C=fp8_block_C(cfg, fp8_group), SPLIT_K=split,
         COLLAPSE=collapse, HAS_ONW=w is not None, FP8_GROUP=fp8_group, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out
+
+
+def fp8_block_C(cfg: dict, group: int) -> int:
+    """The tail's column step: ``cfg["block_C"]``, and with an FP8 copy (``group`` > 0) whole groups per step
+    (at least ``group``) and at most 4 elements per thread (``128 * num_warps / block_T`` columns). The group
+    tensors and the e4m3 bit arithmetic are register-hungry and ptxas allocates them erratically: at sm_90a,
+    4 warps, 16 elements per thread (2 x 1024) took 125-128 registers and spilled 8 bytes with triton 3.6, 8 per
+    thread (2 x 512) spilled 8 bytes with triton 3.9 at groups of 32; 4 per thread takes 40-58 registers with
+    both, no spills."""
+    if not group:
+        return cfg["block_C"]
+    return max(group, min(cfg["block_C"], 128 * cfg["num_warps"] // cfg["block_T"]))
 
 
 def _boundary(op, residual, prev_pre, fn, scale, base, norm_weight, out_norm_weight, norm_eps, pre_eps, post_mult,
@@ -601,7 +612,8 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
             continue
         specs.append(common.AotSpec(
             name, _boundary_tail_kernel, dict(tail_sig),
-            dict(N=n, ROWS_P=rows_p, BLOCK_T=t["block_T"], BLOCK_C=max(t["block_C"], g), SPLIT_K=split,
+            dict(N=n, ROWS_P=rows_p, BLOCK_T=t["block_T"], BLOCK_C=fp8_block_C(t, g), SPLIT_K=split,
                  COLLAPSE=collapse, HAS_ONW=onw, FP8_GROUP=g),
-            num_warps=t["num_warps"], num_stages=t["num_stages"], config=dict(t, split_K=split)))
+            num_warps=t["num_warps"], num_stages=t["num_stages"],
+            config=dict(t, block_C=fp8_block_C(t, g), split_K=split)))
     return specs
