@@ -39,6 +39,16 @@ def test_a_stage_out_of_time_is_never_passed(tmp_path):
     assert selftest.exit_status(stages) == 3
 
 
+def test_an_environment_stage_out_of_time_still_gives_every_backend_a_line(tmp_path, monkeypatch):
+    """The environment stage's backend table is missing when it ran out of time (a loaded machine, a 2.5 s
+    budget): the checks are then tried for every backend, never a KeyError."""
+    monkeypatch.setattr(selftest, "stage_env", lambda deadline: Stage("env", "timed out", detail="cap reached"))
+    stages = selftest.selftest("cpu", 0.5, tmp_path, skip=("tests", "bench"))
+    assert [s.name for s in stages] == ["env", "check:reference", "check:triton", "check:tilelang", "tests", "bench"]
+    assert all(s.status != "passed" for s in stages[1:4]), [(s.name, s.status) for s in stages]
+    assert selftest.exit_status(stages) != 0
+
+
 def test_a_hanging_stage_is_killed_at_its_cap():
     t0 = time.perf_counter()
     rc, out, err, seconds = selftest._child("import time; print('started', flush=True); time.sleep(30)", 1.0)
