@@ -139,17 +139,13 @@ def _fail(spec: OpSpec, msg: str, cls=MHCInputError):
 def _check_scalar(where: str, arg, value):
     """``value`` against the value class of ``arg`` (a :class:`~mhc_kernels.specs.ScalarArg`); errors start
     with ``where`` (``mhc.<op>`` at the op boundary, the module's name at construction)."""
-    if arg.kind == GROUP:
-        if isinstance(value, bool) or not isinstance(value, int) or value not in FP8_GROUPS:
+    if arg.kind in (GROUP, FP8_OPT):   # an FP8 group along C; a boundary's fp8_group may also be 0 (no copy)
+        if isinstance(value, bool) or not isinstance(value, int) or value not in (
+                FP8_GROUPS if arg.kind == GROUP else (0,) + FP8_GROUPS):
             names = ", ".join(f"{g} ({f!r})" for f, g in FP8_FORMATS.items())
-            _raise(where, f"argument '{arg.name}' (the FP8 group along C) must be one of {names}; got {value!r}",
-                   MHCDtypeError if isinstance(value, bool) or not isinstance(value, int) else MHCInputError)
-        return
-    if arg.kind == FP8_OPT:
-        if isinstance(value, bool) or not isinstance(value, int) or value not in (0,) + FP8_GROUPS:
-            names = ", ".join(f"{g} ({f!r})" for f, g in FP8_FORMATS.items())
-            _raise(where, f"argument '{arg.name}' (the FP8 layer input's group along C) must be 0 (no FP8 copy), "
-                          f"{names}; got {value!r}",
+            what = ("(the FP8 group along C) must be one of " if arg.kind == GROUP else
+                    "(the FP8 layer input's group along C) must be 0 (no FP8 copy), ")
+            _raise(where, f"argument '{arg.name}' {what}{names}; got {value!r}",
                    MHCDtypeError if isinstance(value, bool) or not isinstance(value, int) else MHCInputError)
         return
     if arg.kind in (ITERS, COUNT):
