@@ -40,7 +40,7 @@ import torch
 
 from . import registry
 from .errors import BackendError
-from .specs import mix_count, stream_count
+from .specs import fp8_scale_dtype, mix_count, stream_count
 
 Tensor = torch.Tensor
 
@@ -87,14 +87,14 @@ def _sub(config, part):
     return None if config is None else config.get(part)
 
 
-def fp8_copy(p, layer_input: Tensor, fp8_group: int, mix_dtype: torch.dtype, config=None) -> tuple[Tensor, Tensor]:
-    """-> (fp8_codes (T, C) uint8: the float8_e4m3fn bytes, fp8_scales) of a boundary: ``quantize_fp8`` of the
-    stored layer input with ``fp8_group`` (the backend's kernel: one more launch), or ``(T, 0)`` placeholders
-    without a group (``fp8_group == 0``)."""
+def fp8_copy(p, layer_input: Tensor, fp8_group: int, config=None) -> tuple[Tensor, Tensor]:
+    """-> (fp8_codes (T, C) uint8: the float8_e4m3fn bytes, fp8_scales as stored: ``specs.fp8_scale_dtype``) of a
+    boundary: ``quantize_fp8`` of the stored layer input with ``fp8_group`` (the backend's kernel: one more
+    launch), or ``(T, 0)`` placeholders without a group (``fp8_group == 0``)."""
     if not fp8_group:
         T = layer_input.shape[0]
         return (torch.empty((T, 0), dtype=torch.uint8, device=layer_input.device),
-                torch.empty((T, 0), dtype=mix_dtype, device=layer_input.device))
+                torch.empty((T, 0), dtype=fp8_scale_dtype(0), device=layer_input.device))
     codes, scales = p.quantize_fp8(layer_input, fp8_group, config=_sub(config, "quantize_fp8"))
     return codes.view(torch.uint8), scales
 
@@ -114,7 +114,7 @@ def mhc_pre_fwd(p, residual, fn, scale, base, norm_weight, out_norm_weight, norm
     else:
         v, out_rstd = p.collapse_norm(residual, pre, out_norm_weight, out_norm_eps,
                                       config=_sub(config, "collapse_norm"))
-    return (v, post, comb, mixes, rstd, out_rstd) + fp8_copy(p, v, fp8_group, fn.dtype, config)
+    return (v, post, comb, mixes, rstd, out_rstd) + fp8_copy(p, v, fp8_group, config)
 
 
 def mhc_pre_bwd(p, grad_layer_input, grad_post, grad_comb, residual, fn, scale, base, norm_weight, out_norm_weight,
@@ -241,7 +241,7 @@ def mhc_pre_sp_fwd(p, residual, prev_pre, fn, scale, base, norm_weight, out_norm
     pre, post, comb = p.split_mixes(mixes, scale, base, pre_eps, post_mult, iters, sinkhorn_eps,
                                     config=_sub(config, "split_mixes"))
     v, out_rstd = out_norm(_collapse(p, residual, prev_pre, config), out_norm_weight, out_norm_eps, fn.dtype)
-    return (v, pre, post, comb, mixes, rstd, out_rstd) + fp8_copy(p, v, fp8_group, fn.dtype, config)
+    return (v, pre, post, comb, mixes, rstd, out_rstd) + fp8_copy(p, v, fp8_group, config)
 
 
 def mhc_pre_sp_bwd(p, grad_layer_input, grad_pre, grad_post, grad_comb, residual, prev_pre, fn, scale, base,

@@ -226,10 +226,15 @@ def quantize_fp8(x: Tensor, fmt: str = "e4m3_g128") -> tuple[Tensor, Tensor]:
 
 
 def _fp8_scales(scales: Tensor, group: int) -> Tensor:
-    """The public form of FP8 scales: float8_e8m0fnu for groups of 32 (powers of two: exact), else as computed."""
-    if group == 32 and hasattr(torch, "float8_e8m0fnu"):
-        return scales.to(torch.float8_e8m0fnu)
-    return scales
+    """The public form of FP8 scales as the kernels store them (``specs.fp8_scale_dtype``): float32 for groups of
+    128; for groups of 32 the E8M0 bytes viewed as float8_e8m0fnu (free: no launch), or decoded to float32 on a
+    torch without that dtype (older than 2.7)."""
+    if group != 32:
+        return scales
+    if hasattr(torch, "float8_e8m0fnu"):
+        return scales.view(torch.float8_e8m0fnu)
+    exp = scales.to(torch.int32)
+    return torch.where(exp == 0xFF, torch.nan, torch.ldexp(torch.ones_like(exp, dtype=torch.float32), exp - 127))
 
 
 def _boundary_fp8_group(name: str, out_fp8, residual) -> int:

@@ -44,6 +44,7 @@ ACT = "act"
 MIX = "mix"
 FP8 = "fp8"        # float8_e4m3fn codes (outputs only)
 FP8_BITS = "fp8_bits"  # the same codes as their uint8 bytes (outputs of differentiable ops; see _FP8_OUTPUTS)
+FP8_SCALE = "fp8_scale"  # FP8 scales as stored: float32 (groups of 128) or the E8M0 byte as uint8 (groups of 32)
 
 # Scalar value classes.
 EPS = "eps"        # finite float >= 0 (an offset that may be zero: pre_eps)
@@ -66,6 +67,18 @@ FREE_SYMBOLS = ("r", "L", "G", "Q")
 FP8_FORMATS = {"e4m3_g128": 128, "e4m3_g32": 32}
 FP8_GROUPS = tuple(sorted(FP8_FORMATS.values()))
 FP8_DTYPE = torch.float8_e4m3fn
+
+
+def fp8_scale_dtype(group: int) -> torch.dtype:
+    """The dtype the kernels store FP8 scales in: the E8M0 byte (``uint8``: the biased exponent of the power of
+    two, 0xFF for NaN; the public functions return its ``float8_e8m0fnu`` view) for groups of 32, else float32
+    (groups of 128, and the empty scales of a boundary without an FP8 copy)."""
+    return torch.uint8 if group == 32 else torch.float32
+
+
+def fp8_group_of(C: int, G: int) -> int:
+    """The FP8 group that ``G`` scales per token over ``C`` columns imply (``C`` is whole groups; 0: no scales)."""
+    return C // G if G else 0
 
 
 @dataclass(frozen=True)
@@ -272,7 +285,10 @@ class OpSpec:
         for t in self.tensor_args + self.outputs:
             if t.optional and t.name not in present:
                 continue
-            width = act if t.kind == ACT else 1 if t.kind in (FP8, FP8_BITS) else mix
+            if t.kind == FP8_SCALE:
+                width = fp8_scale_dtype(fp8_group_of(C, sizes["G"])).itemsize
+            else:
+                width = act if t.kind == ACT else 1 if t.kind in (FP8, FP8_BITS) else mix
             total += self.tensor_numel(t, T, n, C, sizes) * width
         return total
 
@@ -440,12 +456,13 @@ _OUT_NORM_EPS = ScalarArg("out_norm_eps", POS, 1e-6)
 # The FP8 copy of the layer input (contract §15), written by the kernel that writes the layer input: 0 (none),
 # 128 (e4m3_g128) or 32 (e4m3_g32). Its outputs are (..., C) codes and (..., C/group) scales with a group, and
 # (..., 0) of each without one; they are auxiliary (not differentiable) and optional in the cost model. The codes
-# are the float8_e4m3fn bytes as uint8 (the public functions return the float8 view of them: free): PyTorch's
-# custom-op tooling (opcheck's AOT-autograd check, aot_autograd's tangents) reduces every output of a
-# differentiable op, which float8 tensors do not support.
+# are the float8_e4m3fn bytes as uint8 and the scales float32 (group 128) or E8M0 bytes as uint8 (group 32:
+# fp8_scale_dtype); the public functions return the float8 views of them (free, no launch). PyTorch's custom-op
+# tooling (opcheck's AOT-autograd check, aot_autograd's tangents) reduces every output of a differentiable op,
+# which float8 tensors do not support.
 _FP8_GROUP = ScalarArg("fp8_group", FP8_OPT, 0)
 _FP8_OUTPUTS = (_t("fp8_codes", ("*", "Q"), FP8_BITS, optional=True, aux=True),
-                _t("fp8_scales", ("*", "G"), optional=True, aux=True))
+                _t("fp8_scales", ("*", "G"), FP8_SCALE, optional=True, aux=True))
 _MHC_PRE_OUTPUTS = (_hidden("layer_input"), _t("post_mix", ("*", "n")), _t("comb_mix", ("*", "n", "n")),
                     _t("mixes", ("*", "m"), aux=True), _t("rstd", ("*",), aux=True),
                     _t("out_rstd", ("*",), aux=True)) + _FP8_OUTPUTS
@@ -595,11 +612,11 @@ _register(OpSpec(
 _register(OpSpec(
     "quantize_fp8",
     (_hidden("x"), ScalarArg("group", GROUP, 128)),
-    (_t("codes", ("*", "C"), FP8), _t("scales", ("*", "G"))),
+    (_t("codes", ("*", "C"), FP8), _t("scales", ("*", "G"), FP8_SCALE)),
     "x",
     lambda T, n, C, I, z: 7 * T * C,   # finite test, |x|, the group max, x / scale, saturation (2), rounding
     "e4m3 codes of x with one scale per group of `group` elements along C (128: float32 amax/448; 32: a power "
-    "of two), from x's stored values; not differentiable (a copy for the next FP8 GEMM)",
+    "of two, stored as its E8M0 byte), from x's stored values; not differentiable (a copy for the next FP8 GEMM)",
     differentiable=False,
 ))
 

@@ -31,6 +31,7 @@ from .specs import (
     FP8_FORMATS,
     FP8_GROUPS,
     FP8_OPT,
+    FP8_SCALE,
     FREE_SYMBOLS,
     GROUP,
     ITERS,
@@ -42,6 +43,8 @@ from .specs import (
     TensorArg,
     dim_value,
     format_template,
+    fp8_group_of,
+    fp8_scale_dtype,
     fp8_sizes,
     token_axis,
 )
@@ -102,7 +105,10 @@ class Call:
         """Shapes (with the original leading dims) and dtypes of the spec's outputs."""
         out = []
         for t in self.spec.outputs:
-            dtype = {ACT: self.act_dtype, FP8: FP8_DTYPE, FP8_BITS: torch.uint8}.get(t.kind, self.mix_dtype)
+            if t.kind == FP8_SCALE:
+                dtype = fp8_scale_dtype(fp8_group_of(self.C or 1, self.sizes.get("G", 0)))
+            else:
+                dtype = {ACT: self.act_dtype, FP8: FP8_DTYPE, FP8_BITS: torch.uint8}.get(t.kind, self.mix_dtype)
             out.append((_full_shape(t.shape, self.lead, self.n, self.C, self.sizes), dtype))
         return out
 

@@ -218,9 +218,10 @@ def expand_bwd(grad):
 
 # -- FP8 copy of the layer input (contract §15) ---------------------------------------------------------------
 def quantize_fp8_fwd(x: Tensor, group: int):
-    """-> (codes (T, C) float8_e4m3fn, scales (T, C/group) float32): per group of ``group`` along C,
-    ``a = max(amax |x|, 1e-4)``, scale ``a / 448`` (group 128) or its power of two rounded up (group 32, E8M0),
-    codes ``e4m3(x / scale)`` rounded to nearest even and saturated; a group with an inf or NaN gets NaN."""
+    """-> (codes (T, C) float8_e4m3fn, scales (T, C/group)): per group of ``group`` along C,
+    ``a = max(amax |x|, 1e-4)``, scale ``a / 448`` (group 128, float32) or its power of two rounded up (group 32,
+    stored as its E8M0 byte: uint8, ``specs.fp8_scale_dtype``), codes ``e4m3(x / scale)`` rounded to nearest even
+    and saturated; a group with an inf or NaN gets NaN (0xFF as E8M0)."""
     v = x.float()
     g = v.unflatten(-1, (v.shape[-1] // group, group))
     finite = torch.isfinite(g).all(-1)
@@ -232,4 +233,9 @@ def quantize_fp8_fwd(x: Tensor, group: int):
     q = torch.where(finite.unsqueeze(-1), g / r.unsqueeze(-1), torch.nan)
     codes = q.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)   # nearest even; NaN stays NaN
     scales = torch.where(finite, r, torch.nan)
-    return codes.flatten(-2), scales.double() if x.dtype == torch.float64 else scales
+    return codes.flatten(-2), e8m0_bits(scales) if group == 32 else scales
+
+
+def e8m0_bits(scales: Tensor) -> Tensor:
+    """float32 powers of two (or NaN) -> their E8M0 bytes as uint8: the biased exponent, 0xFF for NaN."""
+    return ((scales.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)

@@ -199,16 +199,16 @@ def test_bad_formats_and_widths_are_refused_with_the_argument():
         torch.ops.mhc.quantize_fp8(torch.randn(2, 128), 64)
 
 
-def test_spec_bytes_count_one_byte_per_code():
+def test_spec_bytes_count_one_byte_per_code_and_the_stored_scale_width():
     T, C = 16, 4096
-    for group in (128, 32):
-        want = T * C * 2 + T * C * 1 + T * (C // group) * 4
+    for group, scale_bytes in ((128, 4), (32, 1)):    # float32 scales; E8M0 bytes
+        want = T * C * 2 + T * C * 1 + T * (C // group) * scale_bytes
         assert SPECS["quantize_fp8"].bytes(T, 1, C, torch.bfloat16, G=C // group) == want
-    # a boundary's FP8 copy counts only when present: C code bytes and the scales per token
-    spec, n = SPECS["post_pre_sp"], 4
-    plain = spec.bytes(T, n, C, torch.bfloat16)
-    with_fp8 = spec.bytes(T, n, C, torch.bfloat16, present=("fp8_codes", "fp8_scales"), G=C // 128)
-    assert with_fp8 - plain == T * C + T * (C // 128) * 4
+        # a boundary's FP8 copy counts only when present: C code bytes and the scales per token
+        spec, n = SPECS["post_pre_sp"], 4
+        plain = spec.bytes(T, n, C, torch.bfloat16)
+        with_fp8 = spec.bytes(T, n, C, torch.bfloat16, present=("fp8_codes", "fp8_scales"), Q=C, G=C // group)
+        assert with_fp8 - plain == T * C + T * (C // group) * scale_bytes
 
 
 def test_codes_times_scales_reconstruct_the_input():

@@ -2,9 +2,10 @@
 (contract §15).
 
 Layout: ``x (T, C)`` (bf16/fp16/fp32) -> ``codes (T, C)`` (the float8_e4m3fn bytes, as uint8) and ``scales
-(T, C / group)`` float32. Grid (group blocks of ``threads``, tokens); one thread per (token, group) walks its
-group twice in ``vec``-element vectors: the amax (and whether every value is finite), then the codes (the
-second read hits L1). Every value is read once from DRAM and every code and scale written once.
+(T, C / group)``: float32 for groups of 128, the E8M0 byte (uint8) for groups of 32 (``specs.fp8_scale_dtype``).
+Grid (group blocks of ``threads``, tokens); one thread per (token, group) walks its group twice in
+``vec``-element vectors: the amax (and whether every value is finite), then the codes (the second read hits L1).
+Every value is read once from DRAM and every code and scale written once.
 
 Exactness, as the Triton kernel: IEEE float32 divisions (TileLang compiles without fast math), the
 power-of-two scale (group 32) from the exponent bits with ``x / scale`` an exact multiplication, and the e4m3
@@ -21,6 +22,8 @@ Config keys: ``threads``, ``vec`` (a power of two dividing the group, <= 16 byte
 
 import torch
 
+from mhc_kernels.specs import fp8_scale_dtype
+
 from .common import KernelDef, Shape, dtype_name, kernel_def, max_vec
 
 KEYS = ("threads", "vec")
@@ -36,10 +39,16 @@ def config_space(op: str, s: Shape) -> list[dict]:
     return [{"threads": th, "vec": vv} for th in (128, 64, 256) for vv in sorted({v, max(1, v // 2)}, reverse=True)]
 
 
+def scale_dtype_name(group: int) -> str:
+    """The TileLang dtype of a scales buffer for ``group`` (``specs.fp8_scale_dtype``; 0: none, float32)."""
+    return {torch.uint8: "uint8", torch.float32: "float32"}[fp8_scale_dtype(group)]
+
+
 def quantize_group_macro(group: int, V: int, dt: str):
     """``quantize_group(x, codes, scales, row, g)``: the FP8 copy of group ``g`` of row ``row`` of ``x (., C)``
-    (dtype ``dt``), read in ``V``-element vectors (``V`` divides ``group``): ``scales[row, g]`` and the ``group``
-    codes ``codes[row, g * group:(g + 1) * group]`` (uint8), exactly as the module docstring says.
+    (dtype ``dt``), read in ``V``-element vectors (``V`` divides ``group``): ``scales[row, g]`` (float32, or the
+    E8M0 byte in a uint8 buffer for group 32) and the ``group`` codes ``codes[row, g * group:(g + 1) * group]``
+    (uint8), exactly as the module docstring says.
 
     Two passes over the group (the second hits L1): the amax of its finite values and whether it holds an inf or
     NaN, then the codes. Shared by ``quantize_fp8`` and the boundary tails (``fused.py``); the caller masks
@@ -85,16 +94,18 @@ def quantize_group_macro(group: int, V: int, dt: str):
                     amax = T.max(amax, T.abs(f))
                 else:
                     bad = 1
-        # -- r = a / 448; scale = r (group 128) or 2^ceil(log2 r) (group 32), inv = 1 / scale exactly -----
+        # -- r = a / 448; scale = r (group 128) or 2^(e2 - 127) = 2^ceil(log2 r) (group 32), inv = 1 / scale -
         r = T.max(amax, T.float32(1e-4)) / T.float32(448.0)
         if group == 32:
             e2 = (T.reinterpret(r, "uint32") >> u32(23)) + T.if_then_else(
                 (T.reinterpret(r, "uint32") & u32(0x7FFFFF)) != u32(0), u32(1), u32(0))
-            r = T.reinterpret(e2 << u32(23), "float32")
             inv = T.reinterpret((u32(254) - e2) << u32(23), "float32")
-        if bad != 0:
-            r = T.reinterpret(u32(0x7FC00000), "float32")
-        scales[row, g] = r
+        if group == 32:   # the E8M0 byte: the biased exponent e2, 0xFF (NaN) for a bad group
+            scales[row, g] = T.cast(T.if_then_else(bad != 0, u32(0xFF), e2), "uint8")
+        else:
+            if bad != 0:
+                r = T.reinterpret(u32(0x7FC00000), "float32")
+            scales[row, g] = r
         # -- codes = e4m3(x / scale), NaN for a bad group ------------------------------------------------
         for j in T.serial(NV):
             for v in T.vectorized(V):
@@ -148,7 +159,7 @@ def _build_quantize_fp8(n, C, dtype, cfg, group=128):
 
     @T.prim_func
     def quantize_fp8(x: T.Tensor((Tn, C), dt),                                            # input
-                     codes: T.Tensor((Tn, C), "uint8"), scales: T.Tensor((Tn, G), "float32")):  # outputs
+                     codes: T.Tensor((Tn, C), "uint8"), scales: T.Tensor((Tn, G), scale_dtype_name(group))):
         with T.Kernel(T.ceildiv(G, th), Tn, threads=th) as (bx, by):
             tx = T.get_thread_binding(0)
             g = bx * th + tx
@@ -164,12 +175,13 @@ kernel_def(KernelDef("quantize_fp8", "quantize_fp8", _build_quantize_fp8, KEYS,
 
 
 def quantize_fp8_fwd(x, group, *, config):
-    """-> (codes (T, C) float8_e4m3fn, scales (T, C / group) float32); see the module docstring."""
+    """-> (codes (T, C) float8_e4m3fn, scales (T, C / group): float32, or E8M0 bytes for group 32); see the
+    module docstring."""
     from .common import get_kernel
 
     Tt, C = x.shape
     codes = torch.empty((Tt, C), dtype=torch.uint8, device=x.device)
-    scales = torch.empty((Tt, C // group), dtype=torch.float32, device=x.device)
+    scales = torch.empty((Tt, C // group), dtype=fp8_scale_dtype(group), device=x.device)
     if Tt and C // group:
         cfg = dict(config, vec=min(config["vec"], group))
         get_kernel("quantize_fp8", 1, C, x.dtype, cfg, x.device, group=int(group))(x, codes, scales)

@@ -83,10 +83,11 @@ keys (``block_T``, ``block_K``, ``thread_T``, ``thread_M``, ``split_K``; ``mma``
 
 import torch
 
-from mhc_kernels.specs import FP8_GROUPS, stream_count
+from mhc_kernels.specs import FP8_GROUPS, fp8_scale_dtype, stream_count
 
 from . import norm, streaming
 from .common import KernelDef, Shape, cdiv, dtype_name, kernel_def, max_vec
+from .fp8 import scale_dtype_name
 from .mixes import split_post_comb_macro
 from .norm import split_reduce_macros
 
@@ -209,7 +210,8 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
     Shapes: ``part_mix (S, T, m)``, ``part_sq (S, T)``, ``scale (3,)``, ``base (m,)`` float32, ``x (T, n, C)``
     -> ``layer_input (T, C)`` (residual dtype), ``post (T, n)``, ``comb (T, n, n)``, ``mixes (T, m)``, ``rstd``,
     ``out_rstd (T,)`` float32; with ``fp8_group`` (32 or 128, a build-time constant; 0: none) also
-    ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)`` float32.
+    ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)`` (float32, or
+    E8M0 bytes for 32).
 
     A CTA owns ``block_T`` tokens x ``block_C`` columns: ``pre`` into shared memory (all threads), a barrier, then
     the collapse warps stream the tile while the Sinkhorn warp finalises the coefficients. With an FP8 copy a
@@ -242,6 +244,7 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
     split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
     collapse = streaming.collapse_macro(n, V, dt)            # as pre_apply_mix_fwd
     G8 = C // fp8_group if fp8_group else 1
+    S8 = scale_dtype_name(fp8_group)   # the scales' dtype: float32, or uint8 (E8M0 bytes) for 32
     if fp8_group:
         fp8_tile = fp8_tile_macro(fp8_group, V, dt, bt, bc, th + SINKHORN_WARP, C, Tn)   # as quantize_fp8
 
@@ -319,7 +322,7 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
                          post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
                          mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),    # saved for bwd
                          out_rstd: T.Tensor((Tn,), "float32"),
-                         fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), "float32"),  # FP8
+                         fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), S8),  # FP8
                          norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,             # constants
                          sinkhorn_eps: T.float32):
         tail(part_mix, part_sq, scale, base, x, layer_input, post, comb, mixes, rstd, out_rstd, fp8_codes,
@@ -337,7 +340,8 @@ def _build_pre_norm_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
     Shapes: ``part_mix (S, T, m)``, ``part_sq (S, T)``, ``scale (3,)``, ``base (m,)`` float32, ``x (T, n, C)``,
     ``out_norm_weight (C,)`` float32 -> ``layer_input (T, C)`` (residual dtype), ``post``, ``comb``, ``mixes``,
     ``rstd``, ``out_rstd`` float32; with ``fp8_group`` (32 or 128, a build-time constant; 0: none) also
-    ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)`` float32.
+    ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)`` (float32, or
+    E8M0 bytes for 32).
 
     A CTA owns ``block_T`` tokens and their whole rows (the norm's statistic needs every column of a token before
     its first normalised value); the layout of its collapse threads is ``collapse_norm``'s (``threads / block_T``
@@ -380,6 +384,7 @@ def _build_pre_norm_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
     split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
     collapse_sq, token_rho, normalize = streaming.collapse_norm_macros(n, C, V, TPT, dt, Tn)  # as collapse_norm
     G8 = C // fp8_group if fp8_group else 1
+    S8 = scale_dtype_name(fp8_group)   # the scales' dtype: float32, or uint8 (E8M0 bytes) for 32
     if fp8_group:
         fp8_tile = fp8_tile_macro(fp8_group, V, dt, bt, C, th + SINKHORN_WARP, C, Tn)   # as quantize_fp8
 
@@ -463,7 +468,7 @@ def _build_pre_norm_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
                               post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
                               mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),  # saved for bwd
                               out_rstd: T.Tensor((Tn,), "float32"),
-                              fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), "float32"),  # FP8
+                              fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), S8),  # FP8
                               norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,          # constants
                               sinkhorn_eps: T.float32, out_norm_eps: T.float32):
         tail(part_mix, part_sq, scale, base, x, out_norm_weight, layer_input, post, comb, mixes, rstd, out_rstd,
@@ -480,7 +485,7 @@ def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True, fp8_group=0):
     rounded collapse ``u``, rewritten in place when normalising) -> ``pre``, ``post (T, n)``, ``comb (T, n, n)``,
     ``mixes (T, m)``, ``rstd``, ``out_rstd (T,)`` float32; with ``fp8_group`` (32 or 128, a build-time constant;
     0: none) also ``fp8_codes (T, C)`` uint8 (the float8_e4m3fn bytes) and ``fp8_scales (T, C / fp8_group)``
-    float32 of the final layer input.
+    (float32, or E8M0 bytes for 32) of the final layer input.
 
     * The *Sinkhorn warp* (one lane per token; with ``normalize`` or an FP8 copy a token block's tokens are dealt
       over the ``n_cblocks`` CTAs that share it, as in :func:`_build_pre_tail`): ``rstd`` and ``mixes`` from the
@@ -524,6 +529,7 @@ def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True, fp8_group=0):
     split_sum, split_rstd = split_reduce_macros(S, K)        # as norm_fn's finalize kernel
     split_post_comb = split_post_comb_macro(n)               # as split_mixes_fwd
     G8 = C // fp8_group if fp8_group else 1
+    S8 = scale_dtype_name(fp8_group)   # the scales' dtype: float32, or uint8 (E8M0 bytes) for 32
     if fp8_group:  # after the rewrite every thread quantises; without it the TH threads, beside the Sinkhorn warp
         fp8_tile = fp8_tile_macro(fp8_group, V, dt, bt, bc, TH + SINKHORN_WARP if normalize else TH, C, Tn)
 
@@ -633,7 +639,7 @@ def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True, fp8_group=0):
                             comb: T.Tensor((Tn, n, n), "float32"),
                             mixes: T.Tensor((Tn, m), "float32"), rstd: T.Tensor((Tn,), "float32"),   # saved for bwd
                             out_rstd: T.Tensor((Tn,), "float32"),
-                            fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), "float32"),  # FP8
+                            fp8_codes: T.Tensor((Tn, C), "uint8"), fp8_scales: T.Tensor((Tn, G8), S8),  # FP8
                             norm_eps: T.float32, pre_eps: T.float32, post_mult: T.float32,           # constants
                             sinkhorn_eps: T.float32, out_norm_eps: T.float32):
         tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, layer_input, pre, post, comb, mixes, rstd,
@@ -950,15 +956,15 @@ kernel_def(KernelDef("mhc_pre_sp_tail", "mhc_pre_sp", _build_pre_sp_tail, TAIL_K
 
 # -- launch wrappers: the backend's overrides of the mhc_pre and post_pre composites ----------------------
 def fp8_outputs(Tt: int, C: int, fp8_group: int, device) -> tuple:
-    """-> (fp8_codes (T, C) uint8 (the float8_e4m3fn bytes), fp8_scales (T, C / fp8_group) float32): the FP8 copy's
-    buffers, which
-    the tail writes (``torch.empty``: no launch), or the ``(T, 0)`` placeholders without a group
-    (``fp8_group == 0``). Raises ValueError for a group other than 0, 32, 128 or one not dividing ``C``."""
+    """-> (fp8_codes (T, C) uint8 (the float8_e4m3fn bytes), fp8_scales (T, C / fp8_group): float32, or E8M0 bytes
+    for group 32): the FP8 copy's buffers, which the tail writes (``torch.empty``: no launch), or the ``(T, 0)``
+    placeholders without a group (``fp8_group == 0``). Raises ValueError for a group other than 0, 32, 128 or one
+    not dividing ``C``."""
     fp8_group = int(fp8_group)
     _check_fp8("FP8 copy of the layer input", C, fp8_group)
     Q, G = (C, C // fp8_group) if fp8_group else (0, 0)
     return (torch.empty((Tt, Q), dtype=torch.uint8, device=device),
-            torch.empty((Tt, G), dtype=torch.float32, device=device))
+            torch.empty((Tt, G), dtype=fp8_scale_dtype(fp8_group), device=device))
 
 
 def _fp8_args(fp8_group, fp8_out) -> tuple[dict, tuple]:

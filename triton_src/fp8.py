@@ -2,15 +2,16 @@
 (contract §15).
 
 Layout: ``x (T, C)`` (bf16/fp16/fp32) -> ``codes (T, C)`` float8_e4m3fn (written as their bytes) and
-``scales (T, C / group)`` float32. A program owns ``block_T`` tokens x ``block_G`` groups, loads its
-``(block_T, block_G, group)`` tile once, reduces each group's amax in registers, and writes the codes and
-scales once: ``C * (elem + 1)`` bytes plus ``4 * C / group`` per token.
+``scales (T, C / group)``: float32 for groups of 128, the E8M0 byte (uint8) for groups of 32. A program owns
+``block_T`` tokens x ``block_G`` groups, loads its ``(block_T, block_G, group)`` tile once, reduces each group's
+amax in registers, and writes the codes and scales once: ``C * (elem + 1)`` bytes plus ``4 * C / 128`` or
+``C / 32`` per token.
 
 Exactness (the codes must equal the oracle's bit for bit): the float32 divisions are ``div_rn`` (IEEE
 round-to-nearest, not the approximate ``/``); the power-of-two scale (group 32) is built from the exponent
-bits, and ``x / scale`` is then an exact multiplication by ``2^-k``; the e4m3 rounding (nearest, ties to
-even, saturated to 448) is done in integer arithmetic on the float32 bits, so it does not depend on the
-hardware's conversion instruction or the interpreter's.
+bits (which are its E8M0 byte), and ``x / scale`` is then an exact multiplication by ``2^-k``; the e4m3
+rounding (nearest, ties to even, saturated to 448) is done in integer arithmetic on the float32 bits, so it does
+not depend on the hardware's conversion instruction or the interpreter's.
 
 Config: ``block_T``, ``block_G`` (powers of two), ``num_warps``; the default does not depend on T (batch
 invariant).
@@ -22,7 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from mhc_kernels.specs import fp8_scale_dtype
+
 from . import common
+
+SCALE_PTR = {128: "*fp32", 32: "*u8"}  # the AOT signature of a scales pointer (specs.fp8_scale_dtype)
 
 
 @triton.jit
@@ -52,10 +57,11 @@ def e4m3_bits(q):
 @triton.jit
 def quantize_groups(v, POW2: tl.constexpr):
     """``v (rows, G_blocks, GROUP)`` float32 (the stored values, widened) -> (codes uint32 bytes like ``v``,
-    scales ``(rows, G_blocks)`` float32), per group: a = max(amax |x|, 1e-4) over its finite values, r = a / 448
-    (div_rn); scale = r (group 128) or 2^ceil(log2 r) (``POW2``, group 32); codes = e4m3(x / scale); a group with
-    an inf or NaN gets scale NaN and codes NaN. The quantisation of this kernel and of the boundary tails that
-    write the FP8 copy beside the layer input (``single_pass``), written once."""
+    scales ``(rows, G_blocks)`` as stored), per group: a = max(amax |x|, 1e-4) over its finite values, r = a / 448
+    (div_rn); scale = r (group 128, float32) or 2^ceil(log2 r) (``POW2``, group 32, stored as its E8M0 byte: the
+    biased exponent, uint8); codes = e4m3(x / scale); a group with an inf or NaN gets scale NaN (E8M0 0xFF) and
+    codes NaN. The quantisation of this kernel and of the boundary tails that write the FP8 copy beside the layer
+    input (``single_pass``), written once."""
     finite = tl.abs(v) < float("inf")                      # False for inf and NaN
     bad = tl.max(tl.where(finite, 0, 1), axis=2) > 0
     a = tl.maximum(tl.max(tl.where(finite, tl.abs(v), 0.0), axis=2), 1e-4)
@@ -63,14 +69,17 @@ def quantize_groups(v, POW2: tl.constexpr):
     if POW2:
         rb = r.to(tl.uint32, bitcast=True)
         e2 = (rb >> 23) + ((rb & 0x7FFFFF) != 0).to(tl.uint32)   # the exponent of 2^ceil(log2 r)
-        scale = (e2 << 23).to(tl.float32, bitcast=True)
-        inv = ((254 - e2) << 23).to(tl.float32, bitcast=True)  # 1 / scale, exact
+        inv = ((254 - e2) << 23).to(tl.float32, bitcast=True)  # 1 / 2^(e2 - 127), exact
         q = v * inv[:, :, None]
     else:
         scale = r
         q = tl.math.div_rn(v, tl.broadcast_to(scale[:, :, None], v.shape))
     q = tl.where(bad[:, :, None], float("nan"), q)
-    return e4m3_bits(q), tl.where(bad, float("nan"), scale)
+    if POW2:
+        stored = tl.where(bad, 0xFF, e2).to(tl.uint8)
+    else:
+        stored = tl.where(bad, float("nan"), scale)
+    return e4m3_bits(q), stored
 
 
 @triton.jit
@@ -112,11 +121,12 @@ def config_space(op: str, call) -> list[dict]:
 
 
 def quantize_fp8_fwd(x: torch.Tensor, group: int, *, config: dict):
-    """-> (codes (T, C) float8_e4m3fn, scales (T, C / group) float32); see the module docstring."""
+    """-> (codes (T, C) float8_e4m3fn, scales (T, C / group): float32, or E8M0 bytes for group 32); see the module
+    docstring."""
     T, C = x.shape
     G = C // group
     codes = torch.empty((T, C), dtype=torch.uint8, device=x.device)
-    scales = torch.empty((T, G), dtype=torch.float32, device=x.device)
+    scales = torch.empty((T, G), dtype=fp8_scale_dtype(group), device=x.device)
     if T and G:
         bt, bg = config["block_T"], config["block_G"]
         quantize_fp8_kernel[(triton.cdiv(T, bt), triton.cdiv(G, bg))](
@@ -134,7 +144,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype) -> list[common.AotSpec]:
             continue
         cfg = _defaults(group)
         const = {"GROUP": group, "POW2": group == 32, "BLOCK_T": cfg["block_T"], "BLOCK_G": cfg["block_G"]}
-        sig = {"x_ptr": ptr, "codes_ptr": "*u8", "scales_ptr": "*fp32", "T": "i32", "C": "i32:16", "G": "i32"}
+        sig = {"x_ptr": ptr, "codes_ptr": "*u8", "scales_ptr": SCALE_PTR[group], "T": "i32", "C": "i32:16", "G": "i32"}
         sig.update({k: "constexpr" for k in const})
         out.append(common.AotSpec(name=f"quantize_fp8_g{group}", fn=quantize_fp8_kernel, signature=sig,
                                   constexprs=const, num_warps=cfg["num_warps"], num_stages=1, config=cfg))

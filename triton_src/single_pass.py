@@ -61,10 +61,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_kernels.specs import mix_count
+from mhc_kernels.specs import fp8_scale_dtype, mix_count
 
 from . import common, norm_fn
-from .fp8 import quantize_groups
+from .fp8 import SCALE_PTR, quantize_groups
 from .norm_fn import _finalize_tile
 from .sinkhorn import _split_mixes_tile
 
@@ -174,7 +174,7 @@ def _boundary_tail_kernel(
     u_ptr,          # layer input (T, C) act: written (COLLAPSE), normalised in place (HAS_ONW)
     out_rstd_ptr,   # (T,) fp32, written
     codes_ptr,      # (T, C) u8: the FP8 codes of the layer input (FP8_GROUP > 0), written
-    fp8_scales_ptr,  # (T, C / FP8_GROUP) fp32 (FP8_GROUP > 0), written
+    fp8_scales_ptr,  # (T, C / FP8_GROUP) fp32, or u8 E8M0 bytes at FP8_GROUP 32 (FP8_GROUP > 0), written
     T, C, rows, norm_eps, pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps,
     N: tl.constexpr, ROWS_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     COLLAPSE: tl.constexpr, HAS_ONW: tl.constexpr, FP8_GROUP: tl.constexpr,
@@ -443,15 +443,16 @@ def _tail(x, u, scale, base, out_norm_weight, mixes, rstd, split, part_dot, part
           pre_eps, post_mult, iters, sinkhorn_eps, out_norm_eps, fp8_group, cfg: dict, collapse: bool):
     """Launch 2 (:func:`_boundary_tail_kernel`; none at T = 0) -> (pre, post_mix, comb_mix, out_rstd, fp8_codes,
     fp8_scales); ``mixes``, ``rstd`` (from the partials when ``split > 0``) and ``u`` are written in place. The
-    FP8 copy is ``(T, C)`` codes (uint8: the float8_e4m3fn bytes) and ``(T, C / fp8_group)`` scales, ``(T, 0)``
-    each without a group; with one the tail's column step is :func:`fp8_block_C`."""
+    FP8 copy is ``(T, C)`` codes (uint8: the float8_e4m3fn bytes) and ``(T, C / fp8_group)`` scales (float32, or
+    E8M0 bytes for group 32: ``fp8_scale_dtype``), ``(T, 0)`` each without a group; with one the tail's column
+    step is :func:`fp8_block_C`."""
     T, n, C = x.shape
     dev = x.device
     alloc = norm_fn._alloc
     pre, post, comb = (alloc(sh, torch.float32, dev) for sh in ((T, n), (T, n), (T, n, n)))
     out_rstd = alloc((T,), torch.float32, dev)
     codes = alloc((T, C if fp8_group else 0), torch.uint8, dev)
-    fp8_scales = alloc((T, C // fp8_group if fp8_group else 0), torch.float32, dev)
+    fp8_scales = alloc((T, C // fp8_group if fp8_group else 0), fp8_scale_dtype(fp8_group), dev)
     out = pre, post, comb, out_rstd, codes, fp8_scales
     if T == 0:
         return out
@@ -611,7 +612,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
         if g and C % g:
             continue
         specs.append(common.AotSpec(
-            name, _boundary_tail_kernel, dict(tail_sig),
+            name, _boundary_tail_kernel, dict(tail_sig, fp8_scales_ptr=SCALE_PTR.get(g, "*fp32")),
             dict(N=n, ROWS_P=rows_p, BLOCK_T=t["block_T"], BLOCK_C=fp8_block_C(t, g), SPLIT_K=split,
                  COLLAPSE=collapse, HAS_ONW=onw, FP8_GROUP=g),
             num_warps=t["num_warps"], num_stages=t["num_stages"],
