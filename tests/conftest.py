@@ -5,13 +5,23 @@
 * TileLang prints every compilation unless told not to.
 * Every test gets a seed derived from its node id, so failures reproduce in isolation.
 * ``served``: which backend served each op during a test.
+* Under pytest-xdist each worker gets its share of the cores for torch's intra-op (OpenMP) threads: by default
+  every worker's pool takes every core, and on CI's 2 cores with ``-n 2`` the pools spin against each other
+  (``tests/test_reference_numerics.py`` alone: 326 s with the default, 22 s with one thread per worker).
 """
 
 import hashlib
 import os
 
-import pytest
-import torch
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:  # before torch is imported (OpenMP reads it once); subprocesses inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _XDIST_WORKERS > 1:  # in case a plugin imported torch first
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
