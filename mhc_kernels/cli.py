@@ -103,7 +103,8 @@ def _add_compile(sub):
     p.add_argument("--for", dest="plan", default="selftest",
                    choices=["selftest", "gpu-tests", "check", "bench"],
                    help="--fill-cache: which run to fill the cache for (default: selftest = check + bench --quick + "
-                        "the gpu_smoke shapes; gpu-tests adds the full GPU tier's shapes)")
+                        "the gpu_smoke shapes + the serving stage's benchmarks; gpu-tests: check, bench --quick "
+                        "and the full GPU tier's shapes)")
     p.add_argument("--ops", nargs="+", default=None, help="--fill-cache: only these ops (default: every op)")
     p.add_argument("--jobs", type=int, default=1, help="--fill-cache: parallel builds (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="--fill-cache: record and count the kernels, build nothing")
@@ -138,11 +139,13 @@ def _add_check(sub):
 
 def _add_selftest(sub):
     p = sub.add_parser("selftest", help="the acceptance run of a new machine in a time budget: environment, check of "
-                                        "every backend, the GPU test tier, bench --quick (selftest.json/.md)")
+                                        "every backend, the GPU test tier, bench --quick, the serving numbers "
+                                        "(selftest.json/.md)")
     p.add_argument("--time-budget", type=float, default=480, help="seconds for the whole run (default: 480)")
     p.add_argument("--out", default="selftest-results", help="output directory (default: selftest-results)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--skip", nargs="+", choices=["check", "tests", "bench"], default=None, help="stages to leave out")
+    p.add_argument("--skip", nargs="+", choices=["check", "tests", "bench", "serving"], default=None,
+                   help="stages to leave out")
 
 
 COMMANDS = {"info": _add_info, "selftest": _add_selftest, "autotune": _add_autotune, "example": _add_example,

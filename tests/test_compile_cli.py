@@ -232,6 +232,22 @@ def test_fill_cache_dry_run_counts_the_plan(tmp_path, capsys):
     assert {"mhc_pre_tail", "post_project", "sinkhorn_bwd"} <= {k.kernel for k in keys}
 
 
+def test_the_selftest_plan_records_the_serving_stages_kernels(monkeypatch):
+    """``--for selftest`` replays the serving stage too (its decode token counts and the FP8 / batch-invariant
+    boundary at T=16384 ask for tails and splits that check, bench --quick and the smoke shapes never build);
+    the other parts are switched off here to keep it short."""
+    pytest.importorskip("tilelang", reason="tilelang is not installed")
+    from mhc_kernels.tilelang_src import runtime_keys
+
+    for part in ("replay_check", "replay_bench_quick", "replay_shapes"):
+        monkeypatch.setattr(runtime_keys, part, lambda *a, **k: [])
+    keys, _ = runtime_keys.record_plan("selftest", runtime_keys.ARCH_SMS["sm_90a"])
+    assert {"post_project", "post_pre_sp_project"} <= {k.kernel for k in keys}
+    tails = [dict(k.consts) for k in keys if k.kernel in ("mhc_pre_norm_tail", "mhc_pre_tail", "mhc_pre_sp_tail")]
+    assert any(c.get("fp8_group") == 128 for c in tails), "the boundary with the FP8 copy (C=7168: groups of 128)"
+    assert {k.C for k in keys} >= {4096, 7168}, "the decode boundaries (C=4096) and the bandwidth size (C=7168)"
+
+
 def test_compile_refuses_the_emulated_arch_without_fill_cache(capsys):
     assert cli.main(["compile", "--backend", "tilelang", "--arch", "emulated"]) == 2
     assert "--fill-cache only" in capsys.readouterr().out

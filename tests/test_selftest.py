@@ -23,6 +23,7 @@ def test_cpu_run_reports_every_stage_and_writes_json_and_markdown(tmp_path, monk
     assert cases and all({"op", "case", "status", "worst_ratio", "max_abs_err"} <= set(c) for c in cases)
     assert stages["tests"]["status"] == "not run" and "CUDA" in stages["tests"]["detail"]
     assert stages["bench"]["status"] == "passed" and stages["bench"]["data"]["records"]
+    assert stages["serving"]["status"] == "not run" and "CUDA" in stages["serving"]["detail"]
     for b in ("triton", "tilelang"):        # not available on plain CPU: said so, not passed
         assert stages[f"check:{b}"]["status"] == "not run" and "was not checked" in stages[f"check:{b}"]["detail"]
     assert rc == 0 and doc["exit_status"] == 0
@@ -44,7 +45,8 @@ def test_an_environment_stage_out_of_time_still_gives_every_backend_a_line(tmp_p
     budget): the checks are then tried for every backend, never a KeyError."""
     monkeypatch.setattr(selftest, "stage_env", lambda deadline: Stage("env", "timed out", detail="cap reached"))
     stages = selftest.selftest("cpu", 0.5, tmp_path, skip=("tests", "bench"))
-    assert [s.name for s in stages] == ["env", "check:reference", "check:triton", "check:tilelang", "tests", "bench"]
+    assert [s.name for s in stages] == ["env", "check:reference", "check:triton", "check:tilelang", "tests", "bench",
+                                        "serving"]
     assert all(s.status != "passed" for s in stages[1:4]), [(s.name, s.status) for s in stages]
     assert selftest.exit_status(stages) != 0
 
@@ -79,3 +81,40 @@ def test_stages_report_the_tilelang_kernels_they_compiled(tmp_path, monkeypatch)
     st = selftest._counting_compiles(stage)
     assert st.data["tilelang_compiled"] == 2 and "compiled 2 TileLang kernels" in st.detail
     assert selftest._counting_compiles(lambda: Stage("bench", status="passed")).data["tilelang_compiled"] == 0
+
+
+def test_the_serving_stage_runs_decode_and_the_fp8_and_batch_invariant_boundary(tmp_path, monkeypatch):
+    """On CUDA (faked here: the child's run is replaced by the files it writes): ``bench --decode`` and the boundary
+    ops at the bandwidth goal's size with ``--fp8 --batch-invariant`` on the kernel backends; the stage keeps their
+    rows and records, and selftest.md gets both tables."""
+    ran = []
+
+    def child(code, cap, *argv, cwd=None):
+        ran.append(code)
+        (tmp_path / "decode").mkdir()
+        (tmp_path / "decode" / "decode.json").write_text(json.dumps({"rows": [
+            {"op": "post_pre", "backend": "triton", "T": 1, "eager_us": 41.0, "graph_us": 9.5, "note": ""},
+            {"op": "post_pre", "backend": "tilelang", "T": 1, "eager_us": 60.0, "graph_us": 8.25, "note": ""}]}))
+        (tmp_path / "serving").mkdir()
+        rec = {"op": "post_pre", "status": "ok", "median_us": 700.0, "gbps": 3000.0}
+        (tmp_path / "serving" / "bench.json").write_text(json.dumps({"records": [
+            dict(rec, impl="triton", pct_measured_bw=88.0), dict(rec, impl="triton+fp8", pct_measured_bw=86.0),
+            dict(rec, impl="triton+bi", pct_measured_bw=80.0)]}))
+        return 0, "", "", 12.0
+
+    monkeypatch.setattr(selftest, "_child", child)
+    st = selftest.stage_serving("cuda", ["triton", "tilelang"], time.monotonic() + 300, tmp_path)
+    assert st.status == "passed", st.detail
+    code = ran[0]
+    assert "'--decode'" in code and "'--fp8'" in code and "'--batch-invariant'" in code
+    assert "'--backends', 'triton', 'tilelang'" in code and f"'{selftest.SERVING['tokens']}'" in code
+    assert "8.2 µs" in st.detail and "88% of copy BW" in st.detail
+    selftest.write_reports([Stage("env", "passed"), st], tmp_path, "cuda", 300)
+    md = (tmp_path / "selftest.md").read_text()
+    assert "## Decode" in md and "| post_pre | tilelang | 1 | 60.0 | 8.2 |" in md
+    assert "| post_pre | triton+fp8 | 700.0 | 3e+03 | 86 |" in md
+
+    # no kernel backend, or a failing child: said so, never passed
+    assert selftest.stage_serving("cuda", [], time.monotonic() + 300, tmp_path).status == "not run"
+    monkeypatch.setattr(selftest, "_child", lambda code, cap, *a, cwd=None: (1, "", "boom", 1.0))
+    assert selftest.stage_serving("cuda", ["triton"], time.monotonic() + 300, tmp_path / "none").status == "failed"

@@ -16,7 +16,8 @@ target reads) or for the CPU emulator.
 Replays (each runs under :func:`recording`): :func:`replay_shapes` -- every public op forward and
 backward at the given shapes, with every combination of its optional weights
 (``mhc-kernels compile``); :func:`replay_check` -- what ``mhc-kernels check`` runs on a device;
-:func:`replay_bench_quick` -- the TileLang rows of ``bench --quick``. The stub kernels leave the
+:func:`replay_bench_quick` -- the TileLang rows of ``bench --quick``; :func:`replay_serving` -- those of
+``selftest``'s serving stage. The stub kernels leave the
 outputs unwritten, so nothing data-dependent may follow a replay: the recorded keys are the
 only result. Configs stored by the tuner for a named GPU are not applied (the replay resolves
 defaults, as a GPU without a tuned-config file does).
@@ -207,11 +208,31 @@ def replay_bench_quick() -> None:
     runner.run_sweep(cfg)
 
 
+def replay_serving() -> None:
+    """The TileLang measurements of ``selftest``'s serving stage: ``bench --decode`` (its boundaries at every
+    decode token count) and the boundary ops at ``SERVING``'s size with the FP8 copy and in batch-invariant mode.
+    Call inside :func:`recording`."""
+    from mhc_kernels.bench import decode, runner
+    from mhc_kernels.commands.bench import resolve_ops
+    from mhc_kernels.commands.selftest import SERVING
+    from mhc_kernels.registry import use_backend
+
+    with torch.no_grad(), use_backend("tilelang"):
+        for op in decode.DECODE_OPS:
+            for T in decode.DECODE_TOKENS:
+                decode.boundary_fn(op, T, 4, 4096, torch.bfloat16, "cpu")()
+    cfg = runner.SweepConfig(targets=resolve_ops(list(SERVING["ops"])), backends=["tilelang"], baselines=[],
+                             tokens=[SERVING["tokens"]], ns=[SERVING["n"]], hiddens=[SERVING["hidden"]],
+                             dtype=torch.bfloat16, device="cpu", budget_s=0.0, min_repeats=1, max_repeats=1,
+                             warmup=0, batch_invariant=True, fp8=True)
+    runner.run_sweep(cfg)
+
+
 # plans of --fill-cache: what each run on a GPU will ask for
 PLANS: dict[str, tuple[str, ...]] = {
     "check": ("check",),
     "bench": ("bench",),
-    "selftest": ("check", "bench", "shapes:smoke"),
+    "selftest": ("check", "bench", "shapes:smoke", "serving"),
     "gpu-tests": ("check", "bench", "shapes:smoke", "shapes:gpu"),
 }
 # the shapes of the GPU test tiers (tests/test_tilelang_gpu.py and the gpu_smoke tests), (T, n, C, dtype[, consts]):
@@ -239,6 +260,8 @@ def record_plan(plan: str, sms: int, device_cases: str = "cuda", ops: Optional[l
                 replay_check(device_cases, ops)
             elif part == "bench":
                 replay_bench_quick()
+            elif part == "serving":
+                replay_serving()
             elif part == "shapes:smoke":
                 notes += replay_shapes(SMOKE_SHAPES, ops)
             elif part == "shapes:gpu":

@@ -9,7 +9,11 @@ is left of ``--time-budget``), so a hang or a crash in one stage is reported and
    backward against the float64 oracle), one stage per backend, every case's err/tol recorded;
 3. ``tests``: the short GPU test tier, ``pytest -m gpu_smoke`` (only from a checkout with ``tests/``, only on
    CUDA);
-4. ``bench``: ``mhc-kernels bench --quick`` (its records are kept).
+4. ``bench``: ``mhc-kernels bench --quick`` (its records are kept);
+5. ``serving`` (CUDA only, the kernel backends): the serving goals' numbers -- ``bench --decode`` (µs per
+   boundary at T <= 64, eager and replayed from a CUDA graph) and the boundary ops at :data:`SERVING`'s
+   size with the FP8 copy and in batch-invariant mode (``bench --fp8 --batch-invariant``), as % of the
+   measured copy bandwidth.
 
 A stage is ``passed``, ``failed``, ``timed out`` (killed at its cap: never reported as passed) or ``not run``
 (no time left, no CUDA device for it, no tests directory). Writes ``selftest.json`` (machine-readable: every
@@ -30,7 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-CAPS = {"env": 60, "check": 150, "tests": 240, "bench": 120}   # seconds per stage (check: per backend)
+CAPS = {"env": 60, "check": 150, "tests": 240, "bench": 120, "serving": 120}  # seconds per stage (check: per backend)
+# the serving stage's boundary measurements: the size of the bandwidth goal (T >= 16384, n=4, C=7168)
+SERVING = {"ops": ("post_pre", "post_pre_sp"), "tokens": 16384, "n": 4, "hidden": 7168}
+SERVING_BACKENDS = ("triton", "tilelang")   # the kernel backends (the reference is no serving path)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -207,6 +214,44 @@ def stage_bench(device: str, deadline: float, out_dir: Path) -> Stage:
     return st
 
 
+def stage_serving(device: str, backends: list, deadline: float, out_dir: Path) -> Stage:
+    st, cap = Stage("serving"), _cap("serving", deadline)
+    if device != "cuda":
+        st.detail = "no CUDA device: the serving numbers (decode under a CUDA graph, the FP8 copy's and batch " \
+                    "invariance's cost) need one"
+        return st
+    if not backends:
+        st.detail = f"no kernel backend available ({', '.join(SERVING_BACKENDS)})"
+        return st
+    if _no_time(st, cap, 20):
+        return st
+    ddir, bdir = out_dir / "decode", out_dir / "serving"
+    common = ["--no-plots", "--device", device, "--backends", *backends]
+    decode = ["bench", "--decode", *common, "--out", str(ddir)]
+    boundary = ["bench", "--ops", *SERVING["ops"], "--tokens", str(SERVING["tokens"]), "--n", str(SERVING["n"]),
+                "--hidden", str(SERVING["hidden"]), "--baselines", "none", "--fp8", "--batch-invariant", *common,
+                "--out", str(bdir)]
+    code = (f"import sys; from mhc_kernels.cli import main; rc = main({decode!r}); rc = main({boundary!r}) or rc; "
+            "sys.exit(rc)")
+    rc, out, err, st.seconds = _child(code, cap)
+    if rc is None:
+        return _killed(st, cap, out)
+    rows = json.loads((ddir / "decode.json").read_text())["rows"] if (ddir / "decode.json").exists() else []
+    records = json.loads((bdir / "bench.json").read_text())["records"] if (bdir / "bench.json").exists() else []
+    st.data = {"decode": rows, "records": records}
+    if not rows and not records:
+        st.status, st.detail = "failed", (err.strip().splitlines() or ["no output"])[-1][:300]
+        return st
+    st.status = "passed" if rc == 0 else "failed"
+    graph = [r["graph_us"] for r in rows if r.get("T") == 1 and r.get("graph_us") is not None]
+    pct = [r["pct_measured_bw"] for r in records if r.get("status") == "ok" and r.get("pct_measured_bw")]
+    st.detail = (f"decode T=1 under a CUDA graph: {min(graph):.1f} µs (best backend)" if graph else
+                 "decode: no CUDA-graph time") + \
+        (f"; boundary at T={SERVING['tokens']}: up to {max(pct):.0f}% of copy BW" if pct else "") + \
+        f"; {ddir}, {bdir}"
+    return st
+
+
 def tilelang_cache_entries() -> tuple[str, int]:
     """(TileLang's kernel cache directory, the number of kernels in it): a stage that adds many compiled cold
     (``mhc-kernels compile --fill-cache`` fills the cache beforehand; README)."""
@@ -249,6 +294,10 @@ def selftest(device: str, budget: float, out_dir: Path, skip=()) -> list[Stage]:
                   else _counting_compiles(lambda: stage_tests(device, deadline, out_dir)))
     stages.append(Stage("bench", detail="skipped (--skip bench)") if "bench" in skip
                   else _counting_compiles(lambda: stage_bench(device, deadline, out_dir)))
+    # the kernel backends the environment stage found available (every one when it could not tell)
+    served = [b for b in SERVING_BACKENDS if (available[b][0] if b in available else not available)]
+    stages.append(Stage("serving", detail="skipped (--skip serving)") if "serving" in skip
+                  else _counting_compiles(lambda: stage_serving(device, served, deadline, out_dir)))
     return stages
 
 
@@ -278,7 +327,31 @@ def write_reports(stages: list[Stage], out_dir: Path, device: str, budget: float
             if r.get("status") == "ok":
                 lines.append(f"| {r['op']} | {r['impl']} | {r['T']} | {r['median_us']:.1f} | {r['gbps'] or 0:.3g} | "
                              f"{r['pct_measured_bw'] or 0:.3g} |")
+    serving = next((s for s in stages if s.name == "serving" and s.data), None)
+    if serving is not None:
+        lines += _serving_lines(serving.data)
     (out_dir / "selftest.md").write_text("\n".join(lines) + "\n")
+
+
+def _serving_lines(data: dict) -> list[str]:
+    """The serving stage's tables for ``selftest.md``: decode latency, then the boundary's bandwidth."""
+    lines = []
+    if data.get("decode"):
+        lines += ["", "## Decode: µs per boundary (bench --decode)", "", "| op | backend | T | eager µs | "
+                  "CUDA graph µs | note |", "|---|---|---:|---:|---:|---|"]
+        for r in data["decode"]:
+            eager, graph = (("—" if v is None else f"{v:.1f}") for v in (r.get("eager_us"), r.get("graph_us")))
+            lines.append(f"| {r['op']} | {r['backend']} | {r['T']} | {eager} | {graph} | "
+                         f"{str(r.get('note', '')).replace('|', '/')} |")
+    if data.get("records"):
+        lines += ["", f"## Boundary at T={SERVING['tokens']}, n={SERVING['n']}, C={SERVING['hidden']} "
+                  "(bench --fp8 --batch-invariant)", "", "| op | impl | µs | GB/s | % of copy BW |",
+                  "|---|---|---:|---:|---:|"]
+        for r in data["records"]:
+            if r.get("status") == "ok":
+                lines.append(f"| {r['op']} | {r['impl']} | {r['median_us']:.1f} | {r['gbps'] or 0:.3g} | "
+                             f"{r['pct_measured_bw'] or 0:.3g} |")
+    return lines
 
 
 def run(args) -> int:
