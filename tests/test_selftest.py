@@ -64,6 +64,14 @@ def test_exit_status_is_one_when_anything_failed():
     assert selftest.exit_status([Stage("env", "passed"), Stage("tests", "not run", detail="no CUDA device")]) == 0
 
 
+def test_the_serving_stage_out_of_time_leaves_the_verdict_but_its_failure_counts():
+    done = [Stage("env", "passed"), Stage("bench", "passed")]
+    assert selftest.exit_status(done + [Stage("serving", "not run", detail="no time left (needs 20 s)")]) == 0
+    assert selftest.exit_status(done + [Stage("serving", "timed out")]) == 0
+    assert selftest.exit_status(done + [Stage("serving", "failed")]) == 1
+    assert selftest.exit_status([Stage("env", "passed"), Stage("bench", "timed out")]) == 3
+
+
 def test_stages_report_the_tilelang_kernels_they_compiled(tmp_path, monkeypatch):
     """A stage that compiles cold says how many kernels it added to TileLang's cache (the layout TileLang 0.1.x
     writes: <dir>/<version>/<platform>/kernels/<key>), so a selftest without a filled cache explains its time."""

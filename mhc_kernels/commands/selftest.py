@@ -18,9 +18,10 @@ is left of ``--time-budget``), so a hang or a crash in one stage is reported and
 A stage is ``passed``, ``failed``, ``timed out`` (killed at its cap: never reported as passed) or ``not run``
 (no time left, no CUDA device for it, no tests directory). Writes ``selftest.json`` (machine-readable: every
 stage's status, seconds and detail, every check case, the benchmark records) and ``selftest.md`` to
-``--out``. Exit status: 1 when a numeric check or test failed, 3 when nothing failed but a stage timed out
-or did not run for lack of time, else 0. Works offline and without tilelang (its stage then says TileLang
-was not checked, with the reason).
+``--out``. Exit status: 1 when a numeric check, test or benchmark failed, 3 when nothing failed but a stage
+timed out or did not run for lack of time, else 0 -- the ``serving`` stage is extra: it gets what time is left,
+and its running out of time leaves the verdict as it is (a failure in it still counts). Works offline and
+without tilelang (its stage then says TileLang was not checked, with the reason).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CAPS = {"env": 60, "check": 150, "tests": 240, "bench": 120, "serving": 120}  # 
 # the serving stage's boundary measurements: the size of the bandwidth goal (T >= 16384, n=4, C=7168)
 SERVING = {"ops": ("post_pre", "post_pre_sp"), "tokens": 16384, "n": 4, "hidden": 7168}
 SERVING_BACKENDS = ("triton", "tilelang")   # the kernel backends (the reference is no serving path)
+EXTRA_STAGES = ("serving",)   # measured with what time is left: out of time, they leave the verdict as it is
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -304,7 +306,7 @@ def selftest(device: str, budget: float, out_dir: Path, skip=()) -> list[Stage]:
 def exit_status(stages: list[Stage]) -> int:
     if any(s.status == "failed" for s in stages):
         return 1
-    if any(s.status == "timed out" or "no time left" in s.detail for s in stages):
+    if any((s.status == "timed out" or "no time left" in s.detail) and s.name not in EXTRA_STAGES for s in stages):
         return 3
     return 0
 
