@@ -41,11 +41,13 @@ class DecodeRow:
         return asdict(self)
 
 
-def boundary_fn(op: str, T: int, n: int, C: int, dtype: torch.dtype, device) -> Callable[[], tuple]:
-    """A no-argument call of the public boundary ``op`` on fixed inputs (a middle site with norms)."""
+def boundary_fn(op: str, T: int, n: int, C: int, dtype: torch.dtype, device,
+                out_fp8: Optional[str] = None) -> Callable[[], tuple]:
+    """A no-argument call of the public boundary ``op`` on fixed inputs (a middle site with norms; with
+    ``out_fp8`` also writing the FP8 copy of the layer input)."""
     d = cases.make_inputs(op, (T,), n, C, dtype, device, norm_weight=True, seed=T)
     site = dict(fn=d["fn"], scale=d["scale"], base=d["base"], norm_weight=d["norm_weight"],
-                out_norm_weight=d["out_norm_weight"])
+                out_norm_weight=d["out_norm_weight"], out_fp8=out_fp8)
     y, x, post, comb = d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"]
     if op == "post_pre":
         return lambda: mk.post_pre(y, x, post, comb, **site)
