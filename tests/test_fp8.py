@@ -69,6 +69,19 @@ def test_codes_and_scales_equal_the_oracle_exactly(backend, fmt, dtype, served):
     assert served["quantize_fp8"] == {backend}, served
 
 
+def test_e8m0_scales_on_a_torch_without_float8_e8m0fnu_decode_to_float32(monkeypatch):
+    """torch < 2.7 has no float8_e8m0fnu: the public functions then decode the stored E8M0 bytes to float32 (NaN for
+    0xFF), still the oracle's values."""
+    x = _awkward_input(9, 96, 32, torch.bfloat16)
+    with mk.use_backend("reference"):
+        _, want = mk.quantize_fp8(x, "e4m3_g32")
+        monkeypatch.delattr(torch, "float8_e8m0fnu")
+        codes, scales = mk.quantize_fp8(x, "e4m3_g32")
+    assert scales.dtype == torch.float32 and torch.isnan(scales).sum() == 3
+    _assert_exact(codes, scales, x, 32)
+    torch.testing.assert_close(scales, want.float(), rtol=0, atol=0, equal_nan=True)
+
+
 def test_the_oracle_itself_on_hand_values():
     """Anchors: an all-zero group gets the floor scale 1e-4 / 448 (g128) or its power of two 2^-22 (g32) and
     zero codes; ties round to even; 448 * (1 + 2^-4) saturates; a NaN group is NaN."""
