@@ -23,6 +23,7 @@ from mhc_kernels.reference import cases
 from .timing import summarise, time_fn
 
 DECODE_TOKENS = (1, 2, 4, 8, 16, 64)
+DECODE_N, DECODE_C = 4, 4096   # the default shape (--n, --hidden)
 DECODE_OPS = ("post_pre", "post_pre_sp")
 
 
@@ -82,7 +83,7 @@ def _time_replay(replay: Callable[[], None], device, repeats: int = 200) -> floa
     return summarise([a.elapsed_time(b) * 1e-3 for a, b in zip(starts, ends)], 5, "cuda graph replay").median_s
 
 
-def run_decode(backends, tokens=DECODE_TOKENS, n: int = 4, C: int = 4096, dtype=torch.bfloat16, device="cpu",
+def run_decode(backends, tokens=DECODE_TOKENS, n: int = DECODE_N, C: int = DECODE_C, dtype=torch.bfloat16, device="cpu",
                budget_s: float = 0.1) -> list[DecodeRow]:
     """One row per (op, backend, T): eager µs, and CUDA-graph µs on CUDA."""
     device = torch.device(device)

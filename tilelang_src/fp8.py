@@ -41,7 +41,7 @@ def config_space(op: str, s: Shape) -> list[dict]:
 
 def scale_dtype_name(group: int) -> str:
     """The TileLang dtype of a scales buffer for ``group`` (``specs.fp8_scale_dtype``; 0: none, float32)."""
-    return {torch.uint8: "uint8", torch.float32: "float32"}[fp8_scale_dtype(group)]
+    return str(fp8_scale_dtype(group)).removeprefix("torch.")
 
 
 def quantize_group_macro(group: int, V: int, dt: str):

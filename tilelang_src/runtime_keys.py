@@ -220,7 +220,7 @@ def replay_serving() -> None:
     with torch.no_grad(), use_backend("tilelang"):
         for op in decode.DECODE_OPS:
             for T in decode.DECODE_TOKENS:
-                decode.boundary_fn(op, T, 4, 4096, torch.bfloat16, "cpu")()
+                decode.boundary_fn(op, T, decode.DECODE_N, decode.DECODE_C, torch.bfloat16, "cpu")()
     cfg = runner.SweepConfig(targets=resolve_ops(list(SERVING["ops"])), backends=["tilelang"], baselines=[],
                              tokens=[SERVING["tokens"]], ns=[SERVING["n"]], hiddens=[SERVING["hidden"]],
                              dtype=torch.bfloat16, device="cpu", budget_s=0.0, min_repeats=1, max_repeats=1,

@@ -27,7 +27,10 @@ from mhc_kernels.specs import fp8_scale_dtype
 
 from . import common
 
-SCALE_PTR = {128: "*fp32", 32: "*u8"}  # the AOT signature of a scales pointer (specs.fp8_scale_dtype)
+
+def scale_ptr(group: int) -> str:
+    """The AOT signature of a scales pointer for ``group`` (``specs.fp8_scale_dtype``; 0: none)."""
+    return {torch.uint8: "*u8", torch.float32: "*fp32"}[fp8_scale_dtype(group)]
 
 
 @triton.jit
@@ -144,7 +147,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype) -> list[common.AotSpec]:
             continue
         cfg = _defaults(group)
         const = {"GROUP": group, "POW2": group == 32, "BLOCK_T": cfg["block_T"], "BLOCK_G": cfg["block_G"]}
-        sig = {"x_ptr": ptr, "codes_ptr": "*u8", "scales_ptr": SCALE_PTR[group], "T": "i32", "C": "i32:16", "G": "i32"}
+        sig = {"x_ptr": ptr, "codes_ptr": "*u8", "scales_ptr": scale_ptr(group), "T": "i32", "C": "i32:16", "G": "i32"}
         sig.update({k: "constexpr" for k in const})
         out.append(common.AotSpec(name=f"quantize_fp8_g{group}", fn=quantize_fp8_kernel, signature=sig,
                                   constexprs=const, num_warps=cfg["num_warps"], num_stages=1, config=cfg))

@@ -64,7 +64,7 @@ import triton.language as tl
 from mhc_kernels.specs import fp8_scale_dtype, mix_count
 
 from . import common, norm_fn
-from .fp8 import SCALE_PTR, quantize_groups
+from .fp8 import quantize_groups, scale_ptr
 from .norm_fn import _finalize_tile
 from .sinkhorn import _split_mixes_tile
 
@@ -612,7 +612,7 @@ def aot_specs(n: int, C: int, dtype: torch.dtype, T: int = 4096) -> list[common.
         if g and C % g:
             continue
         specs.append(common.AotSpec(
-            name, _boundary_tail_kernel, dict(tail_sig, fp8_scales_ptr=SCALE_PTR.get(g, "*fp32")),
+            name, _boundary_tail_kernel, dict(tail_sig, fp8_scales_ptr=scale_ptr(g)),
             dict(N=n, ROWS_P=rows_p, BLOCK_T=t["block_T"], BLOCK_C=fp8_block_C(t, g), SPLIT_K=split,
                  COLLAPSE=collapse, HAS_ONW=onw, FP8_GROUP=g),
             num_warps=t["num_warps"], num_stages=t["num_stages"],

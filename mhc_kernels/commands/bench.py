@@ -187,8 +187,8 @@ def _run_decode(con, args, dev, backends, notes) -> int:
     from mhc_kernels.bench import decode
 
     tokens = _split(args.tokens, int) or list(decode.DECODE_TOKENS)
-    n = (_split(args.n, int) or [4])[0]
-    C = (_split(args.hidden, int) or [4096])[0]
+    n = (_split(args.n, int) or [decode.DECODE_N])[0]
+    C = (_split(args.hidden, int) or [decode.DECODE_C])[0]
     with con.status("timing decode boundaries ..."):
         rows = decode.run_decode(backends, tokens, n, C, DTYPES_BY_NAME[args.dtype], dev)
     tab = Table(title=f"decode: µs per boundary on {dev} (n={n}, C={C}, {args.dtype}, with the sublayer norm)")

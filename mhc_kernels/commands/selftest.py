@@ -325,10 +325,7 @@ def write_reports(stages: list[Stage], out_dir: Path, device: str, budget: float
     if bench is not None:
         lines += ["", "## Bandwidth (bench --quick)", "", "| op | impl | T | µs | GB/s | % of copy BW |",
                   "|---|---|---:|---:|---:|---:|"]
-        for r in bench.data["records"]:
-            if r.get("status") == "ok":
-                lines.append(f"| {r['op']} | {r['impl']} | {r['T']} | {r['median_us']:.1f} | {r['gbps'] or 0:.3g} | "
-                             f"{r['pct_measured_bw'] or 0:.3g} |")
+        lines += [_bandwidth_row(r, r["T"]) for r in bench.data["records"] if r.get("status") == "ok"]
     serving = next((s for s in stages if s.name == "serving" and s.data), None)
     if serving is not None:
         lines += _serving_lines(serving.data)
@@ -349,11 +346,15 @@ def _serving_lines(data: dict) -> list[str]:
         lines += ["", f"## Boundary at T={SERVING['tokens']}, n={SERVING['n']}, C={SERVING['hidden']} "
                   "(bench --fp8 --batch-invariant)", "", "| op | impl | µs | GB/s | % of copy BW |",
                   "|---|---|---:|---:|---:|"]
-        for r in data["records"]:
-            if r.get("status") == "ok":
-                lines.append(f"| {r['op']} | {r['impl']} | {r['median_us']:.1f} | {r['gbps'] or 0:.3g} | "
-                             f"{r['pct_measured_bw'] or 0:.3g} |")
+        lines += [_bandwidth_row(r) for r in data["records"] if r.get("status") == "ok"]
     return lines
+
+
+def _bandwidth_row(r: dict, *extra) -> str:
+    """One benchmark record as a markdown row: op, impl, ``extra`` columns, µs, GB/s, % of copy bandwidth."""
+    cells = [r["op"], r["impl"], *extra, f"{r['median_us']:.1f}", f"{r['gbps'] or 0:.3g}",
+             f"{r['pct_measured_bw'] or 0:.3g}"]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def run(args) -> int:
