@@ -125,7 +125,7 @@ def test_norm_fn_split_k_paths_agree(splits):
 
 
 @pytest.mark.parametrize("op", ["sinkhorn_bwd", "split_mixes_bwd"])
-@pytest.mark.parametrize("iters,stride", [(20, 1), (20, 3), (7, 6)])
+@pytest.mark.parametrize("iters,stride", [(20, 1), (20, 3), (20, 4), (9, 4), (7, 6)])
 def test_sinkhorn_backward_checkpoint_segments(op, iters, stride):
     """The segment-recompute schedule (ck_stride > 1) runs to the same gradient as keeping every round."""
     from mhc_kernels.tilelang_src import mixes

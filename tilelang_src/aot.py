@@ -11,10 +11,13 @@ memory (:mod:`mhc_kernels.ptxas`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
+import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -67,17 +70,48 @@ def dynamic_smem_bytes(kernel) -> int:
     return best
 
 
+# TileLang's barrier planner (the ThreadSync pass) prints this, through its C++ logging, when it needs a barrier
+# inside a branch whose condition differs between threads: it moves the barrier out of the branch, where it no
+# longer separates the two accesses -- a possible shared-memory race the generated code keeps.
+_SYNC_WARNING = re.compile(r"Warning: \[ThreadSync\] ([^\n]*)")
+
+
+@contextlib.contextmanager
+def sync_warnings(sink: list):
+    """Collect into ``sink`` the ThreadSync warnings TileLang's passes print while the block runs (they go to file
+    descriptor 2, past Python's ``sys.stderr``). The rest of what was printed is written back to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            sink.extend(m.group(1).strip() for m in _SYNC_WARNING.finditer(text))
+            rest = "".join(line for line in text.splitlines(keepends=True) if not _SYNC_WARNING.search(line))
+            if rest:
+                sys.stderr.write(rest)
+                sys.stderr.flush()
+
+
 def _lower(prim, arch: str):
-    """tilelang's lowering and CUDA codegen for ``arch``: (generated source, dynamic shared memory bytes)."""
+    """tilelang's lowering and CUDA codegen for ``arch``: (generated source, dynamic shared memory bytes,
+    the ThreadSync warnings of the lowering)."""
     import tilelang
     from tilelang import tvm
 
     target = {"kind": "cuda", "arch": arch}
-    with tvm.transform.PassContext(opt_level=3, config=dict(common.PASS_CONFIGS)), tvm.target.Target(target):
+    with sync_warnings([]) as warned, tvm.transform.PassContext(opt_level=3, config=dict(common.PASS_CONFIGS)), \
+            tvm.target.Target(target):
         art = tilelang.lower(prim, target=target)
     sizes = [int(f.attrs["dyn_shared_memory_buf"]) for f in art.device_mod.functions.values()
              if f.attrs is not None and "dyn_shared_memory_buf" in f.attrs]
-    return art.kernel_source, max(sizes, default=0)
+    return art.kernel_source, max(sizes, default=0), warned
 
 
 def _nvcc_ptx(source: str, arch: str) -> str:
@@ -91,9 +125,10 @@ def _nvcc_ptx(source: str, arch: str) -> str:
 
 def _lower_to_ptx(prim, arch: str):
     """The cheap path: tilelang's lowering and CUDA codegen, then ``nvcc -ptx`` (no cubin, no host
-    wrapper). Same generated source as ``tilelang.compile``; used by the CPU test sweep."""
-    src, dyn = _lower(prim, arch)
-    return src, _nvcc_ptx(src, arch), dyn
+    wrapper). Same generated source as ``tilelang.compile``; used by the CPU test sweep.
+    -> (source, PTX, dynamic shared memory bytes, ThreadSync warnings)."""
+    src, dyn, warned = _lower(prim, arch)
+    return src, _nvcc_ptx(src, arch), dyn, warned
 
 
 _GLOBAL_NAME = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(')
@@ -146,7 +181,8 @@ def _ptx_batch(sources: list[str], arch: str) -> list[tuple[str, list]]:
 
 def _record(name: str, arch: str) -> dict:
     return {"backend": "tilelang", "kernel": name, "arch": arch, "config": "", "registers": None, "spills": None,
-            "smem_bytes": None, "seconds": 0.0, "ok": False, "error": None, "source": None, "ptx": None}
+            "smem_bytes": None, "sync_warnings": [], "seconds": 0.0, "ok": False, "error": None, "source": None,
+            "ptx": None}
 
 
 def _prepare(name: str, arch: str, n: int, C: int, dtype: torch.dtype, config, consts, T):
@@ -161,19 +197,24 @@ def _prepare(name: str, arch: str, n: int, C: int, dtype: torch.dtype, config, c
     return rec, kdef.build(n, C, dtype, cfg, **consts)
 
 
-def _finish(rec: dict, src: str, ptx: str, res: list, dyn: int, n: int, C: int, dtype: torch.dtype,
+def _finish(rec: dict, src: str, ptx: str, res: list, dyn: int, warned: list, n: int, C: int, dtype: torch.dtype,
             emit_dir: Optional[str]) -> None:
-    """Fill ``rec`` from the build's source, PTX and ptxas resources; ``ok`` unless it spills or overflows smem."""
+    """Fill ``rec`` from the build's source, PTX, ptxas resources and the lowering's ThreadSync warnings; ``ok``
+    unless it spills, overflows smem or may race on shared memory."""
     rec.update(source=src, ptx=ptx,
                registers=max((r.registers for r in res), default=0),
                spills=sum(r.spills for r in res),
-               smem_bytes=max((r.smem_bytes for r in res), default=0) + dyn)
+               smem_bytes=max((r.smem_bytes for r in res), default=0) + dyn,
+               sync_warnings=list(warned))
     limit = ptxas.SMEM_LIMIT_BYTES.get(rec["arch"])
     problems = []
     if rec["spills"]:
         problems.append(f"{rec['spills']} bytes of register spills")
     if limit is not None and rec["smem_bytes"] > limit:
         problems.append(f"{rec['smem_bytes']} bytes of shared memory > {limit}")
+    if warned:
+        problems.append(f"TileLang could not place a barrier between two shared-memory accesses ({len(warned)} "
+                        f"ThreadSync warning(s); a possible race): {warned[0]}")
     rec["ok"] = not problems
     rec["error"] = "; ".join(problems) or None
     if emit_dir:
@@ -207,14 +248,17 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
 
         rec, prim = _prepare(name, arch, n, C, dtype, config, consts, T)
         if full:
-            kernel = tilelang.compile(prim, target={"kind": "cuda", "arch": arch},
-                                      pass_configs=dict(common.PASS_CONFIGS))
+            with sync_warnings([]) as warned:
+                kernel = tilelang.compile(prim, target={"kind": "cuda", "arch": arch},
+                                          pass_configs=dict(common.PASS_CONFIGS))
+            if getattr(kernel.adapter, "device_mod", None) is None:   # loaded from the disk cache: not lowered
+                warned = _lower(prim, arch)[2]
             src = kernel.get_kernel_source()
             ptx = kernel._get_ptx(verbose=False)
             dyn = dynamic_smem_bytes(kernel)
         else:
-            src, ptx, dyn = _lower_to_ptx(prim, arch)
-        _finish(rec, src, ptx, ptxas.resources(ptx, arch), dyn, n, C, dtype, emit_dir)
+            src, ptx, dyn, warned = _lower_to_ptx(prim, arch)
+        _finish(rec, src, ptx, ptxas.resources(ptx, arch), dyn, warned, n, C, dtype, emit_dir)
     except Exception as e:  # a failed kernel is a record, not an abort
         rec = rec or _record(name, arch)
         _failed(rec, e)
@@ -238,22 +282,22 @@ def compile_many(requests: list[dict], arch: str, emit_dir: Optional[str] = None
         try:
             rec, prim = _prepare(q["name"], arch, q["n"], q["C"], q["dtype"], q.get("config"), q.get("consts"),
                                  q.get("T"))
-            src, dyn = _lower(prim, arch)
-            lowered.append((len(recs), q, src, dyn))
+            src, dyn, warned = _lower(prim, arch)
+            lowered.append((len(recs), q, src, dyn, warned))
         except Exception:
             rec = one_by_one(q)
         recs.append(rec)
     try:
-        built = _ptx_batch([src for _, _, src, _ in lowered], arch) if lowered else []
+        built = _ptx_batch([src for _, _, src, _, _ in lowered], arch) if lowered else []
     except Exception:
         built = None
-    for j, (i, q, src, dyn) in enumerate(lowered):
+    for j, (i, q, src, dyn, warned) in enumerate(lowered):
         if built is None:
             recs[i] = one_by_one(q)
             continue
         ptx, res = built[j]
         try:
-            _finish(recs[i], src, ptx, res, dyn, q["n"], q["C"], q["dtype"], emit_dir)
+            _finish(recs[i], src, ptx, res, dyn, warned, q["n"], q["C"], q["dtype"], emit_dir)
         except Exception as e:
             _failed(recs[i], e)
     share = round((time.perf_counter() - t0) / max(1, len(requests)), 3)
@@ -269,9 +313,10 @@ def compile_all(arch: str, n: int, C: int, dtype: torch.dtype, emit_dir: str | N
     usual count, :data:`.runtime_keys.ARCH_SMS`) -- on ``arch``. Each distinct key is built once.
 
     Returns one record per key: ``{"backend": "tilelang", "kernel", "arch", "config" (str: config and constants),
-    "registers", "spills", "smem_bytes", "seconds", "ok", "error"}``. ``ok`` is False when compilation failed, the
-    kernel spills registers, or its shared memory exceeds the arch's limit (``error`` says which). With
-    ``emit_dir`` the generated CUDA source and the PTX of each kernel are written there.
+    "registers", "spills", "smem_bytes", "sync_warnings", "seconds", "ok", "error"}``. ``ok`` is False when
+    compilation failed, the kernel spills registers, its shared memory exceeds the arch's limit, or TileLang's
+    barrier planner warned of a shared-memory conflict it could not fence (``sync_warnings``; ``error`` says
+    which). With ``emit_dir`` the generated CUDA source and the PTX of each kernel are written there.
     """
     from . import runtime_keys
 

@@ -46,8 +46,9 @@ def ck_slots(iters: int, stride: int) -> int:
 
 def _ck_bytes(n: int, iters: int, stride: int = 1) -> int:
     """Shared bytes per token of the backward kernels: the checkpoints, plus split_mixes_bwd's
-    two per-token rows of the d_base / d_scale partial sums (counted for both, conservatively)."""
-    return ck_slots(iters, stride) * n * n * 4 + 2 * n * (n + 2) * 4
+    two per-token rows of the d_base / d_scale partial sums and its parked raw comb mixes (counted
+    for both, conservatively)."""
+    return ck_slots(iters, stride) * n * n * 4 + (2 * n * (n + 2) + n * n) * 4
 
 
 def _max_stride(iters: int) -> int:
@@ -167,48 +168,63 @@ def _macros(n: int):
             norm_cols(P, den, eps)
 
     @T.macro
+    def round_bwd(G, P, den, den2, eps):
+        # P = a round's input on entry; G <- dL/d(round input), from dL/d(round output)
+        norm_rows(P, den2, eps)    # P = Q (row-normalised input), den2 = row denominators
+        for j in T.unroll(n):      # den = column denominators of Q
+            den[j] = eps
+            for i in T.unroll(n):
+                den[j] += P[i * n + j]
+        # through the column step, then the row step
+        col_bwd(G, P, den)
+        row_bwd(G, P, den2)
+
+    @T.macro
     def sinkhorn_bwd(G, P, den, den2, ck, tx, eps, iters, stride):
         """On entry P = the logits, G = dL/dP_out; on exit G = dL/dlogits.
 
         ck: shared [ck_slots(iters, stride), n*n, block_T]. Slot 0 holds S = softmax(logits);
-        slot 1 + r // stride the input of round r (0-based, r = 0 .. iters-2) for r % stride == 0.
+        slot 1 + s the input of round s * stride (0-based rounds r = 0 .. iters-2), the start of
+        segment s. Every slot index is affine in the loop counters (no ``r // stride``): TileLang's
+        barrier planner then proves each thread's slots its own, so it needs no barrier here.
         """
-        # forward again, checkpointing S and every stride-th round's input
+        nseg = ck_slots(iters, stride) - 1
+        # forward again, checkpointing S and the input of every segment's first round
         softmax_rows(P, P)
         for e in T.unroll(n * n):
             ck[0, e, tx] = P[e]
             P[e] = P[e] + eps
         norm_cols(P, den, eps)
-        for r in T.serial(iters - 1):
-            if stride == 1:
+        if stride == 1:
+            for r in T.serial(iters - 1):
                 for e in T.unroll(n * n):
                     ck[r + 1, e, tx] = P[e]
-            else:
-                if r % stride == 0:
-                    for e in T.unroll(n * n):
-                        ck[1 + r // stride, e, tx] = P[e]
-            norm_rows(P, den, eps)
-            norm_cols(P, den, eps)
-        # reverse the rounds: P <- the round's input, rebuilt into Q = row-normalised input
-        for rr in T.serial(iters - 1):
-            if stride == 1:
+                norm_rows(P, den, eps)
+                norm_cols(P, den, eps)
+        else:
+            for sg in T.serial(nseg):
                 for e in T.unroll(n * n):
-                    P[e] = ck[iters - 1 - rr, e, tx]
-            else:
-                # round r = iters-2-rr: load its segment's checkpoint, re-run the r % stride rounds after it
-                for e in T.unroll(n * n):
-                    P[e] = ck[1 + (iters - 2 - rr) // stride, e, tx]
-                for _q in T.serial((iters - 2 - rr) % stride):
+                    ck[1 + sg, e, tx] = P[e]
+                for _q in T.serial(T.min(stride, iters - 1 - sg * stride)):
                     norm_rows(P, den, eps)
                     norm_cols(P, den, eps)
-            norm_rows(P, den2, eps)    # P = Q, den2 = row denominators
-            for j in T.unroll(n):      # den = column denominators of Q
-                den[j] = eps
-                for i in T.unroll(n):
-                    den[j] += P[i * n + j]
-            # G <- dL/d(round input): through the column step, then the row step
-            col_bwd(G, P, den)
-            row_bwd(G, P, den2)
+        # reverse the rounds: P <- the round's input, from its checkpoint
+        if stride == 1:
+            for rr in T.serial(iters - 1):
+                for e in T.unroll(n * n):
+                    P[e] = ck[iters - 1 - rr, e, tx]
+                round_bwd(G, P, den, den2, eps)
+        else:
+            # segments last to first, each one's rounds last to first: round j of the segment is rebuilt
+            # by re-running j rounds from the segment's checkpoint
+            for rs in T.serial(nseg):
+                for jj in T.serial(T.min(stride, iters - 1 - (nseg - 1 - rs) * stride)):
+                    for e in T.unroll(n * n):
+                        P[e] = ck[nseg - rs, e, tx]
+                    for _q in T.serial(T.min(stride, iters - 1 - (nseg - 1 - rs) * stride) - 1 - jj):
+                        norm_rows(P, den, eps)
+                        norm_cols(P, den, eps)
+                    round_bwd(G, P, den, den2, eps)
         # iteration 1's column step on S + eps, then the softmax
         for e in T.unroll(n * n):
             P[e] = ck[0, e, tx] + eps
@@ -370,6 +386,7 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
             ck = T.alloc_shared((ck_slots(iters, stride), nn, bt), "float32")
             dz_s = T.alloc_shared((m, bt), "float32")
             dzm_s = T.alloc_shared((m, bt), "float32")
+            raw_s = T.alloc_shared((nn, bt), "float32")
             G = T.alloc_local((nn,), "float32")
             P = T.alloc_local((nn,), "float32")
             den = T.alloc_local((n,), "float32")
@@ -391,17 +408,20 @@ def _build_split_bwd(n, C, dtype, cfg, iters):
                     dz_s[n + i, tx] = dz
                     dzm_s[n + i, tx] = dz * mixes[tok, n + i]
                 for e in T.unroll(nn):
-                    # park the raw mixes in shared memory: keeping them in registers across the
-                    # Sinkhorn recompute would spill at n=8
-                    dzm_s[2 * n + e, tx] = mixes[tok, 2 * n + e]
-                    P[e] = dzm_s[2 * n + e, tx] * scale[2] + base[2 * n + e]
+                    # park the raw comb mixes in shared memory: keeping them in registers across the
+                    # Sinkhorn recompute would spill at n=8 (so would re-reading them from global memory:
+                    # nvcc keeps the first load). A buffer of their own, written once: parked in dzm_s and
+                    # overwritten there, TileLang's barrier planner saw a conflict inside this branch it
+                    # could not fence (a ThreadSync warning, test_tilelang_compile)
+                    raw_s[e, tx] = mixes[tok, 2 * n + e]
+                    P[e] = raw_s[e, tx] * scale[2] + base[2 * n + e]
                     G[e] = g_comb[tok, e // n, e % n]
                 # dz[2n:] = the Sinkhorn backward of g_comb; d_mixes = dz * scale2
                 sk_bwd(G, P, den, den2, ck, tx, eps, iters, stride)
                 for e in T.unroll(nn):
                     d_mixes[tok, 2 * n + e] = G[e] * scale[2]
                     dz_s[2 * n + e, tx] = G[e]
-                    dzm_s[2 * n + e, tx] = G[e] * dzm_s[2 * n + e, tx]
+                    dzm_s[2 * n + e, tx] = G[e] * raw_s[e, tx]
             else:
                 for r in T.unroll(m):
                     dz_s[r, tx] = 0.0

@@ -279,16 +279,18 @@ def record_shapes(shapes: Iterable[tuple], sms: int, ops: Optional[list] = None)
 def build(keys: Iterable[Key], target, progress: Optional[Callable[[int, Key, float], None]] = None) -> list[dict]:
     """Compile each key for ``target`` (``{"kind": "cuda", "arch": ...}``, or :data:`.common.EMULATED`) the way the
     run time does -- :func:`.common._compiled`, so TileLang's disk cache (or the emulator's) keeps the result.
-    -> one record per key: ``{"kernel", "key", "seconds", "ok", "error"}``."""
+    -> one record per key: ``{"kernel", "key", "seconds", "ok", "error", "sync_warnings"}`` (the ThreadSync warnings
+    TileLang printed while lowering it, :func:`.aot.sync_warnings`: a build it took from its disk cache has none)."""
     from . import aot
 
     aot._load_all()
     out = []
     for i, k in enumerate(keys):
         t0 = time.perf_counter()
-        rec = {"kernel": k.kernel, "key": k.as_json(), "seconds": 0.0, "ok": True, "error": None}
+        rec = {"kernel": k.kernel, "key": k.as_json(), "seconds": 0.0, "ok": True, "error": None, "sync_warnings": []}
         try:
-            common._compiled(k.kernel, k.n, k.C, k.torch_dtype, k.config, k.consts, repr(target))
+            with aot.sync_warnings(rec["sync_warnings"]):
+                common._compiled(k.kernel, k.n, k.C, k.torch_dtype, k.config, k.consts, repr(target))
         except Exception as e:  # noqa: BLE001 -- a failed kernel is a record
             rec.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-800:]}")
         rec["seconds"] = round(time.perf_counter() - t0, 3)

@@ -160,6 +160,11 @@ def fill_cache(args, con) -> int:
     bad = [r for r in records if not r["ok"]]
     for r in bad:
         con.print(f"[red]{escape(r['kernel'])} failed[/]: {escape(str(r['error']))[:600]}")
+    for r in records:
+        if r.get("sync_warnings"):
+            con.print(f"[yellow]{escape(r['kernel'])} {escape(json.dumps(r['key']['config']))}: TileLang could not "
+                      f"place a barrier between two shared-memory accesses (a possible race): "
+                      f"{escape(r['sync_warnings'][0])}[/]")
     for note in notes:
         con.print(f"[yellow]{escape(note)}[/]")
     where = (os.path.join(os.environ.get("MHC_KERNELS_CACHE") or "~/.cache/mhc_kernels", "tilelang_emu")
