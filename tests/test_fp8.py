@@ -251,6 +251,26 @@ def test_codes_and_scales_equal_the_oracle_on_the_gpu(backend_name, fmt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "tilelang"])
+def test_quantize_launches_past_65535_token_blocks_on_the_gpu(backend_name):
+    """T = 65537 tokens, one token per CTA row: past the 65535 CTAs a grid may have on blockIdx.y, so a kernel that
+    put its tokens there would not launch (the CPU emulator runs any grid; emulate.Launch.limit_problems checks
+    every TileLang kernel's grid statically). Both formats, bitwise equal to the torch reference on the GPU."""
+    if not mk.available_backends("cuda")[backend_name].available:
+        pytest.skip(mk.available_backends("cuda")[backend_name].reason)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    # C = 256: the width at which the gpu-tests fill plan has both groups' kernels
+    x = (torch.randn(65537, 256, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    for fmt in FORMATS:
+        with mk.use_backend(backend_name):
+            codes, scales = mk.quantize_fp8(x, fmt)
+        with mk.use_backend("reference"):
+            want_codes, want_scales = mk.quantize_fp8(x, fmt)
+        assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)), fmt
+        assert torch.equal(scales.view(torch.uint8), want_scales.view(torch.uint8)), fmt
+
+
+@pytest.mark.gpu
 @pytest.mark.gpu_smoke
 @pytest.mark.parametrize("backend_name", ["triton", "tilelang"])
 @pytest.mark.parametrize("op", ["post_pre", "post_pre_sp"])

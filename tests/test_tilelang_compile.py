@@ -169,12 +169,12 @@ def _build_segmented(case):
 
     name, n, iters = case
     cfg = mixes.default_config(name, common.Shape(4096, n, 1, torch.float32), iters)
-    src, ptx, dyn, warned = aot._lower_to_ptx(common.KERNELS[name].build(n, 1, torch.float32, cfg, iters=iters),
-                                              "sm_90a")
+    src, ptx, dyn, hazards = aot._lower_to_ptx(common.KERNELS[name].build(n, 1, torch.float32, cfg, iters=iters),
+                                               "sm_90a")
     res = ptxas.resources(ptx, "sm_90a")
     return {"config": cfg, "source": src, "registers": max(r.registers for r in res),
             "spills": sum(r.spills for r in res), "smem_bytes": max(r.smem_bytes for r in res) + dyn,
-            "sync_warnings": warned}
+            "hazards": hazards}
 
 
 def _request(case) -> tuple[str, dict]:
@@ -249,21 +249,41 @@ def test_batched_builds_report_each_kernels_own_resources(records):
         records[("post_fwd", "sm_90a", 1, 4096, "bf16", False)]["registers"], "n=8 and n=1 must not share a report"
 
 
-def test_no_kernel_keeps_a_shared_memory_conflict_tilelang_could_not_fence(records):
-    """TileLang's barrier planner warns when a barrier a shared-memory conflict needs would sit in a branch that
-    threads take differently: it hoists the barrier out, and the two accesses are no longer separated. Such a
-    kernel may race on hardware even though the emulator (which runs threads one after another) agrees with the
-    oracle, so no build of the sweep may draw that warning (aot.sync_warnings collects it)."""
-    checked = [k for k, r in records.items() if isinstance(r, dict) and "sync_warnings" in r]
-    assert len(checked) >= len(CASES), "every build must report its ThreadSync warnings"
-    warned = {str(k): r["sync_warnings"] for k, r in records.items() if isinstance(r, dict) and r.get("sync_warnings")}
-    assert not warned, warned
+def test_no_kernel_has_a_hazard_the_emulator_cannot_show(records):
+    """Two things the CPU emulator cannot see, checked on every build of the sweep (aot._lower):
+
+    * TileLang's barrier planner warns when a barrier that a shared-memory conflict needs would sit in a branch
+      that threads take differently: it hoists the barrier out, and the two accesses are no longer separated.
+      The emulator runs threads one after another, so it agrees with the oracle even when a GPU would race.
+    * The grid at any token count fits CUDA's launch limits (blockIdx.y and .z at most 65535): the emulator
+      runs any grid, a GPU refuses one past them."""
+    checked = [k for k, r in records.items() if isinstance(r, dict) and "hazards" in r]
+    assert len(checked) >= len(CASES), "every build must report its hazards"
+    found = {str(k): r["hazards"] for k, r in records.items() if isinstance(r, dict) and r.get("hazards")}
+    assert not found, found
 
 
-def test_the_threadsync_check_sees_a_race_tilelang_cannot_fence():
-    """The check above is only as good as its pattern: a kernel with a real cross-thread race inside a branch that
-    differs between threads (thread t writes s[t], then reads s[63 - t], in a loop under ``if token < T``) must
-    draw the warning, in the words this TileLang prints it."""
+def _copy_kernel(tokens_on_x: bool):
+    """A small copy kernel with its token blocks on blockIdx.x or on .y."""
+    import tilelang.language as T
+
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def copy(x: T.Tensor((Tn, 128), "float32"), y: T.Tensor((Tn, 128), "float32")):
+        with T.Kernel(*((T.ceildiv(Tn, 4), 2) if tokens_on_x else (2, T.ceildiv(Tn, 4))), threads=64) as (b0, b1):
+            bt, bc = (b0, b1) if tokens_on_x else (b1, b0)
+            tx = T.get_thread_binding(0)
+            for i in T.serial(4):
+                if bt * 4 + i < Tn:
+                    y[bt * 4 + i, bc * 64 + tx] = x[bt * 4 + i, bc * 64 + tx]
+
+    return copy
+
+
+def _racy_kernel():
+    """Thread t writes s[t], then reads s[63 - t], in a loop under ``if token < T`` (one token per thread): a real
+    cross-thread race in a branch that threads take differently."""
     import tilelang.language as T
 
     Tn = T.dynamic("T")
@@ -278,8 +298,17 @@ def test_the_threadsync_check_sees_a_race_tilelang_cannot_fence():
                     s[tx] = x[bx * 64 + tx] * i
                     y[bx * 64 + tx] += s[63 - tx]
 
-    _, _, warned = aot._lower(racy, "sm_90a")
-    assert len(warned) == 1 and "Hoisting sync" in warned[0], warned
+    return racy
+
+
+def test_the_hazard_checks_see_what_they_are_for():
+    """The checks above are only as good as their patterns: a real race must draw TileLang's warning, in the
+    words this TileLang prints it, and token blocks on blockIdx.y must break the launch limits (on x they fit)."""
+    _, _, hazards = aot._lower(_racy_kernel(), "sm_90a")
+    assert len(hazards) == 1 and "ThreadSync" in hazards[0] and "Hoisting sync" in hazards[0], hazards
+    _, _, hazards = aot._lower(_copy_kernel(tokens_on_x=False), "sm_90a")
+    assert len(hazards) == 1 and "blockIdx.y extent 268435456 > 65535" in hazards[0], hazards
+    assert aot._lower(_copy_kernel(tokens_on_x=True), "sm_90a")[2] == []
 
 
 def test_sync_warnings_takes_only_the_threadsync_lines(capfd):

@@ -221,6 +221,36 @@ def test_guard_zones_catch_out_of_bounds_writes_and_poison_reads():
         assert not emulate._guard_intact(buf)
 
 
+def test_emulator_refuses_a_grid_a_gpu_would_refuse():
+    """The emulator runs any grid; a GPU refuses blockIdx.y or .z extents past 65535. So a kernel is refused when
+    its grid breaks CUDA's launch limits at some token count (evaluated at emulate.MAX_TOKENS): token blocks on
+    blockIdx.y break them from T > 65535 * block_T on, on blockIdx.x they hold."""
+    import tilelang.language as T
+
+    from mhc_kernels.tilelang_src import emulate
+
+    Tn = T.dynamic("T")
+
+    def copy_kernel(tokens_on_x):
+        @T.prim_func
+        def copy(x: T.Tensor((Tn, 128), "float32"), y: T.Tensor((Tn, 128), "float32")):
+            with T.Kernel(*((T.ceildiv(Tn, 4), 2) if tokens_on_x else (2, T.ceildiv(Tn, 4))), threads=64) as (b0, b1):
+                bt, bc = (b0, b1) if tokens_on_x else (b1, b0)
+                tx = T.get_thread_binding(0)
+                for i in T.serial(4):
+                    if bt * 4 + i < Tn:
+                        y[bt * 4 + i, bc * 64 + tx] = x[bt * 4 + i, bc * 64 + tx]
+
+        return copy
+
+    with pytest.raises(emulate.EmulationError, match=r"blockIdx\.y extent 268435456 > 65535"):
+        emulate.EmulatedKernel(copy_kernel(tokens_on_x=False))
+    x = torch.randn(9, 128)
+    y = torch.zeros(9, 128)
+    emulate.EmulatedKernel(copy_kernel(tokens_on_x=True))(x, y)
+    assert torch.equal(x, y)
+
+
 def test_check_command_covers_tilelang_on_cpu():
     """`MHC_TILELANG_EMULATE=1 mhc-kernels check --device cpu --backends tilelang` runs the TileLang cases."""
     from mhc_kernels.commands.check import run_checks

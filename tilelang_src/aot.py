@@ -100,10 +100,12 @@ def sync_warnings(sink: list):
 
 
 def _lower(prim, arch: str):
-    """tilelang's lowering and CUDA codegen for ``arch``: (generated source, dynamic shared memory bytes,
-    the ThreadSync warnings of the lowering)."""
+    """tilelang's lowering and CUDA codegen for ``arch``: (generated source, dynamic shared memory bytes, the
+    lowering's problems: its ThreadSync warnings and the CUDA launch limits its grid breaks at some token count)."""
     import tilelang
     from tilelang import tvm
+
+    from .emulate import launch_limit_problems
 
     target = {"kind": "cuda", "arch": arch}
     with sync_warnings([]) as warned, tvm.transform.PassContext(opt_level=3, config=dict(common.PASS_CONFIGS)), \
@@ -111,7 +113,9 @@ def _lower(prim, arch: str):
         art = tilelang.lower(prim, target=target)
     sizes = [int(f.attrs["dyn_shared_memory_buf"]) for f in art.device_mod.functions.values()
              if f.attrs is not None and "dyn_shared_memory_buf" in f.attrs]
-    return art.kernel_source, max(sizes, default=0), warned
+    problems = [f"TileLang could not place a barrier between two shared-memory accesses (a possible race; its "
+                f"ThreadSync warning): {w}" for w in warned]
+    return art.kernel_source, max(sizes, default=0), problems + launch_limit_problems(art)
 
 
 def _nvcc_ptx(source: str, arch: str) -> str:
@@ -126,9 +130,9 @@ def _nvcc_ptx(source: str, arch: str) -> str:
 def _lower_to_ptx(prim, arch: str):
     """The cheap path: tilelang's lowering and CUDA codegen, then ``nvcc -ptx`` (no cubin, no host
     wrapper). Same generated source as ``tilelang.compile``; used by the CPU test sweep.
-    -> (source, PTX, dynamic shared memory bytes, ThreadSync warnings)."""
-    src, dyn, warned = _lower(prim, arch)
-    return src, _nvcc_ptx(src, arch), dyn, warned
+    -> (source, PTX, dynamic shared memory bytes, hazards: see :func:`_lower`)."""
+    src, dyn, hazards = _lower(prim, arch)
+    return src, _nvcc_ptx(src, arch), dyn, hazards
 
 
 _GLOBAL_NAME = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(')
@@ -181,7 +185,7 @@ def _ptx_batch(sources: list[str], arch: str) -> list[tuple[str, list]]:
 
 def _record(name: str, arch: str) -> dict:
     return {"backend": "tilelang", "kernel": name, "arch": arch, "config": "", "registers": None, "spills": None,
-            "smem_bytes": None, "sync_warnings": [], "seconds": 0.0, "ok": False, "error": None, "source": None,
+            "smem_bytes": None, "hazards": [], "seconds": 0.0, "ok": False, "error": None, "source": None,
             "ptx": None}
 
 
@@ -197,24 +201,22 @@ def _prepare(name: str, arch: str, n: int, C: int, dtype: torch.dtype, config, c
     return rec, kdef.build(n, C, dtype, cfg, **consts)
 
 
-def _finish(rec: dict, src: str, ptx: str, res: list, dyn: int, warned: list, n: int, C: int, dtype: torch.dtype,
+def _finish(rec: dict, src: str, ptx: str, res: list, dyn: int, hazards: list, n: int, C: int, dtype: torch.dtype,
             emit_dir: Optional[str]) -> None:
-    """Fill ``rec`` from the build's source, PTX, ptxas resources and the lowering's ThreadSync warnings; ``ok``
-    unless it spills, overflows smem or may race on shared memory."""
+    """Fill ``rec`` from the build's source, PTX, ptxas resources and the lowering's hazards (:func:`_lower`); ``ok``
+    unless it spills, overflows smem or has a hazard."""
     rec.update(source=src, ptx=ptx,
                registers=max((r.registers for r in res), default=0),
                spills=sum(r.spills for r in res),
                smem_bytes=max((r.smem_bytes for r in res), default=0) + dyn,
-               sync_warnings=list(warned))
+               hazards=list(hazards))
     limit = ptxas.SMEM_LIMIT_BYTES.get(rec["arch"])
     problems = []
     if rec["spills"]:
         problems.append(f"{rec['spills']} bytes of register spills")
     if limit is not None and rec["smem_bytes"] > limit:
         problems.append(f"{rec['smem_bytes']} bytes of shared memory > {limit}")
-    if warned:
-        problems.append(f"TileLang could not place a barrier between two shared-memory accesses ({len(warned)} "
-                        f"ThreadSync warning(s); a possible race): {warned[0]}")
+    problems += hazards
     rec["ok"] = not problems
     rec["error"] = "; ".join(problems) or None
     if emit_dir:
@@ -248,17 +250,15 @@ def compile_one(name: str, arch: str, n: int, C: int, dtype: torch.dtype, *, con
 
         rec, prim = _prepare(name, arch, n, C, dtype, config, consts, T)
         if full:
-            with sync_warnings([]) as warned:
-                kernel = tilelang.compile(prim, target={"kind": "cuda", "arch": arch},
-                                          pass_configs=dict(common.PASS_CONFIGS))
-            if getattr(kernel.adapter, "device_mod", None) is None:   # loaded from the disk cache: not lowered
-                warned = _lower(prim, arch)[2]
+            kernel = tilelang.compile(prim, target={"kind": "cuda", "arch": arch},
+                                      pass_configs=dict(common.PASS_CONFIGS))
+            hazards = _lower(prim, arch)[2]   # also when the kernel came from the disk cache, not lowered again
             src = kernel.get_kernel_source()
             ptx = kernel._get_ptx(verbose=False)
             dyn = dynamic_smem_bytes(kernel)
         else:
-            src, ptx, dyn, warned = _lower_to_ptx(prim, arch)
-        _finish(rec, src, ptx, ptxas.resources(ptx, arch), dyn, warned, n, C, dtype, emit_dir)
+            src, ptx, dyn, hazards = _lower_to_ptx(prim, arch)
+        _finish(rec, src, ptx, ptxas.resources(ptx, arch), dyn, hazards, n, C, dtype, emit_dir)
     except Exception as e:  # a failed kernel is a record, not an abort
         rec = rec or _record(name, arch)
         _failed(rec, e)
@@ -282,8 +282,8 @@ def compile_many(requests: list[dict], arch: str, emit_dir: Optional[str] = None
         try:
             rec, prim = _prepare(q["name"], arch, q["n"], q["C"], q["dtype"], q.get("config"), q.get("consts"),
                                  q.get("T"))
-            src, dyn, warned = _lower(prim, arch)
-            lowered.append((len(recs), q, src, dyn, warned))
+            src, dyn, hazards = _lower(prim, arch)
+            lowered.append((len(recs), q, src, dyn, hazards))
         except Exception:
             rec = one_by_one(q)
         recs.append(rec)
@@ -291,13 +291,13 @@ def compile_many(requests: list[dict], arch: str, emit_dir: Optional[str] = None
         built = _ptx_batch([src for _, _, src, _, _ in lowered], arch) if lowered else []
     except Exception:
         built = None
-    for j, (i, q, src, dyn, warned) in enumerate(lowered):
+    for j, (i, q, src, dyn, hazards) in enumerate(lowered):
         if built is None:
             recs[i] = one_by_one(q)
             continue
         ptx, res = built[j]
         try:
-            _finish(recs[i], src, ptx, res, dyn, warned, q["n"], q["C"], q["dtype"], emit_dir)
+            _finish(recs[i], src, ptx, res, dyn, hazards, q["n"], q["C"], q["dtype"], emit_dir)
         except Exception as e:
             _failed(recs[i], e)
     share = round((time.perf_counter() - t0) / max(1, len(requests)), 3)
@@ -313,10 +313,11 @@ def compile_all(arch: str, n: int, C: int, dtype: torch.dtype, emit_dir: str | N
     usual count, :data:`.runtime_keys.ARCH_SMS`) -- on ``arch``. Each distinct key is built once.
 
     Returns one record per key: ``{"backend": "tilelang", "kernel", "arch", "config" (str: config and constants),
-    "registers", "spills", "smem_bytes", "sync_warnings", "seconds", "ok", "error"}``. ``ok`` is False when
-    compilation failed, the kernel spills registers, its shared memory exceeds the arch's limit, or TileLang's
-    barrier planner warned of a shared-memory conflict it could not fence (``sync_warnings``; ``error`` says
-    which). With ``emit_dir`` the generated CUDA source and the PTX of each kernel are written there.
+    "registers", "spills", "smem_bytes", "hazards", "seconds", "ok", "error"}``. ``ok`` is False when
+    compilation failed, the kernel spills registers, its shared memory exceeds the arch's limit, or it has a
+    hazard the CPU emulator cannot show (``hazards``: a shared-memory conflict TileLang's barrier planner could
+    not fence, a grid past CUDA's launch limits at some token count; ``error`` says which). With ``emit_dir``
+    the generated CUDA source and the PTX of each kernel are written there.
     """
     from . import runtime_keys
 

@@ -148,6 +148,13 @@ def _build_library(src: str) -> ctypes.CDLL:
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                  "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
 
+# CUDA's launch limits (every arch since sm_30), and the token count the grid is checked at: 2^30 is past any
+# tensor a GPU holds (a bf16 (T, 128) input alone would be 256 GiB) and below where the grid's int32
+# ceil-division (T + block_T - 1) / block_T wraps around
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+MAX_BLOCK_THREADS = 1024
+MAX_TOKENS = 2**30
+
 # Guard zones: every tensor is handed to the kernel inside a copy with GUARD elements before and after,
 # filled with a NaN of a distinctive payload (bit patterns per element size). A write out of bounds (within
 # the guard) changes a pattern and raises; a read out of bounds feeds a NaN into the result, which the
@@ -193,6 +200,87 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.reshape(-1).view(itype), b.reshape(-1).view(itype)))
 
 
+def _tirx_of(art):
+    """The TIR module (``tvm.tirx`` or ``tvm.tir``, by TileLang version) that a lowered artifact's nodes are from."""
+    f = next(iter(art.device_mod.functions.values()))
+    return __import__(type(f).__module__.rsplit(".", 1)[0], fromlist=["stmt_functor"])
+
+
+def eval_int(expr, sizes: dict) -> int:
+    """An integer expression of the symbolic sizes (the token count ``T``), at ``sizes`` (name -> value)."""
+    from tilelang import tvm
+
+    tirx = __import__(type(expr).__module__.rsplit(".", 1)[0], fromlist=["stmt_functor"])
+    found = {}
+    tirx.stmt_functor.post_order_visit(expr, lambda n: found.setdefault(n, None) if isinstance(n, tirx.Var) else None)
+    sub = {v: tirx.IntImm(v.dtype, sizes[v.name]) for v in found}
+    return int(tvm.arith.Analyzer().simplify(tirx.stmt_functor.substitute(expr, sub)).value)
+
+
+class Launch:
+    """How the host module of a lowered TileLang artifact launches its kernel: the kernel's name, the arguments
+    of the launch call and its launch parameters (grid and block extents, dynamic shared memory) as expressions
+    of the symbolic sizes."""
+
+    def __init__(self, art, name: str, n_params: int):
+        tirx = _tirx_of(art)
+        calls = []
+
+        def visit(node):
+            if (isinstance(node, tirx.Call) and node.args and isinstance(node.args[0], tirx.StringImm)
+                    and node.args[0].value == name):
+                calls.append(node)
+
+        for _, f in art.host_mod.functions.items():
+            if hasattr(f, "body"):
+                tirx.stmt_functor.post_order_visit(f.body, visit)
+        if len(calls) != 1:
+            raise EmulationError(f"expected one launch of {name} in the host module, found {len(calls)}")
+        args = list(calls[0].args[1:])
+        self.name = name
+        self.call_args = args[:n_params]
+        gfun = [f for _, f in art.device_mod.functions.items()][0]
+        key = [k for k in gfun.attrs.keys() if str(k).endswith("kernel_launch_params")]
+        # (blockIdx.x, blockIdx.y, threadIdx.x, threadIdx.y, threadIdx.z[, *.use_dyn_shared_memory])
+        self.names = [str(v) for v in gfun.attrs[key[0]]] if key else []
+        self.exprs = args[n_params:]
+        if not key or len(self.exprs) != len(self.names):
+            raise EmulationError(f"{name}: launch parameters {self.exprs} do not match {self.names}")
+
+    def dims(self, sizes: dict):
+        """((grid x, y, z), (block x, y, z), dynamic shared memory bytes) at ``sizes``."""
+        dims = {k: eval_int(e, sizes) for k, e in zip(self.names, self.exprs)}
+        grid = [dims.get(f"blockIdx.{a}", 1) for a in "xyz"]
+        block = [dims.get(f"threadIdx.{a}", 1) for a in "xyz"]
+        smem = sum(v for k, v in dims.items() if k.endswith("use_dyn_shared_memory"))
+        return grid, block, smem
+
+    def limit_problems(self) -> list:
+        """What of CUDA's launch limits the launch breaks at some token count: the emulator runs any grid, a GPU
+        refuses one past them (``invalid configuration argument``). The grid is evaluated at :data:`MAX_TOKENS`,
+        past any token count a GPU holds; a kernel with its token blocks on ``blockIdx.y`` fails this (a GPU
+        from ``T > 65535 * block_T`` on): token blocks belong on ``blockIdx.x``."""
+        (gx, gy, gz), block, _ = self.dims({"T": MAX_TOKENS})
+        if min(gx, gy, gz, *block) < 1:
+            return [f"the launch evaluates to grid {(gx, gy, gz)}, block {tuple(block)} at T={MAX_TOKENS}: "
+                    f"its limits cannot be checked"]
+        over = [f"blockIdx.{a} extent {g} > {lim}" for a, g, lim in zip("xyz", (gx, gy, gz), GRID_LIMITS) if g > lim]
+        threads = block[0] * block[1] * block[2]
+        if threads > MAX_BLOCK_THREADS:
+            over.append(f"{threads} threads per CTA > {MAX_BLOCK_THREADS}")
+        return [f"at T={MAX_TOKENS} tokens the launch exceeds CUDA's limits ({'; '.join(over)}): a GPU would "
+                f"refuse it"] if over else []
+
+
+def launch_limit_problems(art) -> list:
+    """:meth:`Launch.limit_problems` of a lowered artifact's kernel (the AOT records' check)."""
+    name = _SIG.search(art.kernel_source)
+    if name is None:
+        return ["no kernel definition found in the generated source"]
+    n_params = len(name.group(2).split(","))
+    return Launch(art, name.group(1), n_params).limit_problems()
+
+
 class EmulatedKernel:
     """Callable like a compiled TileLang kernel: positional tensors and scalars in the prim_func's order."""
 
@@ -205,6 +293,11 @@ class EmulatedKernel:
         with tvm.transform.PassContext(opt_level=3, config=dict(PASS_CONFIGS)), tvm.target.Target(TARGET):
             art = tilelang.lower(prim, target=TARGET)
         self.source, self.name, self.params = _host_source(art.kernel_source)
+        self._launch = Launch(art, self.name, len(self.params))
+        self.call_args = self._launch.call_args
+        problems = self._launch.limit_problems()
+        if problems:
+            raise EmulationError(f"{self.name}: {problems[0]}")
         self.lib = _build_library(self.source)
         tirx = __import__(type(prim).__module__.rsplit(".", 1)[0], fromlist=["stmt_functor"])
         self._tirx = tirx
@@ -223,44 +316,6 @@ class EmulatedKernel:
         # the buffers the kernel may write: only these are copied back after a launch (an input's storage,
         # and so its autograd version counter, is never touched)
         self.written = _stored_buffers(art.device_mod, tirx) & set(self.buffers)
-        calls = []
-
-        def visit(node):
-            if (isinstance(node, tirx.Call) and node.args and isinstance(node.args[0], tirx.StringImm)
-                    and node.args[0].value == self.name):
-                calls.append(node)
-
-        for _, f in art.host_mod.functions.items():
-            if hasattr(f, "body"):
-                tirx.stmt_functor.post_order_visit(f.body, visit)
-        if len(calls) != 1:
-            raise EmulationError(f"expected one launch of {self.name} in the host module, found {len(calls)}")
-        args = list(calls[0].args[1:])
-        self.call_args = args[:len(self.params)]
-        gfun = [f for _, f in art.device_mod.functions.items()][0]
-        key = [k for k in gfun.attrs.keys() if str(k).endswith("kernel_launch_params")]
-        # (blockIdx.x, blockIdx.y, threadIdx.x, threadIdx.y, threadIdx.z[, *.use_dyn_shared_memory])
-        self.launch_names = [str(v) for v in gfun.attrs[key[0]]] if key else []
-        self.launch = args[len(self.params):]
-        if not key or len(self.launch) != len(self.launch_names):
-            raise EmulationError(f"{self.name}: launch parameters {self.launch} do not match {self.launch_names}")
-
-    def _eval(self, expr, sizes) -> int:
-        """An integer expression of the symbolic sizes (the token count), at ``sizes``."""
-        from tilelang import tvm
-
-        found = {}
-        self._tirx.stmt_functor.post_order_visit(
-            expr, lambda n: found.setdefault(n, None) if isinstance(n, self._tirx.Var) else None)
-        sub = {v: self._tirx.IntImm(v.dtype, sizes[v.name]) for v in found}
-        return int(tvm.arith.Analyzer().simplify(self._tirx.stmt_functor.substitute(expr, sub)).value)
-
-    def _launch_dims(self, sizes):
-        dims = {k: self._eval(e, sizes) for k, e in zip(self.launch_names, self.launch)}
-        grid = [dims.get(f"blockIdx.{a}", 1) for a in "xyz"]
-        block = [dims.get(f"threadIdx.{a}", 1) for a in "xyz"]
-        smem = sum(v for k, v in dims.items() if k.endswith("use_dyn_shared_memory"))
-        return grid, block, smem
 
     def __call__(self, *args):
         if len(args) != len(self.arg_names):
@@ -286,8 +341,8 @@ class EmulatedKernel:
             else:
                 values[name] = a
         for name, d, want, got in derived:
-            if self._eval(want, sizes) != got:
-                raise EmulationError(f"{self.name}: {name!r} dim {d} is {got}, expected {self._eval(want, sizes)}")
+            if eval_int(want, sizes) != got:
+                raise EmulationError(f"{self.name}: {name!r} dim {d} is {got}, expected {eval_int(want, sizes)}")
         ptrs = []
         for (ctype, pname), expr in zip(self.params, self.call_args):
             key = expr.name if isinstance(expr, self._tirx.Var) else pname
@@ -299,7 +354,7 @@ class EmulatedKernel:
                    ctypes.c_long if ctype == "int64_t" else ctypes.c_float)(v)
             keep.append(box)
             ptrs.append(ctypes.addressof(box))
-        (gx, gy, gz), (bx, by, bz), smem = self._launch_dims(sizes)
+        (gx, gy, gz), (bx, by, bz), smem = self._launch.dims(sizes)
         if gx * gy * gz == 0:
             return
         arr = (ctypes.c_void_p * len(ptrs))(*ptrs)

@@ -3,7 +3,7 @@
 
 Layout: ``x (T, C)`` (bf16/fp16/fp32) -> ``codes (T, C)`` (the float8_e4m3fn bytes, as uint8) and ``scales
 (T, C / group)``: float32 for groups of 128, the E8M0 byte (uint8) for groups of 32 (``specs.fp8_scale_dtype``).
-Grid (group blocks of ``threads``, tokens); one thread per (token, group) walks its group twice in
+Grid (tokens, group blocks of ``threads``); one thread per (token, group) walks its group twice in
 ``vec``-element vectors: the amax (and whether every value is finite), then the codes (the second read hits L1).
 Every value is read once from DRAM and every code and scale written once.
 
@@ -160,7 +160,7 @@ def _build_quantize_fp8(n, C, dtype, cfg, group=128):
     @T.prim_func
     def quantize_fp8(x: T.Tensor((Tn, C), dt),                                            # input
                      codes: T.Tensor((Tn, C), "uint8"), scales: T.Tensor((Tn, G), scale_dtype_name(group))):
-        with T.Kernel(T.ceildiv(G, th), Tn, threads=th) as (bx, by):
+        with T.Kernel(Tn, T.ceildiv(G, th), threads=th) as (by, bx):
             tx = T.get_thread_binding(0)
             g = bx * th + tx
             if g < G:

@@ -251,7 +251,7 @@ def _build_pre_tail(n, C, dtype, cfg, iters=20, fp8_group=0):
     @T.macro
     def tail(part_mix, part_sq, scale, base, x, layer_input, post, comb, mixes, rstd, out_rstd, fp8_codes,
              fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps):
-        with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=th + SINKHORN_WARP) as (bx, by):
+        with T.Kernel(T.ceildiv(Tn, bt), NCB, threads=th + SINKHORN_WARP) as (by, bx):
             T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))
             tx = T.get_thread_binding(0)
             pre_s = T.alloc_shared((bt, n), "float32")
@@ -559,7 +559,7 @@ def _build_pre_sp_tail(n, C, dtype, cfg, iters=20, normalize=True, fp8_group=0):
     @T.macro
     def tail(part_mix, part_sq, part_usq, scale, base, out_norm_weight, layer_input, pre, post, comb, mixes, rstd,
              out_rstd, fp8_codes, fp8_scales, norm_eps, pre_eps, post_mult, sinkhorn_eps, out_norm_eps):
-        with T.Kernel(NCB, T.ceildiv(Tn, bt), threads=TH + SINKHORN_WARP) as (bx, by):
+        with T.Kernel(T.ceildiv(Tn, bt), NCB, threads=TH + SINKHORN_WARP) as (by, bx):
             tx = T.get_thread_binding(0)
             if normalize:
                 T.annotate_min_blocks_per_sm(tail_min_blocks(n, th + SINKHORN_WARP))

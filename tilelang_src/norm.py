@@ -629,7 +629,7 @@ def _build_bwd_dx(n, C, dtype, cfg, rows=None, apply=False, residual_grad=False)
                        w: T.Tensor((Tn, n), "float32"), g_apply: T.Tensor((Tn, C), dt),          # extra terms
                        g_res: T.Tensor((Tn, K), dt),
                        dx: T.Tensor((Tn, K), dt)):                                               # gradient out
-        with T.Kernel(T.ceildiv(K, bq), T.ceildiv(Tn, bt), threads=threads) as (bx, by):
+        with T.Kernel(T.ceildiv(Tn, bt), T.ceildiv(K, bq), threads=threads) as (by, bx):
             tx = T.get_thread_binding(0)
             grs = T.alloc_shared((bt, m), "float32")    # g * rstd
             coef = T.alloc_shared((bt,), "float32")     # rstd^2 / K * (g . mixes)

@@ -1,7 +1,8 @@
 """Memory-bound streaming kernels: ``pre_apply_mix``, ``post`` and ``expand``, forward and backward.
 
-Layout of every kernel: a 2-D grid of (hidden blocks, token blocks) -- or token blocks
-only where a per-token reduction over ``C`` must stay inside one CTA (the backward
+Layout of every kernel: a 2-D grid of (token blocks, hidden blocks) -- token blocks on
+``blockIdx.x``, whose limit (2^31 - 1) holds any token count, ``blockIdx.y``'s is 65535 -- or
+token blocks only where a per-token reduction over ``C`` must stay inside one CTA (the backward
 kernels that produce mix gradients, which keeps those sums deterministic and free of
 atomics). Inside a CTA, consecutive threads take consecutive vectors of ``vec``
 contiguous elements (explicit indexing, so every warp access is a coalesced 16-byte
@@ -126,7 +127,7 @@ def _build_pre_apply_fwd(n, C, dtype, cfg):
     @T.prim_func
     def pre_apply_mix_fwd(x: T.Tensor((Tn, n, C), dt), mix: T.Tensor((Tn, n), "float32"),   # inputs
                           out: T.Tensor((Tn, C), dt)):                                         # output
-        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+        with T.Kernel(T.ceildiv(Tn, bt), T.ceildiv(C, bc), threads=th) as (by, bx):
             xv = T.alloc_local((V,), dt)
             acc = T.alloc_local((V,), "float32")
             ov = T.alloc_local((V,), dt)
@@ -324,7 +325,7 @@ def _build_post_fwd(n, C, dtype, cfg):
     def post_fwd(y: T.Tensor((Tn, C), dt), residual: T.Tensor((Tn, n, C), dt),                  # inputs
                  post: T.Tensor((Tn, n), "float32"), comb: T.Tensor((Tn, n, n), "float32"),
                  out: T.Tensor((Tn, n, C), dt)):                                                # output
-        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+        with T.Kernel(T.ceildiv(Tn, bt), T.ceildiv(C, bc), threads=th) as (by, bx):
             xv = T.alloc_local((n, V), dt)   # every stream's vector, read once
             xf = T.alloc_local((n, V), "float32")
             yv = T.alloc_local((V,), dt)
@@ -457,7 +458,7 @@ def _build_expand_fwd(n, C, dtype, cfg):
     @T.prim_func
     def expand_fwd(h: T.Tensor((Tn, C), dt),           # input
                    out: T.Tensor((Tn, n, C), dt)):     # output
-        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+        with T.Kernel(T.ceildiv(Tn, bt), T.ceildiv(C, bc), threads=th) as (by, bx):
             hv = T.alloc_local((V,), dt)
             tx = T.get_thread_binding(0)
             for it in T.serial(NIT):
@@ -488,7 +489,7 @@ def _build_expand_bwd(n, C, dtype, cfg):
     @T.prim_func
     def expand_bwd(g: T.Tensor((Tn, n, C), dt),        # gradient in
                    dh: T.Tensor((Tn, C), dt)):         # gradient out
-        with T.Kernel(T.ceildiv(C, bc), T.ceildiv(Tn, bt), threads=th) as (bx, by):
+        with T.Kernel(T.ceildiv(Tn, bt), T.ceildiv(C, bc), threads=th) as (by, bx):
             gv = T.alloc_local((V,), dt)
             acc = T.alloc_local((V,), "float32")
             ov = T.alloc_local((V,), dt)
