@@ -96,7 +96,7 @@ def config_call(call):
     from .validation import Call
 
     return Call(call.spec, None, BATCH_INVARIANT_TOKENS, call.n, call.C, (BATCH_INVARIANT_TOKENS,), call.act_dtype,
-                call.mix_dtype, call.device, call.sizes, call.iters)
+                call.mix_dtype, call.device, call.sizes, call.iters, call.alignment)
 
 
 def _token_dim(shape) -> Optional[int]:

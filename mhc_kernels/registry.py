@@ -269,7 +269,7 @@ def _why_not(backend: str, call) -> Optional[str]:
 def select(call) -> Kernel:
     """The kernel that serves ``call`` (a :class:`~mhc_kernels.validation.Call`)."""
     forced = forced_backend()
-    key = (call.spec.name, call.device, call.dtype, call.n, call.C, forced)
+    key = (call.spec.name, call.device, call.dtype, call.n, call.C, call.alignment, forced)
     k = _SELECT_CACHE.get(key)
     if k is not None:
         return k

@@ -53,6 +53,11 @@ _ACT_NAMES = "bfloat16, float16 or float32"
 _ITERS_NAMES = ("sinkhorn_iters", "iters")
 
 
+# bytes: the widest vector access a backend's kernels make (uint4 / float4). A tensor aligned to less than this (a
+# view at a storage offset: fresh allocations are 64-byte aligned on the CPU, 512 on CUDA) is noted in its Call
+MAX_ALIGNMENT = 16
+
+
 class Call:
     """One validated call: canonical (flattened, contiguous) arguments plus the bound sizes.
 
@@ -62,9 +67,11 @@ class Call:
     config functions and ``supports``.
     """
 
-    __slots__ = ("spec", "args", "T", "n", "C", "lead", "act_dtype", "mix_dtype", "device", "sizes", "iters")
+    __slots__ = ("spec", "args", "T", "n", "C", "lead", "act_dtype", "mix_dtype", "device", "sizes", "iters",
+                 "alignment")
 
-    def __init__(self, spec, args, T, n, C, lead, act_dtype, mix_dtype, device, sizes=None, iters=None):
+    def __init__(self, spec, args, T, n, C, lead, act_dtype, mix_dtype, device, sizes=None, iters=None,
+                 alignment=()):
         self.spec = spec
         self.args = args
         self.T = T
@@ -76,6 +83,11 @@ class Call:
         self.device = device
         self.sizes = sizes or {}
         self.iters = iters
+        # ((argument name, its data pointer's alignment, its rows' alignment), ...) in bytes (powers of two) for
+        # every tensor argument whose data pointer is less than MAX_ALIGNMENT aligned (a view at a storage offset),
+        # alignments capped at MAX_ALIGNMENT: for kernels whose vector accesses need aligned tensors; () for fresh
+        # allocations
+        self.alignment = alignment
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,7 +111,8 @@ class Call:
             sizes["L"] = self.sizes.get("L", 1)
         iters = self.iters if any(a.name in _ITERS_NAMES for a in spec.args) else None
         return Call(spec, None, self.T, self.n, self.C if "C" in syms or "K" in syms else None, (self.T,),
-                    self.act_dtype if spec.has_act else None, self.mix_dtype, self.device, sizes, iters)
+                    self.act_dtype if spec.has_act else None, self.mix_dtype, self.device, sizes, iters,
+                    self.alignment)
 
     def output_shapes(self):
         """Shapes (with the original leading dims) and dtypes of the spec's outputs."""
@@ -354,7 +367,28 @@ def bind(spec: OpSpec, args, *, flatten: bool = True) -> Call:
             if at is not None and len(lead) != 1:
                 v = v.reshape(tuple(v.shape[:at]) + (T,) + tuple(v.shape[at + len(lead):]))
             out_args[i] = v.contiguous()
-    return Call(spec, out_args, T, n, C, lead, act_dtype, mix_dtype, device, sizes, iters)
+    return Call(spec, out_args, T, n, C, lead, act_dtype, mix_dtype, device, sizes, iters,
+                _alignment(spec, out_args))
+
+
+def _alignment(spec, args) -> tuple:
+    """((name, data pointer alignment, row alignment), ...) of the tensor arguments whose data pointer is less than
+    :data:`MAX_ALIGNMENT` aligned. Alignments are the largest powers of two (at most MAX_ALIGNMENT) dividing the
+    address and the byte stride of the first dim; empty tensors, and tensors without storage (as under tracing),
+    do not count."""
+    out = []
+    for a, v in zip(spec.args, args):
+        if not isinstance(a, TensorArg) or not isinstance(v, torch.Tensor) or v.numel() == 0:
+            continue
+        try:
+            ptr = v.data_ptr()
+        except (RuntimeError, NotImplementedError):   # fake / meta tensors have no address
+            continue
+        align = min(ptr & -ptr, MAX_ALIGNMENT) if ptr else MAX_ALIGNMENT
+        if align < MAX_ALIGNMENT:
+            row = (v.stride(0) if v.dim() else 1) * v.element_size()
+            out.append((a.name, align, min(row & -row, MAX_ALIGNMENT)))
+    return tuple(out)
 
 
 def _bind_free(spec, a: TensorArg, v: torch.Tensor, sizes: dict, lead) -> None:

@@ -712,7 +712,8 @@ def _call(op, n=4, C=4096, dtype=torch.bfloat16, device="cuda", **args):
 
     spec = SPECS[op]
     return SimpleNamespace(spec=spec, T=16, n=n, C=C, dtype=dtype, device=torch.device(device),
-                           iters=args.get("iters", 20) if any("iters" in a for a in spec.arg_names) else None)
+                           iters=args.get("iters", 20) if any("iters" in a for a in spec.arg_names) else None,
+                           alignment=args.get("alignment", ()))
 
 
 def test_supports_refuses_with_reasons():
@@ -725,6 +726,11 @@ def test_supports_refuses_with_reasons():
     # checkpoints for every round would need 1000 * 256 B per token: served with segment recompute
     assert sup(_call("sinkhorn_bwd", n=8, iters=MAX_SINKHORN_ITERS)) is None
     assert sup(_call("split_mixes_bwd", n=8, iters=MAX_SINKHORN_ITERS)) is None
+    # tensors off a 16-byte boundary (Call.alignment: name, pointer alignment, row alignment): a residual-dtype
+    # tensor needs its rows' alignment (vectors lie inside a token's row), the float32 mixes 16 bytes
+    assert "'residual' starts at an address aligned to 2 bytes" in sup(_call("post", alignment=(("residual", 2, 16),)))
+    assert sup(_call("post", alignment=(("residual", 8, 8),))) is None
+    assert "need it 16-byte aligned" in sup(_call("post", alignment=(("post_mix", 8, 8),)))
 
 
 def test_every_op_registered_with_configs():

@@ -27,7 +27,7 @@ from op_samples import SP_FUSED_CASES, fused_single_pass_matches_its_parts  # no
 
 import mhc_kernels as mk  # noqa: E402
 from mhc_kernels.reference import cases, torch_ref  # noqa: E402
-from mhc_kernels.tilelang_src import EMULATE_ENV  # noqa: E402
+from mhc_kernels.tilelang_src import EMULATE_ENV, common  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -221,33 +221,75 @@ def test_guard_zones_catch_out_of_bounds_writes_and_poison_reads():
         assert not emulate._guard_intact(buf)
 
 
+def test_a_view_off_a_16_byte_boundary_is_refused_with_the_reason():
+    """A contiguous view at a storage offset can start off a 16-byte boundary. The TileLang kernels' 16-byte vector
+    accesses would fault there on a GPU (cudaErrorMisalignedAddress, which also ends the CUDA context), and the
+    emulator's guarded copies are aligned, so it would not show. So TileLang does not take the call: forced, the
+    error names the argument and its alignment; chosen automatically, another backend serves it (on CUDA: Triton,
+    whose compiler specialises on pointer alignment); the emulator refuses such a pointer outright; and a view
+    at an aligned offset is served by TileLang as before."""
+    from mhc_kernels.tilelang_src import emulate
+
+    d = cases.make_inputs("post", (5,), 4, 256, torch.bfloat16, "cpu", seed=1)
+    args = (d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"])
+    with mk.use_backend("reference"):
+        want_ref = mk.mhc_post(*args)
+    with mk.use_backend("tilelang"):
+        want_tl = mk.mhc_post(*args)
+
+    def residual_at(offset):   # the residual's values, contiguous, `offset` elements into a larger buffer
+        buf = torch.zeros(d["residual"].numel() + offset, dtype=torch.bfloat16)
+        r = buf[offset:].view(d["residual"].shape)
+        r.copy_(d["residual"])
+        return r
+
+    off = residual_at(3)
+    assert off.is_contiguous() and off.data_ptr() % 16 == 6
+    with mk.use_backend("tilelang"), pytest.raises(mk.BackendError, match=r"'residual' starts at an address "
+                                                                         r"aligned to 2 bytes only"):
+        mk.mhc_post(d["layer_output"], off, d["post_mix"], d["comb_mix"])
+    assert mk.which_backend("post", d["layer_output"], off, d["post_mix"], d["comb_mix"]) == "reference"
+    assert torch.equal(mk.mhc_post(d["layer_output"], off, d["post_mix"], d["comb_mix"]), want_ref)
+    with mk.use_backend("tilelang"):
+        assert torch.equal(mk.mhc_post(d["layer_output"], residual_at(8), d["post_mix"], d["comb_mix"]), want_tl)
+    # the net under it: the kernel itself, handed the pointer directly, is refused by the emulator, which reads
+    # the 16-byte vector accesses off the generated code
+    from mhc_kernels.tilelang_src import streaming
+
+    cfg = streaming.default_config("post", common.Shape(5, 4, 256, torch.bfloat16))
+    with pytest.raises(emulate.EmulationError, match="'residual' is not 16-byte aligned"):
+        streaming.post_fwd(d["layer_output"], off, d["post_mix"], d["comb_mix"], config=cfg)
+
+
+def _copy_kernel(tokens_on_x=True):
+    """A copy kernel with its token blocks on blockIdx.x or on .y."""
+    import tilelang.language as T
+
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def copy(x: T.Tensor((Tn, 128), "float32"), y: T.Tensor((Tn, 128), "float32")):
+        with T.Kernel(*((T.ceildiv(Tn, 4), 2) if tokens_on_x else (2, T.ceildiv(Tn, 4))), threads=64) as (b0, b1):
+            bt, bc = (b0, b1) if tokens_on_x else (b1, b0)
+            tx = T.get_thread_binding(0)
+            for i in T.serial(4):
+                if bt * 4 + i < Tn:
+                    y[bt * 4 + i, bc * 64 + tx] = x[bt * 4 + i, bc * 64 + tx]
+
+    return copy
+
+
 def test_emulator_refuses_a_grid_a_gpu_would_refuse():
     """The emulator runs any grid; a GPU refuses blockIdx.y or .z extents past 65535. So a kernel is refused when
     its grid breaks CUDA's launch limits at some token count (evaluated at emulate.MAX_TOKENS): token blocks on
     blockIdx.y break them from T > 65535 * block_T on, on blockIdx.x they hold."""
-    import tilelang.language as T
-
     from mhc_kernels.tilelang_src import emulate
 
-    Tn = T.dynamic("T")
-
-    def copy_kernel(tokens_on_x):
-        @T.prim_func
-        def copy(x: T.Tensor((Tn, 128), "float32"), y: T.Tensor((Tn, 128), "float32")):
-            with T.Kernel(*((T.ceildiv(Tn, 4), 2) if tokens_on_x else (2, T.ceildiv(Tn, 4))), threads=64) as (b0, b1):
-                bt, bc = (b0, b1) if tokens_on_x else (b1, b0)
-                tx = T.get_thread_binding(0)
-                for i in T.serial(4):
-                    if bt * 4 + i < Tn:
-                        y[bt * 4 + i, bc * 64 + tx] = x[bt * 4 + i, bc * 64 + tx]
-
-        return copy
-
     with pytest.raises(emulate.EmulationError, match=r"blockIdx\.y extent 268435456 > 65535"):
-        emulate.EmulatedKernel(copy_kernel(tokens_on_x=False))
+        emulate.EmulatedKernel(_copy_kernel(tokens_on_x=False))
     x = torch.randn(9, 128)
     y = torch.zeros(9, 128)
-    emulate.EmulatedKernel(copy_kernel(tokens_on_x=True))(x, y)
+    emulate.EmulatedKernel(_copy_kernel(tokens_on_x=True))(x, y)
     assert torch.equal(x, y)
 
 

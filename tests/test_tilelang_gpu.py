@@ -185,3 +185,21 @@ def test_multilayer_recompute(n, C, T, L, dtype, served):
     with mk.use_backend("tilelang"), torch.no_grad():
         _assert_ok(cases.check_recompute(multilayer_recompute, inputs), f"multilayer_recompute n={n} C={C} L={L}")
     assert served == {"multilayer_recompute": {"tilelang"}}, served
+
+
+@pytest.mark.gpu_smoke
+def test_a_residual_off_a_16_byte_boundary_is_served_by_triton():
+    """A contiguous residual at an odd storage offset: TileLang's 16-byte vector accesses would fault on it, so the
+    registry serves the call with Triton (its compiler specialises on pointer alignment) and the result equals the
+    aligned call's, TileLang's, to the bf16 rounding (both compute in float32 and round once)."""
+    if not mk.available_backends("cuda")["triton"].available:
+        pytest.skip(mk.available_backends("cuda")["triton"].reason)
+    d = cases.make_inputs("post", (300,), 4, 4096, torch.bfloat16, "cuda", seed=2)   # a gpu_smoke shape
+    buf = torch.empty(d["residual"].numel() + 3, dtype=torch.bfloat16, device="cuda")
+    off = buf[3:].view(d["residual"].shape)
+    off.copy_(d["residual"])
+    args = (d["layer_output"], off, d["post_mix"], d["comb_mix"])
+    assert mk.which_backend("post", *args) == "triton"
+    got = mk.mhc_post(*args)
+    want = mk.mhc_post(d["layer_output"], d["residual"], d["post_mix"], d["comb_mix"])
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-3)

@@ -197,3 +197,32 @@ def test_errors_under_torch_compile_are_the_same():
     f = torch.compile(lambda x, p: mk.pre_apply_mix(x, p), fullgraph=True)
     with pytest.raises(Exception, match="'pre_mix' must have shape"):
         f(torch.randn(T, N, C), torch.rand(T, N + 1))
+
+
+def test_a_call_records_the_tensors_off_a_full_alignment():
+    """Call.alignment: for each tensor argument whose data pointer is less than 16-byte aligned (a view at a storage
+    offset), its name, the pointer's alignment and its rows' (powers of two, in bytes, at most 16), for the
+    backends whose vector accesses need aligned tensors (TileLang: test_tilelang_emulated). Fresh allocations do
+    not appear, nor do views at aligned offsets or empty tensors."""
+    from mhc_kernels.specs import SPECS
+    from mhc_kernels.validation import bind, complete
+
+    d = cases.make_inputs("post", (5,), 4, 256, torch.bfloat16, "cpu", seed=1)
+    spec = SPECS["post"]
+
+    def alignment(**over):
+        args = dict(d, **over)
+        return bind(spec, complete(spec, (args["layer_output"], args["residual"], args["post_mix"],
+                                          args["comb_mix"]), {})).alignment
+
+    assert alignment() == ()
+    for offset, want in ((3, (("residual", 2, 16),)), (4, (("residual", 8, 16),)), (8, ())):
+        buf = torch.zeros(d["residual"].numel() + offset, dtype=torch.bfloat16)
+        assert alignment(residual=buf[offset:].view(d["residual"].shape)) == want, offset
+    mixes = torch.zeros(5 * 4 + 1)[1:].view(5, 4)   # float32, 4 bytes in; rows of 16 bytes
+    assert alignment(post_mix=mixes) == (("post_mix", 4, 16),)
+    odd_rows = torch.zeros(5 * 4 * 33 + 4, dtype=torch.bfloat16)[4:].view(5, 4, 33)   # rows of 264 bytes
+    assert bind(spec, complete(spec, (d["layer_output"][:, :33].contiguous(), odd_rows, d["post_mix"],
+                                      d["comb_mix"]), {})).alignment == (("residual", 8, 8),)
+    empty = torch.zeros(1, dtype=torch.bfloat16)[1:]   # no elements: its address does not count
+    assert bind(SPECS["expand"], complete(SPECS["expand"], (empty.view(0, 1), 4), {})).alignment == ()

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from mhc_kernels.registry import dtype_and_streams_reason
-from mhc_kernels.specs import next_pow2  # noqa: F401  (the kernel modules' one next_pow2)
+from mhc_kernels.specs import ACT, next_pow2  # noqa: F401  (next_pow2: the kernel modules' one)
 
 from . import emulation_enabled
 
@@ -52,12 +52,30 @@ PASS_CONFIGS = {
 }
 
 
+VECTOR_BYTES = 16   # the widest global access the kernels make (max_vec)
+
+
+def alignment_reason(call) -> Optional[str]:
+    """Why a tensor of ``call`` is too little aligned for the kernels' vector accesses, or None. A residual-dtype
+    tensor needs the alignment of its rows (up to VECTOR_BYTES: a kernel's vectors lie inside one token's row, so
+    every slice along the tokens of a fresh tensor passes); any other tensor (the float32 mixes, staged in blocks
+    of tokens) needs VECTOR_BYTES."""
+    kinds = {a.name: a.kind for a in call.spec.tensor_args}
+    for name, align, row_align in call.alignment:
+        need = min(VECTOR_BYTES, row_align) if kinds.get(name) == ACT else VECTOR_BYTES
+        if align < need:
+            return (f"argument '{name}' starts at an address aligned to {align} bytes only (a view at a storage "
+                    f"offset); the TileLang kernels' vector accesses need it {need}-byte aligned (Triton and the "
+                    f"reference serve it; so does a copy: .clone())")
+    return None
+
+
 def supports_call(call) -> Optional[str]:
     """None when the TileLang kernels can serve ``call`` (a validated Call), else why not."""
     if call.device.type != "cuda" and not (call.device.type == "cpu" and emulation_enabled()):
         return f"TileLang kernels run on CUDA devices only; got {call.device.type}"
-    return dtype_and_streams_reason(call, "TileLang kernels", tuple(DTYPES), MAX_N,
-                                    "per-stream values are kept in registers")
+    return alignment_reason(call) or dtype_and_streams_reason(call, "TileLang kernels", tuple(DTYPES), MAX_N,
+                                                              "per-stream values are kept in registers")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -68,7 +86,7 @@ def elem_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def max_vec(dtype: torch.dtype, C: int, bytes_per_access: int = 16) -> int:
+def max_vec(dtype: torch.dtype, C: int, bytes_per_access: int = VECTOR_BYTES) -> int:
     """Largest power-of-two element count <= ``bytes_per_access`` bytes that divides ``C``."""
     v = max(1, bytes_per_access // elem_bytes(dtype))
     while v > 1 and C % v:

@@ -13,8 +13,10 @@ with round-to-nearest-even conversions, the vector types, ``tl::AllReduce``). Ea
 thread is a user-space fiber, CTAs run one after another, each with its shared memory poisoned
 (0xff bytes) at its start and its threads in ascending order in even CTAs and descending in odd
 ones (so a missing barrier shows); threads that reach different numbers of barriers raise.
-Grid, block and dynamic shared memory sizes are read from the host module's launch call and
-evaluated at the actual token count.
+Grid, block and dynamic shared memory sizes are read from the host module's launch call
+(:class:`Launch`) and evaluated at the actual token count; a kernel whose grid would break CUDA's
+launch limits at some token count (blockIdx.y and .z stop at 65535) is refused, since this
+emulator would run it and a GPU would not.
 
 What it proves and what it does not: the index arithmetic, masking, loop bounds,
 shared-memory staging, barriers and the float32 math of the generated code (rsqrtf is
@@ -41,6 +43,8 @@ import re
 import subprocess
 
 import torch
+
+from .common import VECTOR_BYTES
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu.h")
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
@@ -200,6 +204,23 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.reshape(-1).view(itype), b.reshape(-1).view(itype)))
 
 
+_VECTOR_CAST = re.compile(r"\*\((u?int4|float4|u?int2|float2|u?int|float)\*\)\((\w+) ")
+_VECTOR_TYPE_BYTES = {"uint4": 16, "int4": 16, "float4": 16, "uint2": 8, "int2": 8, "float2": 8, "uint": 4, "int": 4,
+                      "float": 4}
+
+
+def _vector_bytes(kernel_source: str, params: list) -> dict:
+    """{kernel parameter: the widest vector access the generated code makes through it, in bytes} (its pointer
+    must be that aligned on a GPU): read off the casts TileLang emits, ``*(uint4*)(x + ...)``."""
+    out: dict = {}
+    for ty, name in _VECTOR_CAST.findall(kernel_source):
+        if name in params:
+            out[name] = max(out.get(name, 1), _VECTOR_TYPE_BYTES[ty])
+    if any(v > VECTOR_BYTES for v in out.values()):
+        raise EmulationError(f"vector accesses wider than {VECTOR_BYTES} bytes in the generated code: {out}")
+    return out
+
+
 def _tirx_of(art):
     """The TIR module (``tvm.tirx`` or ``tvm.tir``, by TileLang version) that a lowered artifact's nodes are from."""
     f = next(iter(art.device_mod.functions.values()))
@@ -299,6 +320,7 @@ class EmulatedKernel:
         if problems:
             raise EmulationError(f"{self.name}: {problems[0]}")
         self.lib = _build_library(self.source)
+        self.vector_bytes = _vector_bytes(art.kernel_source, [p for _, p in self.params])
         tirx = __import__(type(prim).__module__.rsplit(".", 1)[0], fromlist=["stmt_functor"])
         self._tirx = tirx
         self.arg_names = []   # prim_func parameter -> name in the kernel signature
@@ -326,6 +348,12 @@ class EmulatedKernel:
                 dtype, shape = self.buffers[name]
                 if not isinstance(a, torch.Tensor) or a.device.type != "cpu" or not a.is_contiguous():
                     raise EmulationError(f"{self.name}: argument {name!r} must be a contiguous CPU tensor")
+                need = self.vector_bytes.get(name, 1)
+                if a.numel() and a.data_ptr() % need:
+                    # the kernel runs on a guarded copy here, which is aligned; a GPU would fault
+                    raise EmulationError(f"{self.name}: argument {name!r} is not {need}-byte aligned (address "
+                                         f"{a.data_ptr():#x}) but the kernel accesses it in {need}-byte vectors: "
+                                         f"a GPU would fault")
                 if a.dtype != _TORCH_DTYPES[dtype] or a.dim() != len(shape):
                     raise EmulationError(f"{self.name}: argument {name!r} must be {dtype} with {len(shape)} dims, "
                                          f"got {a.dtype} with {a.dim()}")
