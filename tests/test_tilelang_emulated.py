@@ -280,17 +280,22 @@ def _copy_kernel(tokens_on_x=True):
 
 
 def test_emulator_refuses_a_grid_a_gpu_would_refuse():
-    """The emulator runs any grid; a GPU refuses blockIdx.y or .z extents past 65535. So a kernel is refused when
-    its grid breaks CUDA's launch limits at some token count (evaluated at emulate.MAX_TOKENS): token blocks on
-    blockIdx.y break them from T > 65535 * block_T on, on blockIdx.x they hold."""
+    """A GPU refuses blockIdx.y or .z extents past 65535. So the emulator refuses a kernel whose grid breaks CUDA's
+    launch limits at some token count (evaluated at emulate.MAX_TOKENS): token blocks on blockIdx.y break them
+    from T > 65535 * block_T on, on blockIdx.x they hold. And it refuses a launch with an empty grid."""
     from mhc_kernels.tilelang_src import emulate
 
     with pytest.raises(emulate.EmulationError, match=r"blockIdx\.y extent 268435456 > 65535"):
         emulate.EmulatedKernel(_copy_kernel(tokens_on_x=False))
     x = torch.randn(9, 128)
     y = torch.zeros(9, 128)
-    emulate.EmulatedKernel(_copy_kernel(tokens_on_x=True))(x, y)
+    kernel = emulate.EmulatedKernel(_copy_kernel(tokens_on_x=True))
+    kernel(x, y)
     assert torch.equal(x, y)
+    # TileLang's CUDA launcher refuses an empty grid ("grid dimension must be positive"), so the emulator does
+    # too: a wrapper must return before launching on an empty input (every op's T=0 case runs through here)
+    with pytest.raises(emulate.EmulationError, match="empty grid"):
+        kernel(torch.zeros(0, 128), torch.zeros(0, 128))
 
 
 def test_check_command_covers_tilelang_on_cpu():

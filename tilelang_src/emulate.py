@@ -16,7 +16,9 @@ ones (so a missing barrier shows); threads that reach different numbers of barri
 Grid, block and dynamic shared memory sizes are read from the host module's launch call
 (:class:`Launch`) and evaluated at the actual token count; a kernel whose grid would break CUDA's
 launch limits at some token count (blockIdx.y and .z stop at 65535) is refused, since this
-emulator would run it and a GPU would not.
+emulator would run it and a GPU would not; so is a launch with an empty grid (TileLang's CUDA
+launcher refuses it) and a tensor less aligned than the widest vector access the generated code
+makes through it (a GPU would fault).
 
 What it proves and what it does not: the index arithmetic, masking, loop bounds,
 shared-memory staging, barriers and the float32 math of the generated code (rsqrtf is
@@ -383,8 +385,10 @@ class EmulatedKernel:
             keep.append(box)
             ptrs.append(ctypes.addressof(box))
         (gx, gy, gz), (bx, by, bz), smem = self._launch.dims(sizes)
-        if gx * gy * gz == 0:
-            return
+        if min(gx, gy, gz) < 1:
+            # TileLang's CUDA launcher refuses this ("grid dimension must be positive"): the wrapper must not launch
+            raise EmulationError(f"{self.name}: launched with the empty grid {(gx, gy, gz)} at {sizes}; a GPU "
+                                 f"launch refuses it, so an empty input must return before the launch")
         arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
         status = self.lib.emu_entry(arr, gx, gy, gz, bx, by, bz, smem)
         if status == 1:
