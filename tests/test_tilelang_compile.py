@@ -34,6 +34,8 @@ if shutil.which("nvcc") is None or shutil.which("ptxas") is None:
     pytest.skip("nvcc/ptxas not on PATH: TileLang kernels cannot be compiled without the CUDA toolkit",
                 allow_module_level=True)
 
+import tilelang_checks  # noqa: E402
+
 from mhc_kernels import ptxas  # noqa: E402
 from mhc_kernels.specs import MAX_SINKHORN_ITERS  # noqa: E402
 from mhc_kernels.tilelang_src import aot, backend, common  # noqa: E402
@@ -264,24 +266,6 @@ def test_no_kernel_has_a_hazard_the_emulator_cannot_show(records):
     assert not found, found
 
 
-def _copy_kernel(tokens_on_x: bool):
-    """A small copy kernel with its token blocks on blockIdx.x or on .y."""
-    import tilelang.language as T
-
-    Tn = T.dynamic("T")
-
-    @T.prim_func
-    def copy(x: T.Tensor((Tn, 128), "float32"), y: T.Tensor((Tn, 128), "float32")):
-        with T.Kernel(*((T.ceildiv(Tn, 4), 2) if tokens_on_x else (2, T.ceildiv(Tn, 4))), threads=64) as (b0, b1):
-            bt, bc = (b0, b1) if tokens_on_x else (b1, b0)
-            tx = T.get_thread_binding(0)
-            for i in T.serial(4):
-                if bt * 4 + i < Tn:
-                    y[bt * 4 + i, bc * 64 + tx] = x[bt * 4 + i, bc * 64 + tx]
-
-    return copy
-
-
 def _racy_kernel():
     """Thread t writes s[t], then reads s[63 - t], in a loop under ``if token < T`` (one token per thread): a real
     cross-thread race in a branch that threads take differently."""
@@ -307,9 +291,9 @@ def test_the_hazard_checks_see_what_they_are_for():
     words this TileLang prints it, and token blocks on blockIdx.y must break the launch limits (on x they fit)."""
     _, _, hazards = aot._lower(_racy_kernel(), "sm_90a")
     assert len(hazards) == 1 and "ThreadSync" in hazards[0] and "Hoisting sync" in hazards[0], hazards
-    _, _, hazards = aot._lower(_copy_kernel(tokens_on_x=False), "sm_90a")
+    _, _, hazards = aot._lower(tilelang_checks.copy_kernel(tokens_on_x=False), "sm_90a")
     assert len(hazards) == 1 and "blockIdx.y extent 268435456 > 65535" in hazards[0], hazards
-    assert aot._lower(_copy_kernel(tokens_on_x=True), "sm_90a")[2] == []
+    assert aot._lower(tilelang_checks.copy_kernel(tokens_on_x=True), "sm_90a")[2] == []
 
 
 def test_sync_warnings_takes_only_the_threadsync_lines(capfd):

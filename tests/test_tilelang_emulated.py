@@ -261,24 +261,6 @@ def test_a_view_off_a_16_byte_boundary_is_refused_with_the_reason():
         streaming.post_fwd(d["layer_output"], off, d["post_mix"], d["comb_mix"], config=cfg)
 
 
-def _copy_kernel(tokens_on_x=True):
-    """A copy kernel with its token blocks on blockIdx.x or on .y."""
-    import tilelang.language as T
-
-    Tn = T.dynamic("T")
-
-    @T.prim_func
-    def copy(x: T.Tensor((Tn, 128), "float32"), y: T.Tensor((Tn, 128), "float32")):
-        with T.Kernel(*((T.ceildiv(Tn, 4), 2) if tokens_on_x else (2, T.ceildiv(Tn, 4))), threads=64) as (b0, b1):
-            bt, bc = (b0, b1) if tokens_on_x else (b1, b0)
-            tx = T.get_thread_binding(0)
-            for i in T.serial(4):
-                if bt * 4 + i < Tn:
-                    y[bt * 4 + i, bc * 64 + tx] = x[bt * 4 + i, bc * 64 + tx]
-
-    return copy
-
-
 def test_emulator_refuses_a_grid_a_gpu_would_refuse():
     """A GPU refuses blockIdx.y or .z extents past 65535. So the emulator refuses a kernel whose grid breaks CUDA's
     launch limits at some token count (evaluated at emulate.MAX_TOKENS): token blocks on blockIdx.y break them
@@ -286,10 +268,10 @@ def test_emulator_refuses_a_grid_a_gpu_would_refuse():
     from mhc_kernels.tilelang_src import emulate
 
     with pytest.raises(emulate.EmulationError, match=r"blockIdx\.y extent 268435456 > 65535"):
-        emulate.EmulatedKernel(_copy_kernel(tokens_on_x=False))
+        emulate.EmulatedKernel(tilelang_checks.copy_kernel(tokens_on_x=False))
     x = torch.randn(9, 128)
     y = torch.zeros(9, 128)
-    kernel = emulate.EmulatedKernel(_copy_kernel(tokens_on_x=True))
+    kernel = emulate.EmulatedKernel(tilelang_checks.copy_kernel(tokens_on_x=True))
     kernel(x, y)
     assert torch.equal(x, y)
     # TileLang's CUDA launcher refuses an empty grid ("grid dimension must be positive"), so the emulator does

@@ -130,3 +130,22 @@ def configs_in_the_space_are_correct(device, T, C, take):
             assert [t.shape for t in got[-2:]] == [t.shape for t in ref[-2:]] == [(T, 0), (T, 0)]  # no FP8 copy
             for a, b in zip(got[:-2], ref[:-2]):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=str(cfg))
+
+
+def copy_kernel(tokens_on_x: bool = True):
+    """A small TileLang copy kernel, (T, 128) float32, with its token blocks on blockIdx.x or on .y (the emulator's
+    and the AOT records' launch-limit checks)."""
+    import tilelang.language as T
+
+    Tn = T.dynamic("T")
+
+    @T.prim_func
+    def copy(x: T.Tensor((Tn, 128), "float32"), y: T.Tensor((Tn, 128), "float32")):
+        with T.Kernel(*((T.ceildiv(Tn, 4), 2) if tokens_on_x else (2, T.ceildiv(Tn, 4))), threads=64) as (b0, b1):
+            bt, bc = (b0, b1) if tokens_on_x else (b1, b0)
+            tx = T.get_thread_binding(0)
+            for i in T.serial(4):
+                if bt * 4 + i < Tn:
+                    y[bt * 4 + i, bc * 64 + tx] = x[bt * 4 + i, bc * 64 + tx]
+
+    return copy
