@@ -323,7 +323,7 @@ class EmulatedKernel:
             raise EmulationError(f"{self.name}: {problems[0]}")
         self.lib = _build_library(self.source)
         self.vector_bytes = _vector_bytes(art.kernel_source, [p for _, p in self.params])
-        tirx = __import__(type(prim).__module__.rsplit(".", 1)[0], fromlist=["stmt_functor"])
+        tirx = _tirx_of(art)
         self._tirx = tirx
         self.arg_names = []   # prim_func parameter -> name in the kernel signature
         self.buffers = {}     # name -> (dtype, shape exprs)
